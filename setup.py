@@ -1,0 +1,45 @@
+"""medjax: Stable Diffusion in JAX/Flax, adapted to medical imaging."""
+import re
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+_version = re.search(r'__version__ = "([^"]+)"', Path("medjax/__init__.py").read_text()).group(1)
+
+setup(
+    name="medjax",
+    version=_version,
+    description="Stable Diffusion in JAX/Flax for medical imaging: load diffusers weights, "
+                "train textual inversion and U-Nets on meshes, evaluate with FID and AUC.",
+    long_description=Path("README.md").read_text(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["medjax", "medjax.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.4.35",
+        "flax>=0.10.0",
+        "optax>=0.2.3",
+        "orbax-checkpoint>=0.6.0",
+        "ml_collections>=0.1.1",
+        "absl-py>=2.0",
+        "numpy>=1.26",
+        "ml_dtypes>=0.4",
+        "safetensors>=0.4.3",
+        "transformers>=4.44",  # CLIPTokenizer only; no torch needed
+        "tqdm>=4.66",
+        "Pillow>=10.0",
+    ],
+    extras_require={
+        # PyTorch oracles for parity tests and benchmarks. torch 2.13.0 is pinned because its
+        # CPU wheel is what our CI machines carry; diffusers/transformers are the references.
+        "test": [
+            "pytest>=8.0",
+            "torch==2.13.0",
+            "diffusers>=0.42",
+            "transformers>=5.0",
+        ],
+        # Medical image IO (DICOM, NIfTI, MHA) for the data loaders.
+        "io": ["pydicom>=2.4", "nibabel>=5.0", "SimpleITK>=2.3"],
+    },
+    entry_points={"console_scripts": []},
+)
