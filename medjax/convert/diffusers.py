@@ -11,11 +11,17 @@ joined by an underscore: `down_blocks.0.resnets.1.conv1.weight` is
 Import walks the Flax param *shapes* (so the module decides what must exist) and reports every
 missing, unexpected or mis-shaped tensor in one error, never returning a partial model.
 """
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
 from typing import Any, Mapping
 
 import flax
 import numpy as np
 
+from medjax.convert.weights import read_component_weights, write_safetensors
 from medjax.errors import MedjaxError
 
 # Module names that are Python lists in PyTorch (their children are indexed).
@@ -134,3 +140,99 @@ def params_to_state_dict(params: Any, prefix: str = "", dtype=np.float32) -> dic
   return {flax_path_to_torch_key(path, prefix): np.ascontiguousarray(
               flax_to_torch_array(path[-1], np.asarray(value)).astype(dtype))
           for path, value in flat.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Pipeline directories: model_index.json + one folder per component.
+
+# component -> (expected diffusers/transformers class, weight file stems, config file name)
+COMPONENT_FILES = {
+    "unet": ("UNet2DConditionModel", ("diffusion_pytorch_model",)),
+    "vae": ("AutoencoderKL", ("diffusion_pytorch_model",)),
+    "text_encoder": ("CLIPTextModel", ("model", "pytorch_model")),
+}
+
+
+def read_json(path, what: str) -> dict:
+  """Reads a JSON file, with an error naming the file and what it should have been."""
+  path = Path(path)
+  if not path.is_file():
+    raise MedjaxError(f"{path}: missing ({what})")
+  try:
+    data = json.loads(path.read_text())
+  except (OSError, ValueError) as e:
+    raise MedjaxError(f"{path}: not valid JSON ({what}): {e}") from e
+  if not isinstance(data, dict):
+    raise MedjaxError(f"{path}: expected a JSON object ({what})")
+  return data
+
+
+def read_pipeline_index(path) -> dict:
+  """Checks that `path` is a diffusers Stable Diffusion directory and returns model_index.json."""
+  path = Path(path)
+  if not path.exists():
+    raise MedjaxError(f"{path}: does not exist (expected a diffusers pipeline directory)")
+  if not path.is_dir():
+    raise MedjaxError(f"{path}: is a file; expected a diffusers pipeline directory "
+                      "(for a single-file checkpoint use StableDiffusion.from_single_file)")
+  if not (path / "model_index.json").is_file():
+    raise MedjaxError(f"{path}: not a diffusers pipeline directory (no model_index.json)")
+  index = read_json(path / "model_index.json", "diffusers pipeline index")
+  for name, (cls, _) in COMPONENT_FILES.items():
+    entry = index.get(name)
+    if not (isinstance(entry, list) and len(entry) == 2):
+      raise MedjaxError(f"{path / 'model_index.json'}: no {name!r} component")
+    if entry[1] != cls:
+      raise MedjaxError(f"{path / 'model_index.json'}: {name!r} is {entry[1]}, medjax supports {cls}")
+  return index
+
+
+def read_component_params(folder, name: str, param_shapes, variant: str | None = None,
+                          dtype=np.float32) -> dict:
+  """Reads one component's weights and converts them to params shaped like `param_shapes`."""
+  state_dict, source = read_component_weights(folder, COMPONENT_FILES[name][1], variant=variant)
+  return state_dict_to_params(state_dict, param_shapes, source=str(source), dtype=dtype)
+
+
+def write_pipeline(out_dir, *, configs: Mapping[str, dict], params: Mapping[str, Any],
+                   scheduler_config: dict, tokenizer_dir, dtype=np.float32) -> None:
+  """Writes a diffusers StableDiffusionPipeline directory, atomically (temp dir, then rename).
+
+  `configs` holds each component's config.json dict (unet, vae, text_encoder); `tokenizer_dir`
+  a folder whose files are copied to `tokenizer/`.
+  """
+  out_dir = Path(out_dir)
+  if out_dir.exists():
+    raise MedjaxError(f"{out_dir}: already exists; refusing to overwrite")
+  out_dir.parent.mkdir(parents=True, exist_ok=True)
+  tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".tmp"))
+  try:
+    weight_names = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model",
+                    "text_encoder": "model"}
+    for name in COMPONENT_FILES:
+      (tmp / name).mkdir()
+      (tmp / name / "config.json").write_text(json.dumps(configs[name], indent=2, sort_keys=True))
+      write_safetensors(params_to_state_dict(params[name], dtype=dtype),
+                        tmp / name / f"{weight_names[name]}.safetensors",
+                        metadata={"format": "pt"})
+    shutil.copytree(tokenizer_dir, tmp / "tokenizer")
+    (tmp / "scheduler").mkdir()
+    (tmp / "scheduler" / "scheduler_config.json").write_text(
+        json.dumps(scheduler_config, indent=2, sort_keys=True))
+    index = {
+        "_class_name": "StableDiffusionPipeline",
+        "_diffusers_version": "0.42.1",
+        "feature_extractor": [None, None],
+        "requires_safety_checker": False,
+        "safety_checker": [None, None],
+        "scheduler": ["diffusers", scheduler_config.get("_class_name", "PNDMScheduler")],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }
+    (tmp / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True))
+    os.rename(tmp, out_dir)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise

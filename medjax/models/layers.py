@@ -6,11 +6,13 @@ shard them over a mesh with rules such as `('embed', 'fsdp')`. Compute runs in `
 Names of submodules follow diffusers/transformers so `medjax.convert.diffusers` maps them 1:1.
 """
 import functools
+import math
 from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Dtype = Any
 
@@ -52,8 +54,10 @@ def conv(features: int, name: str, kernel_size: int = 3, stride: int = 1,
 def group_norm(num_groups: int, epsilon: float, name: str, dtype: Dtype = jnp.float32,
                param_dtype: Dtype = jnp.float32) -> nn.GroupNorm:
   """GroupNorm over channels (last axis), statistics in fp32 as PyTorch does under autocast."""
+  # Two-pass variance (as PyTorch): E[x^2]-E[x]^2 loses digits when |mean| >> std.
   return nn.GroupNorm(
       num_groups=num_groups, epsilon=epsilon, dtype=dtype, param_dtype=param_dtype, name=name,
+      use_fast_variance=False,
       scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), (NORM,)),
       bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (NORM,)))
 
@@ -61,7 +65,7 @@ def group_norm(num_groups: int, epsilon: float, name: str, dtype: Dtype = jnp.fl
 def layer_norm(epsilon: float, name: str, dtype: Dtype = jnp.float32,
                param_dtype: Dtype = jnp.float32) -> nn.LayerNorm:
   return nn.LayerNorm(
-      epsilon=epsilon, dtype=dtype, param_dtype=param_dtype, name=name,
+      epsilon=epsilon, dtype=dtype, param_dtype=param_dtype, name=name, use_fast_variance=False,
       scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), (NORM,)),
       bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (NORM,)))
 

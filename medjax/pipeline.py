@@ -1,0 +1,218 @@
+"""`StableDiffusion`: the three Flax models, their params, the tokenizer and scheduler config.
+
+One object that training, sampling, export and evaluation share, so weights are loaded once.
+Params are a plain pytree `{'unet': ..., 'vae': ..., 'text_encoder': ...}` kept in
+`param_dtype` (fp32 by default); `dtype` is the compute dtype (fp32, or bf16 for speed).
+"""
+import dataclasses
+import functools
+from pathlib import Path
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from medjax import tokenizer as tokenizer_lib
+from medjax.convert import diffusers as diffusers_io
+from medjax.errors import MedjaxError
+from medjax.models import AutoencoderKL, CLIPTextModel, UNet2DConditionModel
+
+MODEL_CLASSES = {"unet": UNet2DConditionModel, "vae": AutoencoderKL,
+                 "text_encoder": CLIPTextModel}
+
+
+def build_models(configs: dict, *, dtype=jnp.float32, param_dtype=jnp.float32, remat=False,
+                 attention="auto", sources: dict | None = None) -> dict[str, nn.Module]:
+  """Builds the Flax modules from their diffusers/transformers config dicts."""
+  sources = sources or {}
+  return {name: cls.from_config(configs[name], source=sources.get(name, f"{name} config"),
+                                dtype=dtype, param_dtype=param_dtype, remat=remat,
+                                attention=attention)
+          for name, cls in MODEL_CLASSES.items()}
+
+
+def boxed_param_shapes(module: nn.Module):
+  """Param shapes with their logical-axis boxes (no FLOPs, no memory)."""
+  return jax.eval_shape(lambda: module.init(jax.random.key(0), *module.dummy_inputs()))["params"]
+
+
+def init_params(module: nn.Module, key: jax.Array):
+  """Random params (the embedded default and tests); plain arrays, boxes removed."""
+  return nn.unbox(jax.jit(lambda k: module.init(k, *module.dummy_inputs()))(key)["params"])
+
+
+@dataclasses.dataclass(eq=False)
+class StableDiffusion:
+  """A Stable Diffusion model: modules, params and the pieces around them.
+
+  Attributes:
+    unet, vae, text_encoder: Flax modules (stateless).
+    params: {'unet', 'vae', 'text_encoder'} -> param pytrees.
+    tokenizer: a `transformers.CLIPTokenizer`.
+    tokenizer_dir: the folder the tokenizer was read from (export copies it).
+    configs: component -> its config.json dict (export writes them back).
+    scheduler_config: the pipeline's scheduler/scheduler_config.json.
+    name: where the model came from (a path, or 'embedded-tiny-seed<N>').
+  """
+  unet: UNet2DConditionModel
+  vae: AutoencoderKL
+  text_encoder: CLIPTextModel
+  params: dict
+  tokenizer: Any
+  tokenizer_dir: Path
+  configs: dict
+  scheduler_config: dict
+  name: str
+
+  # -- construction --------------------------------------------------------------------------
+
+  @classmethod
+  def from_pretrained(cls, path, dtype=jnp.float32, *, param_dtype=jnp.float32,
+                      variant: str | None = None, remat: bool = False,
+                      attention: str = "auto") -> "StableDiffusion":
+    """Loads a diffusers-format Stable Diffusion directory (SD 1.x / 2.x layouts).
+
+    Args:
+      path: directory with model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/.
+      dtype: compute dtype (jnp.float32 or jnp.bfloat16).
+      param_dtype: dtype the params are kept in.
+      variant: weight file variant, e.g. 'fp16' for `diffusion_pytorch_model.fp16.safetensors`.
+      remat: rematerialise blocks in the backward pass (less memory for training).
+      attention: 'auto' | 'xla' | 'cudnn' (see medjax.models.layers.attention).
+    """
+    path = Path(path)
+    diffusers_io.read_pipeline_index(path)
+    configs = {name: diffusers_io.read_json(path / name / "config.json", f"{name} config")
+               for name in MODEL_CLASSES}
+    models = build_models(configs, dtype=dtype, param_dtype=param_dtype, remat=remat,
+                          attention=attention,
+                          sources={n: str(path / n / "config.json") for n in MODEL_CLASSES})
+    params = {}
+    for name, module in models.items():
+      shapes = nn.unbox(boxed_param_shapes(module))
+      params[name] = jax.tree.map(jnp.asarray, diffusers_io.read_component_params(
+          path / name, name, shapes, variant=variant, dtype=np.dtype(param_dtype)))
+    scheduler_config = diffusers_io.read_json(path / "scheduler" / "scheduler_config.json",
+                                              "scheduler config")
+    tok = tokenizer_lib.load_tokenizer(path / "tokenizer")
+    _check_vocab(tok, configs["text_encoder"], path)
+    return cls(**models, params=params, tokenizer=tok, tokenizer_dir=path / "tokenizer",
+               configs=configs, scheduler_config=scheduler_config, name=str(path))
+
+  @classmethod
+  def embedded(cls, seed: int = 0, dtype=jnp.float32, **kwargs) -> "StableDiffusion":
+    """The embedded default: a tiny Stable Diffusion with seeded random weights (no download)."""
+    from medjax import embedded  # pylint: disable=g-import-not-at-top
+    return embedded.tiny_stable_diffusion(seed=seed, dtype=dtype, **kwargs)
+
+  @classmethod
+  def load(cls, pretrained: str | None, **kwargs) -> "StableDiffusion":
+    """`from_pretrained(pretrained)`, or the embedded tiny model when `pretrained` is empty."""
+    if pretrained:
+      return cls.from_pretrained(pretrained, **kwargs)
+    return cls.embedded(**kwargs)
+
+  def save_pretrained(self, out_dir, dtype=np.float32) -> None:
+    """Writes a diffusers directory that `diffusers.StableDiffusionPipeline` loads."""
+    diffusers_io.write_pipeline(
+        out_dir, configs=self.configs, params=jax.device_get(self.params),
+        scheduler_config=self.scheduler_config, tokenizer_dir=self.tokenizer_dir, dtype=dtype)
+
+  # -- properties ----------------------------------------------------------------------------
+
+  @property
+  def vae_scale_factor(self) -> int:
+    """Pixels per latent cell (8 for every SD VAE)."""
+    return 2 ** (len(self.configs["vae"]["block_out_channels"]) - 1)
+
+  @property
+  def scaling_factor(self) -> float:
+    return float(self.configs["vae"].get("scaling_factor", 0.18215))
+
+  @property
+  def latent_channels(self) -> int:
+    return int(self.configs["vae"].get("latent_channels", 4))
+
+  def logical_axes(self) -> dict:
+    """Logical axis names of every param (PartitionSpecs of names), for mesh sharding rules."""
+    return {name: nn.get_partition_spec(boxed_param_shapes(getattr(self, name)))
+            for name in MODEL_CLASSES}
+
+  # -- the public calls ----------------------------------------------------------------------
+
+  def tokenize(self, prompts: Sequence[str]) -> np.ndarray:
+    """Prompts -> int32 [B, 77] token ids, padded and truncated as diffusers does."""
+    if isinstance(prompts, str):
+      prompts = [prompts]
+    return tokenizer_lib.tokenize(self.tokenizer, list(prompts))
+
+  def encode_prompt(self, prompts: Sequence[str] | np.ndarray) -> jax.Array:
+    """Prompts (or token ids) -> text embeddings [B, 77, D] (the text encoder's last hidden state)."""
+    ids = prompts if isinstance(prompts, (np.ndarray, jax.Array)) else self.tokenize(prompts)
+    return self._text_fn(self.params["text_encoder"], jnp.asarray(ids, jnp.int32))
+
+  def predict_noise(self, latents, timesteps, encoder_hidden_states) -> jax.Array:
+    """The U-Net: noisy latents NHWC [B, h, w, C], timesteps int [B], embeddings -> prediction."""
+    latents = jnp.asarray(latents)
+    channels = int(self.configs["unet"].get("in_channels", 4))
+    if latents.ndim != 4 or latents.shape[-1] != channels:
+      raise MedjaxError(f"predict_noise: latents must be NHWC [B, h, w, {channels}], "
+                        f"got shape {tuple(latents.shape)}")
+    timesteps = jnp.broadcast_to(jnp.asarray(timesteps), (latents.shape[0],))
+    return self._unet_fn(self.params["unet"], latents, timesteps, jnp.asarray(encoder_hidden_states))
+
+  def encode_images(self, images, key: jax.Array | None = None) -> jax.Array:
+    """Images NHWC in [-1, 1] -> scaled latents: the posterior mean (or a sample given `key`)."""
+    images = jnp.asarray(images)
+    f = self.vae_scale_factor
+    channels = int(self.configs["vae"].get("in_channels", 3))
+    if images.ndim != 4 or images.shape[-1] != channels:
+      raise MedjaxError(f"encode_images: images must be NHWC [B, H, W, {channels}] "
+                        f"in [-1, 1], got shape {tuple(images.shape)}")
+    if images.shape[1] % f or images.shape[2] % f:
+      raise MedjaxError(f"encode_images: height and width must be multiples of {f}, "
+                        f"got {images.shape[1]}x{images.shape[2]}")
+    return self._encode_fn(self.params["vae"], images, key)
+
+  def decode_latents(self, latents) -> jax.Array:
+    """Scaled latents -> images NHWC in [-1, 1] (not clipped, as the VAE outputs them)."""
+    latents = jnp.asarray(latents)
+    if latents.ndim != 4 or latents.shape[-1] != self.latent_channels:
+      raise MedjaxError(f"decode_latents: latents must be NHWC [B, h, w, {self.latent_channels}], "
+                        f"got shape {tuple(latents.shape)}")
+    return self._decode_fn(self.params["vae"], latents)
+
+  # -- jitted pure functions (built once per instance; one compile per input shape) -----------
+
+  @functools.cached_property
+  def _text_fn(self):
+    return jax.jit(lambda p, ids: self.text_encoder.apply({"params": p}, ids)[0])
+
+  @functools.cached_property
+  def _unet_fn(self):
+    return jax.jit(lambda p, x, t, c: self.unet.apply({"params": p}, x, t, c))
+
+  @functools.cached_property
+  def _encode_fn(self):
+    scale = self.scaling_factor
+
+    def encode(p, x, key):
+      mean, logvar = self.vae.apply({"params": p}, x, method="encode")
+      if key is not None:
+        mean = mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape, mean.dtype)
+      return mean * scale
+    return jax.jit(encode)
+
+  @functools.cached_property
+  def _decode_fn(self):
+    scale = self.scaling_factor
+    return jax.jit(lambda p, z: self.vae.apply({"params": p}, z / scale, method="decode"))
+
+
+def _check_vocab(tok, text_config: dict, path: Path) -> None:
+  vocab = int(text_config.get("vocab_size", 0))
+  if len(tok) > vocab:
+    raise MedjaxError(f"{path}: tokenizer has {len(tok)} tokens but text_encoder/config.json "
+                      f"vocab_size is {vocab}")
