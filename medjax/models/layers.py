@@ -116,3 +116,225 @@ def _on_gpu() -> bool:
 def _cudnn_applies(q: jax.Array, head_dim: int) -> bool:
   return (_on_gpu() and q.dtype in (jnp.bfloat16, jnp.float16)
           and head_dim <= 128 and head_dim % 8 == 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Blocks shared by the U-Net and the VAE (diffusers' resnet.py, attention.py, embeddings.py).
+
+
+def get_timestep_embedding(timesteps: jax.Array, embedding_dim: int, flip_sin_to_cos: bool = False,
+                           downscale_freq_shift: float = 1.0, scale: float = 1.0,
+                           max_period: int = 10000) -> jax.Array:
+  """Sinusoidal embedding of [N] (possibly fractional) timesteps -> [N, dim], fp32 as diffusers."""
+  half_dim = embedding_dim // 2
+  exponent = -math.log(max_period) * jnp.arange(half_dim, dtype=jnp.float32)
+  freqs = jnp.exp(exponent / (half_dim - downscale_freq_shift))
+  emb = scale * (timesteps.astype(jnp.float32)[:, None] * freqs[None, :])
+  sin, cos = jnp.sin(emb), jnp.cos(emb)
+  emb = jnp.concatenate([cos, sin] if flip_sin_to_cos else [sin, cos], axis=-1)
+  if embedding_dim % 2:
+    emb = jnp.pad(emb, ((0, 0), (0, 1)))
+  return emb
+
+
+class TimestepEmbedding(nn.Module):
+  """The MLP applied to the sinusoidal embedding: linear_1 -> SiLU -> linear_2."""
+  features: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    x = dense(self.features, "linear_1", axes=(EMBED, MLP), **kw)(x)
+    return dense(self.features, "linear_2", axes=(MLP, EMBED), **kw)(nn.silu(x))
+
+
+class ResnetBlock2D(nn.Module):
+  """Pre-norm residual block; `temb` (if given) is projected and added after conv1.
+
+  A 1x1 `conv_shortcut` exists exactly when the channel count changes, as in diffusers.
+  """
+  out_channels: int
+  groups: int = 32
+  eps: float = 1e-6
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, temb: jax.Array | None = None) -> jax.Array:
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    h = nn.silu(group_norm(self.groups, self.eps, "norm1", **kw)(x))
+    h = conv(self.out_channels, "conv1", **kw)(h)
+    if temb is not None:
+      temb = dense(self.out_channels, "time_emb_proj", axes=(EMBED, MLP), **kw)(nn.silu(temb))
+      h = h + temb[:, None, None, :]
+    h = nn.silu(group_norm(self.groups, self.eps, "norm2", **kw)(h))
+    h = conv(self.out_channels, "conv2", **kw)(h)
+    if x.shape[-1] != self.out_channels:
+      x = conv(self.out_channels, "conv_shortcut", kernel_size=1, **kw)(x)
+    return x + h
+
+
+class Attention(nn.Module):
+  """diffusers `Attention`: to_q / to_k / to_v / to_out_0 over [B, T, C] tokens.
+
+  With `context` it is cross-attention (keys and values from the text). The VAE variant takes an
+  NHWC feature map, normalises it with `group_norm` first and adds the input back
+  (`residual_connection`), as diffusers' `_from_deprecated_attn_block` layers do.
+  """
+  heads: int
+  head_dim: int
+  qkv_bias: bool = False
+  norm_groups: int | None = None  # VAE: GroupNorm before the projections
+  norm_eps: float = 1e-6
+  residual: bool = False
+  upcast: bool = False
+  implementation: str = "auto"
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, context: jax.Array | None = None) -> jax.Array:
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    residual, shape = x, x.shape
+    if self.norm_groups is not None:
+      x = group_norm(self.norm_groups, self.norm_eps, "group_norm", **kw)(x)
+    x = x.reshape(shape[0], -1, shape[-1])
+    context = x if context is None else context
+    inner = self.heads * self.head_dim
+    q = dense(inner, "to_q", axes=(EMBED, HEADS), use_bias=self.qkv_bias, **kw)(x)
+    k = dense(inner, "to_k", axes=(EMBED, HEADS), use_bias=self.qkv_bias, **kw)(context)
+    v = dense(inner, "to_v", axes=(EMBED, HEADS), use_bias=self.qkv_bias, **kw)(context)
+    out = attention(q, k, v, num_heads=self.heads, upcast=self.upcast,
+                    implementation=self.implementation)
+    out = dense(shape[-1], "to_out_0", axes=(HEADS, EMBED), **kw)(out).reshape(shape)
+    return out + residual if self.residual else out
+
+
+class GEGLU(nn.Module):
+  """proj to 2 * features, then value * gelu(gate) with exact (erf) GELU as torch's default."""
+  features: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    h = dense(2 * self.features, "proj", axes=(EMBED, MLP), dtype=self.dtype,
+              param_dtype=self.param_dtype)(x)
+    value, gate = jnp.split(h, 2, axis=-1)
+    return value * nn.gelu(gate, approximate=False)
+
+
+class FeedForward(nn.Module):
+  """diffusers `FeedForward` with GEGLU: net_0 (GEGLU), net_1 (dropout, no params), net_2."""
+  mult: int = 4
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    dim = x.shape[-1]
+    h = GEGLU(dim * self.mult, name="net_0", **kw)(x)
+    return dense(dim, "net_2", axes=(MLP, EMBED), **kw)(h)
+
+
+class BasicTransformerBlock(nn.Module):
+  """Pre-LayerNorm self-attention, cross-attention and GEGLU feed-forward, each residual.
+
+  `only_cross_attention` makes attn1 attend to the text as well (diffusers semantics).
+  """
+  heads: int
+  head_dim: int
+  only_cross_attention: bool = False
+  upcast: bool = False
+  norm_eps: float = 1e-5
+  implementation: str = "auto"
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    attn = functools.partial(Attention, self.heads, self.head_dim, upcast=self.upcast,
+                             implementation=self.implementation, **kw)
+    h = layer_norm(self.norm_eps, "norm1", **kw)(x)
+    x = x + attn(name="attn1")(h, context if self.only_cross_attention else None)
+    h = layer_norm(self.norm_eps, "norm2", **kw)(x)
+    x = x + attn(name="attn2")(h, context)
+    h = layer_norm(self.norm_eps, "norm3", **kw)(x)
+    return x + FeedForward(name="ff", **kw)(h)
+
+
+class Transformer2DModel(nn.Module):
+  """GroupNorm, proj_in (1x1 conv, or linear with `use_linear_projection`), transformer
+  blocks over the H*W tokens, proj_out, plus the input (the spatial transformer of SD)."""
+  heads: int
+  head_dim: int
+  num_layers: int = 1
+  norm_groups: int = 32
+  use_linear_projection: bool = False
+  only_cross_attention: bool = False
+  upcast: bool = False
+  remat: bool = False
+  implementation: str = "auto"
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    b, hgt, wid, channels = x.shape
+    inner = self.heads * self.head_dim
+    if self.use_linear_projection:
+      proj_in = dense(inner, "proj_in", axes=(EMBED, HEADS), **kw)
+      proj_out = dense(channels, "proj_out", axes=(HEADS, EMBED), **kw)
+    else:  # a 1x1 conv is a dense layer over channels; kept as conv for the weight layout
+      proj_in = conv(inner, "proj_in", kernel_size=1, **kw)
+      proj_out = conv(channels, "proj_out", kernel_size=1, **kw)
+    h = proj_in(group_norm(self.norm_groups, 1e-6, "norm", **kw)(x))
+    h = h.reshape(b, hgt * wid, inner)
+    block_cls = nn.remat(BasicTransformerBlock) if self.remat else BasicTransformerBlock
+    for i in range(self.num_layers):
+      h = block_cls(self.heads, self.head_dim, self.only_cross_attention, self.upcast,
+                    implementation=self.implementation, name=f"transformer_blocks_{i}", **kw)(
+                        h, context)
+    return proj_out(h.reshape(b, hgt, wid, inner)) + x
+
+
+class Downsample2D(nn.Module):
+  """Stride-2 3x3 conv. `padding=0` is the VAE's asymmetric pad (bottom/right only), as diffusers."""
+  out_channels: int
+  padding: int = 1
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    pad = ((0, 1), (0, 1)) if self.padding == 0 else self.padding
+    return conv(self.out_channels, "conv", stride=2, padding=pad, dtype=self.dtype,
+                param_dtype=self.param_dtype)(x)
+
+
+def upsample_nearest(x: jax.Array, size: tuple[int, int] | None = None) -> jax.Array:
+  """Nearest upsampling of NHWC `x` to 2x, or to `size` with torch's rule src = floor(i*in/out)."""
+  in_h, in_w = x.shape[1:3]
+  if size is None or tuple(size) == (2 * in_h, 2 * in_w):
+    return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+  out_h, out_w = size
+  rows = np.arange(out_h) * in_h // out_h  # static indices: XLA sees a constant gather
+  cols = np.arange(out_w) * in_w // out_w
+  return jnp.take(jnp.take(x, rows, axis=1), cols, axis=2)
+
+
+class Upsample2D(nn.Module):
+  """Nearest upsampling (2x, or to the skip connection's size) then a 3x3 conv."""
+  out_channels: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, size: tuple[int, int] | None = None) -> jax.Array:
+    return conv(self.out_channels, "conv", dtype=self.dtype, param_dtype=self.param_dtype)(
+        upsample_nearest(x, size))
