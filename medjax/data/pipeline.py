@@ -1,0 +1,330 @@
+"""The grain input pipeline: records -> shard -> shuffle -> decode/resize/prompt -> batches.
+
+Determinism: the order depends only on (records, seed, process_index, process_count); random
+crops use grain's per-index RNG. The returned iterator's `get_state()` / `set_state()` resume
+exactly where it stopped, including inside an epoch and with worker processes.
+"""
+import dataclasses
+import logging
+from typing import Any, Dict, List, Optional, Sequence
+
+import grain
+import numpy as np
+
+from medjax.data import phantoms
+from medjax.data import picai
+from medjax.data import prompts as prompts_lib
+from medjax.data import records as records_lib
+from medjax.data import selection
+from medjax.data import splits as splits_lib
+from medjax.data.read_image import read_image
+from medjax.data.sources import load_index
+from medjax.errors import MedjaxError
+
+RESIZE_MODES = ("crop", "pad", "stretch")
+CROP_MODES = ("center", "random")
+_AUTO = "auto"
+
+
+def _names(value: Any) -> List[str]:
+  if isinstance(value, str):
+    return [v.strip() for v in value.split(",") if v.strip()]
+  return [str(v) for v in value]
+
+
+def select_records(config: Any, split: str) -> records_lib.DataIndex:
+  """The records of one split after classes, splits and the per-class selection.
+
+  Args:
+    config: `config.data` (see `default_config()`).
+    split: 'train', 'val' or 'test'.
+
+  Returns:
+    A DataIndex sorted by key, with `class_names` set.
+
+  Raises:
+    MedjaxError for a bad configuration or an empty selection.
+  """
+  splits_lib.check_split(split)
+  index = load_index(config)
+  classes = selection.parse_classes(config.classes)
+  class_names = tuple(name for name, _ in classes)
+  records = selection.assign_classes(index.records, classes, index.label_names)
+  where = f"{config.root or 'phantoms'} ({config.source or 'phantoms'})"
+  if not records:
+    raise MedjaxError(f"{where}: no images match the filters and classes {config.classes!r}")
+  s = config.split
+  records = splits_lib.split_records(records, split, mode=s.mode, fractions=s.fractions,
+                                     sizes=s.sizes, seed=s.seed, class_names=class_names)
+  if split in _names(config.per_class_splits):
+    records = selection.per_class(records, int(config.per_class), s.seed, class_names,
+                                  f"{where}, split {split!r}")
+  if not records:
+    raise MedjaxError(f"{where}: split {split!r} is empty after filters, classes and split "
+                      f"(mode={s.mode!r})")
+  records = sorted(records, key=lambda r: r.key)
+  return index.replace(records, class_names=class_names)
+
+
+@dataclasses.dataclass(frozen=True)
+class BadFile:
+  """Produced instead of an example when a file cannot be decoded."""
+  message: str
+
+
+def _lanczos(image: np.ndarray, height: int, width: int) -> np.ndarray:
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  if image.shape[:2] == (height, width):
+    return image
+  channels = [np.asarray(Image.fromarray(np.ascontiguousarray(image[..., c]), mode="F").resize(
+      (width, height), Image.Resampling.LANCZOS)) for c in range(image.shape[-1])]
+  return np.clip(np.stack(channels, axis=-1), 0.0, 1.0)
+
+
+def resize_to(image: np.ndarray, resolution: int, *, mode: str = "crop", crop: str = "center",
+              rng: Optional[np.random.Generator] = None) -> np.ndarray:
+  """(H, W, C) in [0, 1] -> (resolution, resolution, C) with Lanczos resampling.
+
+  'crop' scales the shorter side to `resolution` and crops the longer one (centre or random),
+  'pad' scales the longer side and pads with black, 'stretch' ignores the aspect ratio.
+  """
+  height, width = image.shape[:2]
+  if mode == "stretch":
+    return _lanczos(image, resolution, resolution)
+  if mode == "crop":
+    scale = resolution / min(height, width)
+    new_h, new_w = max(resolution, round(height * scale)), max(resolution, round(width * scale))
+    resized = _lanczos(image, new_h, new_w)
+    top, left = (new_h - resolution) // 2, (new_w - resolution) // 2
+    if crop == "random" and rng is not None:
+      top, left = int(rng.integers(0, new_h - resolution + 1)), int(rng.integers(0, new_w - resolution + 1))
+    return resized[top:top + resolution, left:left + resolution]
+  scale = resolution / max(height, width)
+  new_h, new_w = max(1, min(resolution, round(height * scale))), max(1, min(resolution, round(width * scale)))
+  out = np.zeros((resolution, resolution, image.shape[-1]), np.float32)
+  top, left = (resolution - new_h) // 2, (resolution - new_w) // 2
+  out[top:top + new_h, left:left + new_w] = _lanczos(image, new_h, new_w)
+  return out
+
+
+class LoadExample:
+  """record -> example dict (or BadFile); runs in grain's threads / worker processes."""
+
+  def __init__(self, *, resolution: int, label_names: Sequence[str], class_names: Sequence[str],
+               prompt_config: Dict[str, Any], resize: str, crop: str, flip: bool,
+               cache_dir: str = ""):
+    if resize not in RESIZE_MODES:
+      raise MedjaxError(f"config.data.pipeline.resize={resize!r}: expected one of {RESIZE_MODES}")
+    if crop not in CROP_MODES:
+      raise MedjaxError(f"config.data.pipeline.crop={crop!r}: expected one of {CROP_MODES}")
+    prompts_lib.check_prompt_config(prompt_config)
+    self.resolution = int(resolution)
+    self.label_names = tuple(label_names)
+    self.class_names = tuple(class_names)
+    self.prompt_config = prompt_config
+    self.resize, self.crop, self.flip = resize, crop, bool(flip)
+    self.cache_dir = cache_dir
+
+  def pixels(self, record: records_lib.Record) -> np.ndarray:
+    """Float32 (H, W, C) in [0, 1] for any record kind."""
+    if record.kind == "file":
+      image = read_image(record.path)
+    elif record.kind == "picai":
+      image = picai.load_slice(record, self.cache_dir)
+    elif record.kind == "phantom_cxr":
+      image = phantoms.chest_xray(self.resolution, seed=record.get("seed"),
+                                  effusion=record.get("effusion"),
+                                  effusion_side=record.get("effusion_side"),
+                                  cardiomegaly=record.get("cardiomegaly"))
+    elif record.kind == "phantom_mri":
+      image = phantoms.prostate_mri(self.resolution, seed=record.get("seed"),
+                                    lesion=record.get("lesion"))
+    else:
+      raise MedjaxError(f"{record.key}: unknown record kind {record.kind!r}")
+    return image[..., None] if image.ndim == 2 else image
+
+  def __call__(self, record: records_lib.Record, rng: np.random.Generator):
+    try:
+      image = self.pixels(record)
+    except MedjaxError as e:
+      return BadFile(str(e))
+    if not np.isfinite(image).all():
+      return BadFile(f"{record.path or record.key}: image contains NaN or infinite values")
+    image = resize_to(image.astype(np.float32), self.resolution, mode=self.resize, crop=self.crop,
+                      rng=rng)
+    if self.flip and rng.random() < 0.5:
+      image = image[:, ::-1]
+    if image.shape[-1] == 1:
+      image = np.repeat(image, 3, axis=-1)
+    labels = np.array([record.labels.get(n, 0.0) for n in self.label_names], np.float32)
+    mask = np.array([n in record.labels for n in self.label_names], bool)
+    return {
+        "image": np.ascontiguousarray(image * 2.0 - 1.0, dtype=np.float32),
+        "prompt": prompts_lib.make_prompt(record, self.prompt_config, self.class_names),
+        "label": np.int32(record.class_index),
+        "labels": labels,
+        "label_mask": mask,
+        "key": record.key,
+    }
+
+
+def _stack(elements: List[Dict[str, Any]]) -> Dict[str, np.ndarray]:
+  return {
+      "image": np.stack([e["image"] for e in elements]),
+      "prompt": np.array([e["prompt"] for e in elements], dtype=np.str_),
+      "label": np.array([e["label"] for e in elements], np.int32),
+      "labels": np.stack([e["labels"] for e in elements]),
+      "label_mask": np.stack([e["label_mask"] for e in elements]),
+      "key": np.array([e["key"] for e in elements], dtype=np.str_),
+  }
+
+
+class DataIterator(grain.DatasetIterator):
+  """Batches examples, applies `on_bad_file`, and checkpoints with its parent iterator.
+
+  Attributes:
+    skipped: 'file: problem' for every file skipped while indexing and (this session) reading.
+  """
+
+  def __init__(self, parent: grain.DatasetIterator, *, batch_size: int, drop_remainder: bool,
+               on_bad_file: str, index_skipped: Sequence[str]):
+    super().__init__(parent)
+    self.batch_size = batch_size
+    self.drop_remainder = drop_remainder
+    self.on_bad_file = on_bad_file
+    self.skipped = list(index_skipped)
+    self._index_skips = len(index_skipped)
+    self._read_skips = 0  # skips while reading, carried in the state
+    self._reported = False
+
+  @property
+  def num_skipped(self) -> int:
+    return self._index_skips + self._read_skips
+
+  def skip_report(self) -> str:
+    if not self.num_skipped:
+      return "no files skipped"
+    lines = "\n  ".join(self.skipped[:20])
+    more = f"\n  ... and {len(self.skipped) - 20} more" if len(self.skipped) > 20 else ""
+    return f"skipped {self.num_skipped} bad file(s):\n  {lines}{more}"
+
+  def __next__(self) -> Dict[str, np.ndarray]:
+    elements = []
+    while len(elements) < self.batch_size:
+      try:
+        element = next(self._parent)
+      except StopIteration:
+        if elements and not self.drop_remainder:
+          break
+        if self.num_skipped and not self._reported:
+          self._reported = True
+          logging.warning("medjax.data: %s", self.skip_report())
+        raise
+      if isinstance(element, BadFile):
+        if self.on_bad_file == "error":
+          raise MedjaxError(element.message)
+        self._read_skips += 1
+        self.skipped.append(f"[read] {element.message}")
+        logging.warning("medjax.data: skipping bad file: %s", element.message)
+        continue
+      elements.append(element)
+    return _stack(elements)
+
+  def get_state(self) -> Dict[str, Any]:
+    return {"parent": self._parent.get_state(), "read_skips": self._read_skips}
+
+  def set_state(self, state: Dict[str, Any]) -> None:
+    self._parent.set_state(state["parent"])
+    self._read_skips = int(state.get("read_skips", 0))
+
+
+class _BatchDataset(grain.IterDataset):
+
+  def __init__(self, parent: grain.IterDataset, **options):
+    super().__init__(parent)
+    self.options = options
+
+  def __iter__(self) -> DataIterator:
+    return DataIterator(iter(self._parent), **self.options)
+
+
+def _process(process_index: Optional[int], process_count: Optional[int]):
+  if process_index is None or process_count is None:
+    import jax  # pylint: disable=import-outside-toplevel
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+  if not 0 <= process_index < process_count:
+    raise MedjaxError(f"process_index={process_index} must be in [0, {process_count})")
+  return process_index, process_count
+
+
+def make_dataset(config: Any, split: str, batch_size: int, seed: int = 0, resolution: int = 512,
+                 process_index: Optional[int] = None, process_count: Optional[int] = None, *,
+                 num_epochs: Any = _AUTO, shuffle: Optional[bool] = None,
+                 drop_remainder: Optional[bool] = None) -> DataIterator:
+  """A checkpointable iterator of batches for this process.
+
+  Args:
+    config: `config.data` (see `default_config()`).
+    split: 'train', 'val' or 'test'.
+    batch_size: per-process batch size.
+    seed: shuffling and random-crop seed (the split itself uses `config.split.seed`).
+    resolution: output height and width.
+    process_index, process_count: this host's shard; default: jax.process_index()/count().
+    num_epochs: None = forever; default: forever for shuffled splits, else 1.
+    shuffle: default: split in `config.pipeline.shuffle_splits` (train).
+    drop_remainder: drop a last partial batch; default: True when shuffled. With several
+      processes and True, every process also gets the same number of examples.
+
+  Returns:
+    DataIterator of dicts: image float32 [B, H, W, 3] in [-1, 1]; prompt str [B]; label int32
+    [B] (class index, -1 without classes); labels float32 [B, L] and label_mask bool [B, L]
+    over `label_names` (mask False = unknown); key str [B]. `iterator.get_state()` /
+    `set_state()` resume exactly; `iterator.skipped` lists skipped files.
+  """
+  if batch_size < 1:
+    raise MedjaxError(f"batch_size={batch_size} must be positive")
+  if resolution < 8:
+    raise MedjaxError(f"resolution={resolution} is too small (minimum 8)")
+  process_index, process_count = _process(process_index, process_count)
+  index = select_records(config, split)
+  p = config.pipeline
+  shuffle = split in _names(p.shuffle_splits) if shuffle is None else shuffle
+  num_epochs = (None if shuffle else 1) if num_epochs == _AUTO else num_epochs
+  drop_remainder = shuffle if drop_remainder is None else drop_remainder
+
+  records = index.records
+  if process_count > 1 and drop_remainder:
+    records = records[:len(records) // process_count * process_count]
+  records = records[process_index::process_count]
+  if not records or (drop_remainder and num_epochs is not None
+                     and len(records) * num_epochs < batch_size):
+    raise MedjaxError(f"split {split!r} has {len(index.records)} images: too few for "
+                      f"{process_count} process(es) x batch size {batch_size}")
+  if index.skipped:
+    logging.warning("medjax.data: skipped %d bad file(s) while indexing, e.g. %s",
+                    len(index.skipped), index.skipped[0])
+
+  prompt_config = config.prompt.to_dict() if hasattr(config.prompt, "to_dict") else dict(config.prompt)
+  loader = LoadExample(resolution=resolution, label_names=index.label_names,
+                       class_names=index.class_names, prompt_config=prompt_config,
+                       resize=p.resize, crop=p.crop, flip=p.flip,
+                       cache_dir=config.picai.cache_dir)
+  dataset = grain.MapDataset.source(records)
+  if shuffle:
+    dataset = dataset.shuffle(seed=seed)
+  if num_epochs != 1:
+    dataset = dataset.repeat(num_epochs)
+  dataset = dataset.random_map(loader, seed=seed)
+  iter_dataset = dataset.to_iter_dataset(grain.ReadOptions(
+      num_threads=int(p.read_threads), prefetch_buffer_size=int(p.prefetch)))
+  if int(p.worker_count) > 0:
+    iter_dataset = iter_dataset.mp_prefetch(grain.MultiprocessingOptions(
+        num_workers=int(p.worker_count), per_worker_buffer_size=max(1, batch_size)))
+  batched = _BatchDataset(iter_dataset, batch_size=batch_size, drop_remainder=drop_remainder,
+                          on_bad_file=config.on_bad_file, index_skipped=index.skipped)
+  iterator = iter(batched)
+  iterator.label_names = index.label_names
+  iterator.class_names = index.class_names
+  iterator.num_examples = len(records)
+  return iterator

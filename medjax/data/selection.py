@@ -1,0 +1,106 @@
+"""Class definitions over labels, and the per-class selection of paper A (N images per class).
+
+A class is a conjunction of label conditions, written `name: Label=1, Other=0`; several classes
+are separated by ';', e.g. 'pleural_effusion: Pleural Effusion=1; no_finding: No Finding=1'.
+A record belongs to the first class whose conditions its labels meet (an unknown/ignored label
+meets none); records of no class are dropped when classes are configured.
+"""
+import dataclasses
+from typing import Any, Dict, List, Mapping, Sequence, Tuple
+
+import numpy as np
+
+from medjax.data.records import Record
+from medjax.errors import MedjaxError
+
+ClassSpec = List[Tuple[str, List[Tuple[str, float]]]]
+
+
+def _parse_conditions(name: str, text: str) -> List[Tuple[str, float]]:
+  conditions = []
+  for part in str(text).split(","):
+    part = part.strip()
+    if not part:
+      continue
+    label, sep, value = part.rpartition("=")
+    if not sep or value.strip() not in ("1", "0", "1.0", "0.0"):
+      raise MedjaxError(f"config.data.classes: class {name!r} condition {part!r}: expected "
+                        f"'Label=1' or 'Label=0'")
+    conditions.append((label.strip(), float(value)))
+  if not conditions:
+    raise MedjaxError(f"config.data.classes: class {name!r} has no conditions")
+  return conditions
+
+
+def parse_classes(spec: Any) -> ClassSpec:
+  """'a: L=1; b: M=1' or {'a': 'L=1', 'b': 'M=1'} -> [('a', [('L', 1.0)]), ('b', [('M', 1.0)])]."""
+  if not spec:
+    return []
+  if isinstance(spec, str):
+    items = []
+    for chunk in spec.split(";"):
+      if not chunk.strip():
+        continue
+      name, sep, conditions = chunk.partition(":")
+      if not sep:
+        raise MedjaxError(f"config.data.classes: {chunk.strip()!r} should be 'name: Label=1'")
+      items.append((name.strip(), conditions))
+  else:
+    items = list(dict(spec).items())
+  names = [name for name, _ in items]
+  if len(set(names)) != len(names):
+    raise MedjaxError(f"config.data.classes: duplicate class names in {names}")
+  return [(name, _parse_conditions(name, conditions)) for name, conditions in items]
+
+
+def assign_classes(records: Sequence[Record], classes: ClassSpec,
+                   label_names: Sequence[str]) -> List[Record]:
+  """Sets `class_index` on matching records and drops the rest (no-op without classes)."""
+  if not classes:
+    return list(records)
+  for name, conditions in classes:
+    for label, _ in conditions:
+      if label not in label_names:
+        raise MedjaxError(f"config.data.classes: class {name!r} uses unknown label {label!r}; "
+                          f"this dataset has {list(label_names)}")
+  out = []
+  for record in records:
+    for index, (_, conditions) in enumerate(classes):
+      if all(record.labels.get(label) == value for label, value in conditions):
+        out.append(dataclasses.replace(record, class_index=index))
+        break
+  return out
+
+
+def per_class(records: Sequence[Record], count: int, seed: int, class_names: Sequence[str],
+              where: str) -> List[Record]:
+  """A seeded choice of exactly `count` records per class, in a stable order.
+
+  Raises:
+    MedjaxError if a class has fewer than `count` records.
+  """
+  if count <= 0:
+    return list(records)
+  groups: Dict[int, List[Record]] = {}
+  for record in sorted(records, key=lambda r: r.key):
+    groups.setdefault(record.class_index, []).append(record)
+  out = []
+  for index in sorted(groups):
+    group = groups[index]
+    name = class_names[index] if 0 <= index < len(class_names) else "(all)"
+    if len(group) < count:
+      raise MedjaxError(f"{where}: class {name!r} has {len(group)} images, fewer than "
+                        f"per_class={count}")
+    order = np.random.default_rng(seed).permutation(len(group))[:count]
+    out.extend(group[i] for i in sorted(order))
+  if classes_missing := [n for i, n in enumerate(class_names) if i not in groups]:
+    raise MedjaxError(f"{where}: no images of class(es) {classes_missing}")
+  return out
+
+
+def class_counts(records: Sequence[Record], class_names: Sequence[str]) -> Mapping[str, int]:
+  counts: Dict[str, int] = {}
+  for record in records:
+    name = class_names[record.class_index] if record.class_index >= 0 else "(all)"
+    counts[name] = counts.get(name, 0) + 1
+  return counts

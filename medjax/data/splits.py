@@ -1,0 +1,106 @@
+"""Patient-level train/val/test splits: no patient ever appears in two splits.
+
+Splits depend only on the records and `split.seed`, never on the training seed, so a fixed test
+set stays fixed across runs. Modes:
+  source     the dataset's own split (CheXpert train/valid.csv, MIMIC split file)
+  random     whole patients by `fractions` of images, e.g. (0.8, 0.1, 0.1)
+  sizes      exactly `sizes` images per split (paper A: 200/200/200), balanced over classes
+"""
+from typing import Dict, List, Sequence
+
+import numpy as np
+
+from medjax.data.records import Record
+from medjax.errors import MedjaxError
+
+SPLITS = ("train", "val", "test")
+
+
+def check_split(split: str) -> int:
+  if split not in SPLITS:
+    raise MedjaxError(f"split={split!r}: expected one of {list(SPLITS)}")
+  return SPLITS.index(split)
+
+
+def _patients(records: Sequence[Record], seed: int) -> List[List[Record]]:
+  by_patient: Dict[str, List[Record]] = {}
+  for record in sorted(records, key=lambda r: r.key):
+    by_patient.setdefault(record.patient_id, []).append(record)
+  names = sorted(by_patient)
+  order = np.random.default_rng(seed).permutation(len(names))
+  return [by_patient[names[i]] for i in order]
+
+
+def split_by_fractions(records: Sequence[Record], split: str, fractions: Sequence[float],
+                       seed: int) -> List[Record]:
+  """Assigns shuffled patients to splits until each split holds its fraction of the images."""
+  index = check_split(split)
+  fractions = [float(f) for f in fractions]
+  if len(fractions) != 3 or min(fractions) < 0 or sum(fractions) > 1.0 + 1e-6:
+    raise MedjaxError(f"config.data.split.fractions={tuple(fractions)}: expected three "
+                      f"non-negative (train, val, test) fractions summing to at most 1")
+  bounds = np.cumsum(fractions) * len(records)
+  out, seen = [], 0
+  for patient in _patients(records, seed):
+    position = seen + len(patient) / 2.0  # a patient goes where its middle image falls
+    seen += len(patient)
+    target = int(np.searchsorted(bounds, position, side="right"))
+    if target == index:
+      out.extend(patient)
+  return out
+
+
+def split_by_sizes(records: Sequence[Record], split: str, sizes: Sequence[int], seed: int,
+                   class_names: Sequence[str]) -> List[Record]:
+  """Fills train, then val, then test with whole patients up to exact per-class quotas.
+
+  Each split's size is divided evenly over the classes (paper A: 200 = 100 + 100). A patient's
+  images beyond a quota are left unused rather than leaked into another split.
+  """
+  index = check_split(split)
+  sizes = [int(s) for s in sizes]
+  if len(sizes) != 3 or min(sizes) < 0:
+    raise MedjaxError(f"config.data.split.sizes={tuple(sizes)}: expected three (train, val, "
+                      f"test) image counts")
+  classes = list(range(len(class_names))) if class_names else [-1]
+  quotas = [{c: size // len(classes) + (i < size % len(classes)) for i, c in enumerate(classes)}
+            for size in sizes]
+  wanted = [dict(q) for q in quotas]
+  chosen: List[List[Record]] = [[], [], []]
+  for patient in _patients(records, seed):
+    by_class: Dict[int, List[Record]] = {}
+    for record in patient:
+      by_class.setdefault(record.class_index, []).append(record)
+    for s, quota in enumerate(quotas):
+      if any(quota.get(c, 0) > 0 for c in by_class):
+        for c, group in by_class.items():
+          take = min(quota.get(c, 0), len(group))
+          chosen[s].extend(group[:take])
+          if c in quota:
+            quota[c] -= take
+        break
+  short = {c: quota for c, quota in quotas[index].items() if quota > 0}
+  if short:
+    detail = ", ".join(
+        f"{class_names[c] if c >= 0 else 'images'}: {wanted[index][c] - n} of {wanted[index][c]}"
+        for c, n in short.items())
+    raise MedjaxError(f"split {split!r} with sizes={tuple(sizes)}: not enough patients left "
+                      f"({detail})")
+  return chosen[index]
+
+
+def split_records(records: Sequence[Record], split: str, *, mode: str = "random",
+                  fractions: Sequence[float] = (0.8, 0.1, 0.1), sizes: Sequence[int] = (),
+                  seed: int = 0, class_names: Sequence[str] = ()) -> List[Record]:
+  """The records of `split` under `mode` ('source', 'random' or 'sizes')."""
+  check_split(split)
+  if mode == "source":
+    if not any(r.source_split for r in records):
+      raise MedjaxError("config.data.split.mode='source', but this dataset defines no splits; "
+                        "use 'random' or 'sizes'")
+    return [r for r in records if r.source_split == split]
+  if mode == "random":
+    return split_by_fractions(records, split, fractions, seed)
+  if mode == "sizes":
+    return split_by_sizes(records, split, sizes, seed, class_names)
+  raise MedjaxError(f"config.data.split.mode={mode!r}: expected 'source', 'random' or 'sizes'")
