@@ -71,8 +71,9 @@ def chest_xray(size: Size, *, seed: int, effusion: bool = False, effusion_side: 
     lung = _inside(shape, 0.04) * _inside(y - dome, edge + 0.01)
     lung *= _inside(mediastinum_half - np.abs(x), edge + 0.01)
     lungs = np.maximum(lungs, lung)
+    fluid_height = 0.14 + 0.1 * rng.random()  # drawn always: findings never shift anatomy
     if side in sides:
-      level = dome.min() - (0.14 + 0.1 * rng.random())  # fluid surface near the medial side
+      level = dome.min() - fluid_height  # fluid surface near the medial side
       lateral = np.clip(side * (x - cx) / rx, -1.0, 1.0)  # -1 medial .. +1 lateral
       meniscus = level - 0.06 * (lateral + 1.0) ** 2  # rises towards the chest wall
       effusion_map = np.maximum(effusion_map, lung * _inside(meniscus - y, 0.015 + edge))
