@@ -331,11 +331,15 @@ def ldm_to_diffusers(checkpoint: Mapping[str, np.ndarray], *,
   configs = configs or {}
   parts = _split(checkpoint, ema, source)
   open_clip = bool(parts["open_clip"])
-  inferred = {
-      "unet": infer_unet_config(parts["unet"], f"{source} ({UNET_PREFIX}*)"),
-      "vae": infer_vae_config(parts["vae"], f"{source} ({VAE_PREFIX}*)"),
-      "text_encoder": infer_text_encoder_config(parts["open_clip"] or parts["clip"], open_clip),
-  }
+  try:
+    inferred = {
+        "unet": infer_unet_config(parts["unet"], f"{source} ({UNET_PREFIX}*)"),
+        "vae": infer_vae_config(parts["vae"], f"{source} ({VAE_PREFIX}*)"),
+        "text_encoder": infer_text_encoder_config(parts["open_clip"] or parts["clip"], open_clip),
+    }
+  except (KeyError, StopIteration) as e:
+    raise MedjaxError(f"{source}: incomplete SD checkpoint, cannot infer the configs "
+                      f"(missing {e or 'cross-attention weights'})") from e
   out_configs = {name: {**c, **dict(configs.get(name, {}))} for name, c in inferred.items()}
   state_dicts = {
       "unet": _translate(parts["unet"], unet_rules(out_configs["unet"]), to_ldm=False,

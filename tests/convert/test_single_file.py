@@ -199,6 +199,63 @@ def test_unsupported_checkpoints_are_named(pipe):
   with pytest.raises(MedjaxError, match="fit no known layer"):
     single_file.ldm_to_diffusers({**ckpt, "first_stage_model.encoder.extra.weight": np.zeros(1)},
                                  configs=overrides)
+  broken = {k: v for k, v in ckpt.items() if not k.startswith("first_stage_model.decoder.conv_in")}
+  with pytest.raises(MedjaxError, match="not an LDM VAE"):
+    single_file.ldm_to_diffusers(broken)
+  broken = {k: v for k, v in ckpt.items() if "mlp.c_fc" not in k and "mlp.fc1" not in k}
+  with pytest.raises(MedjaxError, match="incomplete"):
+    single_file.ldm_to_diffusers(broken)
   no_text = {k: v for k, v in ckpt.items() if not k.startswith("cond_stage_model.")}
   with pytest.raises(MedjaxError, match="neither"):
     single_file.ldm_to_diffusers(no_text)
+
+
+# The hub configs of SD 1.5 and SD 2.1 (the entries the shapes decide, plus the defaults).
+REAL = {
+    "sd1": dict(block_out_channels=[320, 640, 1280, 1280], cross_attention_dim=768,
+                attention_head_dim=8, use_linear_projection=False, text_layers=12,
+                text_hidden=768, text_heads=12),
+    "sd2": dict(block_out_channels=[320, 640, 1280, 1280], cross_attention_dim=1024,
+                attention_head_dim=[5, 10, 20, 20], use_linear_projection=True,
+                text_layers=23, text_hidden=1024, text_heads=16),
+}
+
+
+@pytest.mark.parametrize("style", ["sd1", "sd2"])
+def test_full_size_layout_and_configs(style):
+  """Full-size SD shapes (meta tensors, zero-stride arrays): configs and diffusers' detection."""
+  from diffusers import AutoencoderKL, UNet2DConditionModel  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+  real = REAL[style]
+  unet_config = dict(cross_attention_dim=real["cross_attention_dim"],
+                     attention_head_dim=real["attention_head_dim"],
+                     use_linear_projection=real["use_linear_projection"])
+  text_config = dict(hidden_size=real["text_hidden"], intermediate_size=4 * real["text_hidden"],
+                     num_hidden_layers=real["text_layers"], num_attention_heads=real["text_heads"],
+                     hidden_act="gelu" if style == "sd2" else "quick_gelu")
+  with torch.device("meta"):
+    modules = {"unet": UNet2DConditionModel(**unet_config), "vae": AutoencoderKL(
+        block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4),
+               "text_encoder": transformers.CLIPTextModel(
+                   transformers.CLIPTextConfig(**text_config))}
+  state_dicts = {n: {k: np.broadcast_to(np.float16(0), v.shape)
+                     for k, v in m.state_dict().items()} for n, m in modules.items()}
+  configs = {"unet": dict(modules["unet"].config), "vae": dict(modules["vae"].config),
+             "text_encoder": modules["text_encoder"].config.to_dict()}
+  ckpt = single_file.diffusers_to_ldm(state_dicts, configs)
+  assert sfu.infer_diffusers_model_type(ckpt) == {"sd1": "v1", "sd2": "v2"}[style]
+  got, got_configs = single_file.ldm_to_diffusers(ckpt)
+  unet = got_configs["unet"]
+  for key in ("block_out_channels", "cross_attention_dim", "attention_head_dim",
+              "use_linear_projection"):
+    assert unet[key] == real[key], key
+  assert unet["layers_per_block"] == 2 and unet["in_channels"] == 4
+  assert unet["down_block_types"] == ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"]
+  text = got_configs["text_encoder"]
+  assert (text["num_hidden_layers"], text["num_attention_heads"]) == (real["text_layers"],
+                                                                      real["text_heads"])
+  assert got_configs["vae"]["block_out_channels"] == [128, 256, 512, 512]
+  assert {n: sorted(sd) for n, sd in got.items()} == {
+      n: sorted(_canonical_text(sd) if n == "text_encoder" else sd)
+      for n, sd in state_dicts.items()}
