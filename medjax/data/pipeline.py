@@ -319,6 +319,11 @@ def make_dataset(config: Any, split: str, batch_size: int, seed: int = 0, resolu
   iter_dataset = dataset.to_iter_dataset(grain.ReadOptions(
       num_threads=int(p.read_threads), prefetch_buffer_size=int(p.prefetch)))
   if int(p.worker_count) > 0:
+    from absl import flags  # pylint: disable=import-outside-toplevel
+    if not flags.FLAGS.is_parsed():
+      # grain's workers read its absl flags; outside absl.app (scripts, notebooks, pytest)
+      # nothing parsed them, so use their defaults instead of failing in the worker.
+      flags.FLAGS.mark_as_parsed()
     iter_dataset = iter_dataset.mp_prefetch(grain.MultiprocessingOptions(
         num_workers=int(p.worker_count), per_worker_buffer_size=max(1, batch_size)))
   batched = _BatchDataset(iter_dataset, batch_size=batch_size, drop_remainder=drop_remainder,
