@@ -173,11 +173,15 @@ def write_tiny_clip_tokenizer(out_dir, *, words: Sequence[str] = TINY_WORDS, **k
 def load_tokenizer(folder):
   """`transformers.CLIPTokenizer` from a folder (e.g. `<model>/tokenizer`), offline."""
   folder = Path(folder)
-  for name in ("vocab.json", "merges.txt"):
+  # transformers < 5 writes vocab.json + merges.txt; transformers 5 only tokenizer.json.
+  files = ("tokenizer.json",) if (folder / "tokenizer.json").is_file() else ("vocab.json",
+                                                                              "merges.txt")
+  for name in files:
     if not (folder / name).is_file():
-      raise MedjaxError(f"{folder}: not a CLIP tokenizer folder ({name} is missing)")
+      raise MedjaxError(f"{folder}: not a CLIP tokenizer folder ({name} is missing; "
+                        "expected tokenizer.json, or vocab.json and merges.txt)")
   try:
-    json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
+    json.loads((folder / files[0]).read_text(encoding="utf-8"))
     import transformers  # pylint: disable=g-import-not-at-top
     return transformers.CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
   except Exception as e:  # corrupt JSON, bad merges, ...: transformers raises many types

@@ -60,7 +60,7 @@ def configs(style: str) -> dict:
   scheduler = dict(
       beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
       num_train_timesteps=1000, set_alpha_to_one=False, skip_prk_steps=True, steps_offset=1,
-      prediction_type="v_prediction" if sd2 else "epsilon", clip_sample=False)
+      prediction_type="v_prediction" if sd2 else "epsilon")
   return dict(unet=unet, vae=vae, text_encoder=text, scheduler=scheduler)
 
 

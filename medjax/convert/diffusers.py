@@ -187,10 +187,23 @@ def read_pipeline_index(path) -> dict:
   return index
 
 
+def canonical_text_encoder_keys(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """Puts CLIP text-encoder keys under 'text_model.' (the SD checkpoint and medjax layout).
+
+  transformers >= 5.6 flattened CLIPTextModel and saves 'embeddings.…' instead of
+  'text_model.embeddings.…'; both load the same way.
+  """
+  out = {k if k.startswith("text_model.") or k == "text_projection.weight"
+         else "text_model." + k: v for k, v in state_dict.items()}
+  return {k: v for k, v in out.items() if k not in IGNORED_KEYS}
+
+
 def read_component_params(folder, name: str, param_shapes, variant: str | None = None,
                           dtype=np.float32) -> dict:
   """Reads one component's weights and converts them to params shaped like `param_shapes`."""
   state_dict, source = read_component_weights(folder, COMPONENT_FILES[name][1], variant=variant)
+  if name == "text_encoder":
+    state_dict = canonical_text_encoder_keys(state_dict)
   return state_dict_to_params(state_dict, param_shapes, source=str(source), dtype=dtype)
 
 

@@ -9,9 +9,7 @@ from typing import Any, Mapping
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from medjax.convert import diffusers as diffusers_convert
 from medjax.errors import MedjaxError
 from medjax.models import layers
 from medjax.models.config import ANY, check_config
@@ -71,8 +69,6 @@ _INERT_KEYS = (
     "temperature", "top_k", "top_p", "typical_p",
 )
 SUPPORTED_CONFIG = {**_ARCH_KEYS, **{k: ANY for k in _INERT_KEYS}}
-
-_PREFIX = "text_model."
 
 
 class CLIPAttention(nn.Module):
@@ -250,25 +246,3 @@ class CLIPTextModel(nn.Module):
     """The unboxed param tree as ShapeDtypeStructs, without allocating weights."""
     shapes = jax.eval_shape(lambda: self.init(jax.random.PRNGKey(0), *self.dummy_inputs()))
     return nn.meta.unbox(shapes)["params"]
-
-  def params_from_state_dict(self, state_dict: Mapping[str, np.ndarray], *,
-                             source: str) -> dict:
-    """transformers/diffusers state dict (either layout, see `canonical_state_dict`) -> params."""
-    return diffusers_convert.state_dict_to_params(
-        canonical_state_dict(state_dict), self.param_shapes(), source=source,
-        dtype=np.dtype(self.param_dtype))
-
-
-def canonical_state_dict(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-  """Puts every key under 'text_model.', the layout SD checkpoints and medjax params use.
-
-  transformers >= 5.6 flattened CLIPTextModel and saves 'embeddings.…' instead of
-  'text_model.embeddings.…'; both load the same way.
-  """
-  out = {}
-  for key, value in state_dict.items():
-    if not key.startswith(_PREFIX) and key != "text_projection.weight":
-      key = _PREFIX + key
-    if key not in diffusers_convert.IGNORED_KEYS:
-      out[key] = value
-  return out

@@ -7,7 +7,8 @@ import pytest
 import torch
 import transformers
 
-from medjax.convert.diffusers import params_to_state_dict, state_dict_to_params
+from medjax.convert.diffusers import (canonical_text_encoder_keys, params_to_state_dict,
+                                      state_dict_to_params)
 from medjax.convert.weights import read_component_weights
 from medjax.errors import MedjaxError
 from medjax.models import clip
@@ -41,7 +42,7 @@ def loaded(request, tmp_path_factory):
   state_dict, path = read_component_weights(folder, ("model",))
   model = clip.CLIPTextModel.from_config(torch_model.config.to_dict())
   shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), *model.dummy_inputs()))
-  params = state_dict_to_params(clip.canonical_state_dict(state_dict),
+  params = state_dict_to_params(canonical_text_encoder_keys(state_dict),
                                 nn.meta.unbox(shapes)["params"], source=str(path))
   return torch_model, model, params
 
@@ -71,7 +72,7 @@ def test_pooling_position_follows_eos_token_id(loaded):
 
 def test_state_dict_round_trip_is_bit_exact(loaded):
   torch_model, _, params = loaded
-  want = clip.canonical_state_dict({k: v.numpy() for k, v in torch_model.state_dict().items()})
+  want = canonical_text_encoder_keys({k: v.numpy() for k, v in torch_model.state_dict().items()})
   got = params_to_state_dict(params)
   assert sorted(got) == sorted(want)
   for key, value in want.items():
@@ -137,5 +138,5 @@ def test_missing_weight_is_reported():
   state_dict = params_to_state_dict(params["params"])
   del state_dict["text_model.final_layer_norm.bias"]
   with pytest.raises(MedjaxError, match="final_layer_norm.bias"):
-    model.params_from_state_dict(state_dict, source="x.safetensors")
+    state_dict_to_params(state_dict, model.param_shapes(), source="x.safetensors")
 
