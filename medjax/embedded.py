@@ -6,9 +6,6 @@ machine can exercise the whole toolkit in minutes. It has SD's structure (a VAE 
 vocabulary) at a size that trains on phantoms in seconds; its images mean nothing until trained.
 """
 import copy
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import jax
@@ -99,16 +96,8 @@ def tiny_configs(tokenizer) -> dict:
 
 
 def _tiny_tokenizer_dir() -> Path:
-  """The tiny tokenizer's files, written once per machine (atomically) into the temp dir."""
-  final = Path(tempfile.gettempdir()) / f"medjax-tiny-tokenizer-v{TINY_TOKENIZER_VERSION}"
-  if not (final / "vocab.json").is_file():
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}."))
-    tokenizer_lib.write_tiny_clip_tokenizer(tmp)
-    try:
-      os.rename(tmp, final)
-    except OSError:  # another process won the race; its copy is identical
-      shutil.rmtree(tmp, ignore_errors=True)
-  return final
+  return tokenizer_lib.cached_tokenizer_dir(f"tiny-tokenizer-v{TINY_TOKENIZER_VERSION}",
+                                            tokenizer_lib.write_tiny_clip_tokenizer)
 
 
 def tiny_stable_diffusion(seed: int = 0, dtype=jnp.float32, param_dtype=jnp.float32,

@@ -86,20 +86,57 @@ class StableDiffusion:
     diffusers_io.read_pipeline_index(path)
     configs = {name: diffusers_io.read_json(path / name / "config.json", f"{name} config")
                for name in MODEL_CLASSES}
-    models = build_models(configs, dtype=dtype, param_dtype=param_dtype, remat=remat,
-                          attention=attention,
-                          sources={n: str(path / n / "config.json") for n in MODEL_CLASSES})
-    params = {}
-    for name, module in models.items():
-      shapes = nn.unbox(boxed_param_shapes(module))
-      params[name] = jax.tree.map(jnp.asarray, diffusers_io.read_component_params(
-          path / name, name, shapes, variant=variant, dtype=np.dtype(param_dtype)))
+    read = lambda name, shapes: diffusers_io.read_component_params(
+        path / name, name, shapes, variant=variant, dtype=np.dtype(param_dtype))
     scheduler_config = diffusers_io.read_json(path / "scheduler" / "scheduler_config.json",
                                               "scheduler config")
-    tok = tokenizer_lib.load_tokenizer(path / "tokenizer")
-    _check_vocab(tok, configs["text_encoder"], path)
-    return cls(**models, params=params, tokenizer=tok, tokenizer_dir=path / "tokenizer",
-               configs=configs, scheduler_config=scheduler_config, name=str(path))
+    return cls._assemble(configs, read, path / "tokenizer", scheduler_config, str(path),
+                         sources={n: str(path / n / "config.json") for n in MODEL_CLASSES},
+                         dtype=dtype, param_dtype=param_dtype, remat=remat, attention=attention)
+
+  @classmethod
+  def from_single_file(cls, path, dtype=jnp.float32, *, tokenizer=None,
+                       configs: dict | None = None, scheduler_config: dict | None = None,
+                       allow_pickle: bool = False, ema: bool = False,
+                       param_dtype=jnp.float32, remat: bool = False,
+                       attention: str = "auto") -> "StableDiffusion":
+    """Loads an original single-file SD checkpoint (the AUTOMATIC1111 / CompVis layout).
+
+    Args:
+      path: a `.safetensors` file (`.ckpt`/`.pt` only with `allow_pickle=True`, read with
+        `torch.load(weights_only=True)`).
+      tokenizer: a CLIP tokenizer folder. A single file holds none; by default the real CLIP
+        vocabulary is built from open_clip's `bpe_simple_vocab_16e6.txt.gz` if installed.
+      configs: per-component config overrides for what the weights do not determine
+        (e.g. {'unet': {'attention_head_dim': 8}}); see `convert.single_file`.
+      scheduler_config: defaults to SD's PNDM config; set 'prediction_type': 'v_prediction'
+        for SD2 768-v checkpoints.
+      ema: take the EMA weights of the U-Net when the checkpoint has them.
+    """
+    from medjax import embedded  # pylint: disable=g-import-not-at-top
+    from medjax.convert import single_file  # pylint: disable=g-import-not-at-top
+    state_dicts, configs = single_file.load_single_file(
+        path, allow_pickle=allow_pickle, configs=configs, ema=ema)
+    tokenizer_dir = Path(tokenizer) if tokenizer else tokenizer_lib.default_clip_tokenizer_dir(
+        **configs.pop("tokenizer", {}))
+    read = lambda name, shapes: diffusers_io.state_dict_to_params(
+        state_dicts[name], shapes, source=str(path), dtype=np.dtype(param_dtype))
+    return cls._assemble(configs, read, tokenizer_dir,
+                         scheduler_config or dict(embedded.SD_SCHEDULER_CONFIG), str(path),
+                         dtype=dtype, param_dtype=param_dtype, remat=remat, attention=attention)
+
+  @classmethod
+  def _assemble(cls, configs, read_params, tokenizer_dir, scheduler_config, name, *,
+                sources=None, **model_kwargs) -> "StableDiffusion":
+    """Builds the modules from `configs` and fills them with `read_params(name, shapes)`."""
+    models = build_models(configs, sources=sources, **model_kwargs)
+    params = {n: jax.tree.map(jnp.asarray, read_params(n, nn.unbox(boxed_param_shapes(m))))
+              for n, m in models.items()}
+    tok = tokenizer_lib.load_tokenizer(tokenizer_dir)
+    _check_vocab(tok, configs["text_encoder"], tokenizer_dir)
+    return cls(**models, params=params, tokenizer=tok, tokenizer_dir=Path(tokenizer_dir),
+               configs={n: configs[n] for n in MODEL_CLASSES}, scheduler_config=scheduler_config,
+               name=name)
 
   @classmethod
   def embedded(cls, seed: int = 0, dtype=jnp.float32, **kwargs) -> "StableDiffusion":

@@ -8,10 +8,14 @@ or from a tiny deterministic BPE learned from medical prompt words, for tests an
 import collections
 import functools
 import gzip
+import importlib.util
 import json
+import os
 import re
+import shutil
+import tempfile
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -195,3 +199,39 @@ def tokenize(tokenizer, prompts: str | Sequence[str]) -> np.ndarray:
   ids = tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length,
                   truncation=True, return_tensors="np").input_ids
   return np.asarray(ids, np.int32)
+
+
+def find_clip_bpe() -> Path | None:
+  """The real CLIP BPE file shipped inside the open_clip_torch wheel, found without importing it."""
+  spec = importlib.util.find_spec("open_clip")
+  if spec is None or not spec.submodule_search_locations:
+    return None
+  path = Path(spec.submodule_search_locations[0]) / "bpe_simple_vocab_16e6.txt.gz"
+  return path if path.is_file() else None
+
+
+def cached_tokenizer_dir(name: str, write: Callable[[Path], object]) -> Path:
+  """A tokenizer folder `<tmp>/medjax-<name>`, written once by `write(dir)` (atomically), reused."""
+  final = Path(tempfile.gettempdir()) / f"medjax-{name}"
+  if not final.is_dir():
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}."))
+    try:
+      write(tmp)
+      os.rename(tmp, final)
+    except OSError:  # another process won the race; its copy is identical
+      pass
+    finally:
+      shutil.rmtree(tmp, ignore_errors=True)
+  return final
+
+
+def default_clip_tokenizer_dir(pad_token: str = EOS, **kw) -> Path:
+  """The real CLIP tokenizer (SD1: pad '<|endoftext|>', SD2: pad '!') from open_clip's BPE file."""
+  bpe = find_clip_bpe()
+  if bpe is None:
+    raise MedjaxError("no CLIP tokenizer given and open_clip_torch (which ships the CLIP BPE "
+                      "vocabulary) is not installed: pass tokenizer=<folder with vocab.json and "
+                      "merges.txt>, or `pip install --no-deps open_clip_torch`")
+  key = "clip-tokenizer-" + ("pad-bang" if pad_token == "!" else "pad-eos")
+  return cached_tokenizer_dir(
+      key, lambda d: write_clip_tokenizer_from_bpe(bpe, d, pad_token=pad_token, **kw))

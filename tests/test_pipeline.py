@@ -192,3 +192,42 @@ def test_bad_inputs_to_calls(loaded):
     sd.encode_images(np.zeros((1, 3, 64, 64), np.float32))
   with pytest.raises(MedjaxError, match="NHWC"):
     sd.predict_noise(np.zeros((1, 4, 8, 8), np.float32), [1], np.zeros((1, 77, 32)))
+
+
+# -- single-file checkpoints (AUTOMATIC1111 / CompVis layout) --------------------------------
+
+def test_from_single_file_matches_the_diffusers_dir(loaded, tmp_path):
+  from medjax.convert import single_file  # pylint: disable=g-import-not-at-top
+  pipe, sd, path = loaded
+  state_dicts = {n: component_state_dict(path, n) for n in ("unet", "vae", "text_encoder")}
+  configs = {n: dict(getattr(pipe, n).config) for n in ("unet", "vae")}
+  configs["text_encoder"] = pipe.text_encoder.config.to_dict()
+  single_file.save_single_file(tmp_path / "model.safetensors", state_dicts, configs)
+  # What a single file cannot tell (head counts, group counts) is given, as a user would.
+  overrides = {
+      "unet": {k: configs["unet"][k] for k in ("attention_head_dim", "norm_num_groups",
+                                               "upcast_attention", "sample_size")},
+      "vae": {k: configs["vae"][k] for k in ("norm_num_groups", "sample_size")},
+      "text_encoder": {"num_attention_heads": 4, "bos_token_id": 49406, "eos_token_id": 49407},
+  }
+  other = StableDiffusion.from_single_file(tmp_path / "model.safetensors",
+                                           tokenizer=path / "tokenizer", configs=overrides)
+  latents = np.random.default_rng(3).standard_normal((1, 8, 8, 4)).astype(np.float32)
+  emb = sd.encode_prompt(PROMPTS[:1])
+  assert tiny_diffusers.max_abs(other.encode_prompt(PROMPTS[:1]), emb) <= 1e-6
+  assert tiny_diffusers.max_abs(other.predict_noise(latents, [3], emb),
+                                sd.predict_noise(latents, [3], emb)) <= 1e-6
+  assert tiny_diffusers.max_abs(other.decode_latents(latents), sd.decode_latents(latents)) <= 1e-6
+
+
+def component_state_dict(path, name):
+  from medjax.convert import diffusers as diffusers_io  # pylint: disable=g-import-not-at-top
+  from medjax.convert.weights import read_component_weights  # pylint: disable=g-import-not-at-top
+  sd, _ = read_component_weights(path / name, diffusers_io.COMPONENT_FILES[name][1])
+  return diffusers_io.canonical_text_encoder_keys(sd) if name == "text_encoder" else sd
+
+
+def test_single_file_pickle_needs_opt_in(tmp_path):
+  (tmp_path / "model.ckpt").write_bytes(b"\x80\x04pickle")
+  with pytest.raises(MedjaxError, match="opt-in"):
+    StableDiffusion.from_single_file(tmp_path / "model.ckpt")

@@ -3,7 +3,6 @@
 They are the numerical oracles of the parity tests: PyTorch models with every parameter drawn at
 random (so zero-initialised layers hide nothing), written by `save_pretrained`, read by medjax.
 """
-import importlib.util
 import os
 from pathlib import Path
 
@@ -16,11 +15,11 @@ STYLES = ("sd1", "sd2")
 
 def clip_bpe_path() -> Path:
   """The real CLIP BPE vocabulary that the open_clip_torch wheel ships (never imported)."""
-  spec = importlib.util.find_spec("open_clip")
-  if spec is None:
+  path = tokenizer_lib.find_clip_bpe()
+  if path is None:
     raise RuntimeError("open_clip_torch is needed for the CLIP vocabulary: "
                        "pip install --no-deps open_clip_torch")
-  return Path(spec.submodule_search_locations[0]) / "bpe_simple_vocab_16e6.txt.gz"
+  return path
 
 
 def randomize_(module, seed: int, scale: float = 0.1):
