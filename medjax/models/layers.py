@@ -122,6 +122,15 @@ def _cudnn_applies(q: jax.Array, head_dim: int) -> bool:
 # Blocks shared by the U-Net and the VAE (diffusers' resnet.py, attention.py, embeddings.py).
 
 
+def norm_kwargs(param_dtype: Dtype) -> dict:
+  """Norms in the blocks below output fp32, as under torch autocast.
+
+  The following conv/dense casts to the compute dtype, and XLA fuses normalise, activation
+  and cast into one pass, so this costs no extra memory traffic while keeping bf16 closer.
+  """
+  return dict(dtype=jnp.float32, param_dtype=param_dtype)
+
+
 def get_timestep_embedding(timesteps: jax.Array, embedding_dim: int, flip_sin_to_cos: bool = False,
                            downscale_freq_shift: float = 1.0, scale: float = 1.0,
                            max_period: int = 10000) -> jax.Array:
@@ -164,12 +173,13 @@ class ResnetBlock2D(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, temb: jax.Array | None = None) -> jax.Array:
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    h = nn.silu(group_norm(self.groups, self.eps, "norm1", **kw)(x))
+    nkw = norm_kwargs(self.param_dtype)
+    h = nn.silu(group_norm(self.groups, self.eps, "norm1", **nkw)(x))
     h = conv(self.out_channels, "conv1", **kw)(h)
     if temb is not None:
       temb = dense(self.out_channels, "time_emb_proj", axes=(EMBED, MLP), **kw)(nn.silu(temb))
       h = h + temb[:, None, None, :]
-    h = nn.silu(group_norm(self.groups, self.eps, "norm2", **kw)(h))
+    h = nn.silu(group_norm(self.groups, self.eps, "norm2", **nkw)(h))
     h = conv(self.out_channels, "conv2", **kw)(h)
     if x.shape[-1] != self.out_channels:
       x = conv(self.out_channels, "conv_shortcut", kernel_size=1, **kw)(x)
@@ -199,7 +209,8 @@ class Attention(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     residual, shape = x, x.shape
     if self.norm_groups is not None:
-      x = group_norm(self.norm_groups, self.norm_eps, "group_norm", **kw)(x)
+      x = group_norm(self.norm_groups, self.norm_eps, "group_norm",
+                     **norm_kwargs(self.param_dtype))(x)
     x = x.reshape(shape[0], -1, shape[-1])
     context = x if context is None else context
     inner = self.heads * self.head_dim
@@ -259,11 +270,12 @@ class BasicTransformerBlock(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     attn = functools.partial(Attention, self.heads, self.head_dim, upcast=self.upcast,
                              implementation=self.implementation, **kw)
-    h = layer_norm(self.norm_eps, "norm1", **kw)(x)
+    nkw = norm_kwargs(self.param_dtype)
+    h = layer_norm(self.norm_eps, "norm1", **nkw)(x)
     x = x + attn(name="attn1")(h, context if self.only_cross_attention else None)
-    h = layer_norm(self.norm_eps, "norm2", **kw)(x)
+    h = layer_norm(self.norm_eps, "norm2", **nkw)(x)
     x = x + attn(name="attn2")(h, context)
-    h = layer_norm(self.norm_eps, "norm3", **kw)(x)
+    h = layer_norm(self.norm_eps, "norm3", **nkw)(x)
     return x + FeedForward(name="ff", **kw)(h)
 
 
@@ -293,7 +305,7 @@ class Transformer2DModel(nn.Module):
     else:  # a 1x1 conv is a dense layer over channels; kept as conv for the weight layout
       proj_in = conv(inner, "proj_in", kernel_size=1, **kw)
       proj_out = conv(channels, "proj_out", kernel_size=1, **kw)
-    h = proj_in(group_norm(self.norm_groups, 1e-6, "norm", **kw)(x))
+    h = proj_in(group_norm(self.norm_groups, 1e-6, "norm", **norm_kwargs(self.param_dtype))(x))
     h = h.reshape(b, hgt * wid, inner)
     block_cls = nn.remat(BasicTransformerBlock) if self.remat else BasicTransformerBlock
     for i in range(self.num_layers):

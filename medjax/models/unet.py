@@ -385,5 +385,7 @@ class UNet2DConditionModel(nn.Module):
                         x, res, temb, context, size)
 
     # out
-    x = nn.silu(layers.group_norm(self.norm_num_groups, self.norm_eps, "conv_norm_out", **kw)(x))
+    norm = layers.group_norm(self.norm_num_groups, self.norm_eps, "conv_norm_out",
+                             **layers.norm_kwargs(self.param_dtype))
+    x = nn.silu(norm(x))
     return layers.conv(self.out_channels, "conv_out", **kw)(x)

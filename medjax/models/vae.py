@@ -70,13 +70,15 @@ class UpDecoderBlock2D(_Block):
 class UNetMidBlock2D(_Block):
   """resnets_0, single-head self-attention over H*W (GroupNorm, residual), resnets_1."""
   add_attention: bool = True
+  attention: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     x = self.resnet(0)(x)
     if self.add_attention:
       x = layers.Attention(1, self.out_channels, qkv_bias=True, norm_groups=self.groups,
-                           norm_eps=_EPS, residual=True, upcast=True, dtype=self.dtype,
+                           norm_eps=_EPS, residual=True, upcast=True,
+                           implementation=self.attention, dtype=self.dtype,
                            param_dtype=self.param_dtype, name="attentions_0")(x)
     return self.resnet(1)(x)
 
@@ -87,6 +89,7 @@ class _Coder(nn.Module):
   layers_per_block: int = 1
   groups: int = 32
   mid_attention: bool = True
+  attention: str = "auto"
   remat: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
@@ -96,14 +99,15 @@ class _Coder(nn.Module):
                param_dtype=self.param_dtype, name=name, **kwargs)
 
   def mid_block(self, channels: int) -> nn.Module:
-    return self.block(UNetMidBlock2D, channels, 1, "mid_block", add_attention=self.mid_attention)
+    return self.block(UNetMidBlock2D, channels, 1, "mid_block", add_attention=self.mid_attention,
+                      attention=self.attention)
 
   def conv(self, features: int, name: str) -> nn.Module:
     return layers.conv(features, name, dtype=self.dtype, param_dtype=self.param_dtype)
 
   def norm_act(self, x: jax.Array) -> jax.Array:
-    norm = layers.group_norm(self.groups, _EPS, "conv_norm_out", dtype=self.dtype,
-                             param_dtype=self.param_dtype)
+    norm = layers.group_norm(self.groups, _EPS, "conv_norm_out",
+                             **layers.norm_kwargs(self.param_dtype))
     return nn.silu(norm(x))
 
 
@@ -193,6 +197,7 @@ class AutoencoderKL(nn.Module):
   force_upcast: bool = True
   sample_size: Any = None  # informational, as in diffusers
   remat: bool = False
+  attention: str = "auto"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -202,10 +207,12 @@ class AutoencoderKL(nn.Module):
                   remat: bool = False, attention: str = "auto") -> "AutoencoderKL":
     """Builds the module from a diffusers `AutoencoderKL` config dict.
 
-    `attention` is accepted for a uniform signature; the VAE's single-head attention over
-    H*W tokens always runs through XLA. Raises MedjaxError naming an unsupported key or value.
+    `attention` picks the mid-block attention implementation (see `layers.attention`; SD's
+    512-wide single head is beyond cuDNN, so 'auto' uses XLA there). Raises MedjaxError naming
+    an unsupported key or value.
     """
-    del attention
+    if attention not in layers.ATTENTION_IMPLEMENTATIONS:
+      raise MedjaxError(f"attention={attention!r} not in {layers.ATTENTION_IMPLEMENTATIONS}")
     config = check_config(config, SUPPORTED_CONFIG, source)
     channels = tuple(config.get("block_out_channels", (64,)))
     for key, default in (("down_block_types", ("DownEncoderBlock2D",)),
@@ -231,7 +238,7 @@ class AutoencoderKL(nn.Module):
         mid_block_add_attention=config.get("mid_block_add_attention", True),
         force_upcast=config.get("force_upcast", True),
         sample_size=tuple(sample_size) if isinstance(sample_size, list) else sample_size,
-        remat=remat, dtype=dtype, param_dtype=param_dtype)
+        remat=remat, attention=attention, dtype=dtype, param_dtype=param_dtype)
 
   @property
   def config(self) -> dict:
@@ -265,7 +272,8 @@ class AutoencoderKL(nn.Module):
   def setup(self):
     common = dict(block_out_channels=self.block_out_channels,
                   layers_per_block=self.layers_per_block, groups=self.norm_num_groups,
-                  mid_attention=self.mid_block_add_attention, remat=self.remat,
+                  mid_attention=self.mid_block_add_attention, attention=self.attention,
+                  remat=self.remat,
                   dtype=self.dtype, param_dtype=self.param_dtype)
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     self.encoder = Encoder(latent_channels=self.latent_channels, **common)
