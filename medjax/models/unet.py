@@ -218,7 +218,7 @@ class UNet2DConditionModel(nn.Module):
   transformer_layers_per_block: tuple[int, ...] = (1, 1, 1, 1)
   num_attention_heads: tuple[int, ...] = (8, 8, 8, 8)  # diffusers' `attention_head_dim`
   only_cross_attention: tuple[bool, ...] = (False,) * 4
-  cross_attention_dim: int = 768
+  cross_attention_dim: int = 1280
   use_linear_projection: bool = False
   upcast_attention: bool = False
   flip_sin_to_cos: bool = True

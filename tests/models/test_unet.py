@@ -46,8 +46,11 @@ CASES = {"sd1": (SD1, (8, 8), np.array([3, 917])),
          "sd2": (SD2, (8, 8), 421.5),
          "odd": (ODD, (9, 7), np.array([0.5, 999.0], np.float32))}
 
-FP32_TOL = 1e-4  # measured max abs error: sd1 6.9e-6, sd2 ~5e-6, odd ~3e-6 (outputs ~O(1))
-BF16_REL_TOL = 3e-2  # measured ||bf16 - torch fp32|| / ||torch fp32||: sd1 ~6e-3, sd2 ~5e-3
+# Measured max abs error in fp32 (outputs up to ~3.7): sd1 5.0e-6, sd2 6.8e-6, odd 2.1e-6.
+FP32_TOL = 1e-4
+# Measured ||ours in bf16 - torch fp32|| / ||torch fp32||: sd1 1.5e-2, sd2 1.5e-2, odd 1.2e-2;
+# torch's own autocast-bf16 error on the same models: 1.4e-2, 1.4e-2, 1.0e-2.
+BF16_REL_TOL = 3e-2
 
 
 def _apply(module, params, *args):
@@ -132,7 +135,7 @@ def test_remat_same_params_and_output():
   np.testing.assert_array_equal(_apply(remat, params, *args), _apply(plain, params, *args))
 
 
-@pytest.mark.slow  # two backward compiles: ~20 s on 2 busy cores
+@pytest.mark.slow  # two backward compiles: 20-70 s on 2 busy cores
 def test_remat_same_gradients():
   plain, remat, params, args = _tiny_remat_pair()
 
@@ -143,7 +146,7 @@ def test_remat_same_gradients():
   (value, grads), (value_r, grads_r) = value_and_grad(plain), value_and_grad(remat)
   assert value == value_r
   # Recomputed activations may fuse differently, so gradients agree to rounding, not bits
-  # (measured: max difference 6e-6 on gradients of magnitude ~1e2).
+  # (measured: max difference 2.4e-7 on gradients up to 7.9).
   for g, g_r in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_r)):
     g, g_r = np.asarray(g), np.asarray(g_r)
     np.testing.assert_allclose(g_r, g, rtol=1e-5, atol=1e-6 * np.max(np.abs(g)))

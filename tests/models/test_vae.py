@@ -22,8 +22,10 @@ TINY = dict(in_channels=3, out_channels=3, block_out_channels=[16, 32],
             down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
             layers_per_block=1, latent_channels=4, norm_num_groups=8, sample_size=16)
 
-FP32_TOL = 1e-4  # measured max abs error: mean 1.9e-6, logvar 1.5e-6, decode 4.8e-6
-BF16_REL_TOL = 3e-2  # measured relative error in bf16: see test_bf16_compute_close_to_fp32
+FP32_TOL = 1e-4  # measured max abs error: mean 1.3e-6, logvar 1.0e-6, decode 4.1e-6
+# Measured relative error of bf16 compute vs torch fp32: mean 1.1e-2, logvar 1.3e-2, decode
+# 1.5e-2 (torch's own autocast-bf16: 1.2e-2, 1.3e-2, 1.6e-2).
+BF16_REL_TOL = 3e-2
 
 
 @pytest.fixture(scope="module")
