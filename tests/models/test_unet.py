@@ -112,6 +112,34 @@ def test_bf16_compute_close_to_fp32(case, name):
   assert err < BF16_REL_TOL, f"{case.name}: bf16 relative error {err:.2e}"
 
 
+# The real SD 1.5 and SD 2.1 unet/config.json files (as saved by diffusers).
+SD15_CONFIG = dict(
+    act_fn="silu", attention_head_dim=8, block_out_channels=[320, 640, 1280, 1280],
+    center_input_sample=False, cross_attention_dim=768, downsample_padding=1,
+    down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"], flip_sin_to_cos=True,
+    freq_shift=0, in_channels=4, layers_per_block=2, mid_block_scale_factor=1, norm_eps=1e-5,
+    norm_num_groups=32, out_channels=4, sample_size=64,
+    up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3)
+SD21_CONFIG = dict(
+    SD15_CONFIG, attention_head_dim=[5, 10, 20, 20], cross_attention_dim=1024, sample_size=96,
+    use_linear_projection=True, upcast_attention=True, dual_cross_attention=False,
+    num_class_embeds=None, only_cross_attention=False, class_embed_type=None,
+    resnet_time_scale_shift="default")
+
+
+@pytest.mark.parametrize("config,num_params", [(SD15_CONFIG, 859_520_964),
+                                               (SD21_CONFIG, 865_910_724)], ids=["sd15", "sd21"])
+def test_full_size_layout_matches_diffusers(config, num_params):
+  """Every full-size tensor name and shape, without allocating (meta tensors, eval_shape)."""
+  with torch.device("meta"):
+    torch_sd = TorchUNet(**config).state_dict()
+  zeros = {k: np.broadcast_to(np.float32(0), v.shape) for k, v in torch_sd.items()}
+  module = UNet2DConditionModel.from_config(config)
+  params = state_dict_to_params(zeros, tu.param_shapes(module, *module.dummy_inputs()),
+                                source="unet")
+  assert sum(p.size for p in jax.tree.leaves(params)) == num_params
+
+
 # One cross-attention block, no resampling: the smallest model that has every block kind.
 TINY = dict(block_out_channels=(16,), down_block_types=("CrossAttnDownBlock2D",),
             up_block_types=("CrossAttnUpBlock2D",), layers_per_block=1, attention_head_dim=2,

@@ -87,6 +87,25 @@ def test_config_property_rebuilds_same_model(vae):
   assert shapes == {k: v.shape for k, v in vae.state_dict.items()}
 
 
+# The real SD 1.x / 2.x vae/config.json.
+SD_VAE_CONFIG = dict(
+    act_fn="silu", block_out_channels=[128, 256, 512, 512],
+    down_block_types=["DownEncoderBlock2D"] * 4, in_channels=3, latent_channels=4,
+    layers_per_block=2, norm_num_groups=32, out_channels=3, sample_size=512,
+    up_block_types=["UpDecoderBlock2D"] * 4, scaling_factor=0.18215)
+
+
+def test_full_size_layout_matches_diffusers():
+  """Every full-size tensor name and shape, without allocating (meta tensors, eval_shape)."""
+  with torch.device("meta"):
+    torch_sd = TorchVAE(**SD_VAE_CONFIG).state_dict()
+  zeros = {k: np.broadcast_to(np.float32(0), v.shape) for k, v in torch_sd.items()}
+  module = AutoencoderKL.from_config(SD_VAE_CONFIG)
+  params = state_dict_to_params(zeros, tu.param_shapes(module, *module.dummy_inputs()),
+                                source="vae")
+  assert sum(p.size for p in jax.tree.leaves(params)) == 83_653_863
+
+
 def test_latent_sample_is_keyed_gaussian():
   mean = jnp.full((2, 32, 32, 4), 0.5)
   logvar = jnp.full((2, 32, 32, 4), np.log(4.0))  # std 2
