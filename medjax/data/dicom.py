@@ -12,21 +12,47 @@ import numpy as np
 from medjax.errors import MedjaxError
 
 _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+# Only these elements are parsed: identifiers (PatientName, PatientID, BirthDate, ...) are never
+# decoded, so they cannot reach a log line, an error message or an output.
+_NEEDED_KEYWORDS = (
+    *_PIXEL_KEYWORDS, "Rows", "Columns", "BitsAllocated", "BitsStored", "HighBit",
+    "PixelRepresentation", "SamplesPerPixel", "PhotometricInterpretation", "PlanarConfiguration",
+    "NumberOfFrames", "RescaleSlope", "RescaleIntercept", "RescaleType", "ModalityLUTSequence",
+    "VOILUTSequence", "WindowCenter", "WindowWidth", "VOILUTFunction", "ExtendedOffsetTable",
+    "ExtendedOffsetTableLengths", "SharedFunctionalGroupsSequence", "Modality",
+    "PixelPaddingValue", "FloatPixelPaddingValue", "DoubleFloatPixelPaddingValue")
 
 
 def _read_dataset(path: str):
   import pydicom  # pylint: disable=import-outside-toplevel
   from pydicom.errors import InvalidDicomError  # pylint: disable=import-outside-toplevel
   try:
-    return pydicom.dcmread(path)
+    return pydicom.dcmread(path, specific_tags=list(_NEEDED_KEYWORDS))
   except InvalidDicomError:
     pass  # No preamble/'DICM' prefix: many legacy files; retry leniently below.
   except (OSError, EOFError, ValueError, KeyError, TypeError) as e:
     raise MedjaxError(f"{path}: unreadable DICOM file ({type(e).__name__}: {e})") from None
   try:
-    return pydicom.dcmread(path, force=True)
+    return pydicom.dcmread(path, force=True, specific_tags=list(_NEEDED_KEYWORDS))
   except Exception as e:  # pylint: disable=broad-except  # pydicom raises many types on garbage.
     raise MedjaxError(f"{path}: not a DICOM file ({type(e).__name__}: {e})") from None
+
+
+def _promote_shared_functional_groups(ds) -> None:
+  """Enhanced (multi-frame) objects keep rescale and window in the shared functional groups."""
+  groups = ds.get("SharedFunctionalGroupsSequence")
+  if not groups:
+    return
+  group = groups[0]
+  for sequence, keywords in (("PixelValueTransformationSequence",
+                              ("RescaleSlope", "RescaleIntercept")),
+                             ("FrameVOILUTSequence", ("WindowCenter", "WindowWidth",
+                                                      "VOILUTFunction"))):
+    items = group.get(sequence)
+    if items:
+      for keyword in keywords:
+        if keyword in items[0] and keyword not in ds:
+          setattr(ds, keyword, items[0][keyword].value)
 
 
 def _decode(ds, path: str) -> np.ndarray:
@@ -116,6 +142,7 @@ def read_dicom(path: str, *, window: Optional[Tuple[float, float]] = None) -> np
   """
   path = os.fspath(path)
   ds = _read_dataset(path)
+  _promote_shared_functional_groups(ds)
   pixels = _decode(ds, path)
   frames = int(ds.get("NumberOfFrames", 1) or 1)
   samples = int(ds.get("SamplesPerPixel", 1) or 1)

@@ -11,6 +11,7 @@ import numpy as np
 from scipy import ndimage
 
 Size = Union[int, Tuple[int, int]]
+_RENDER_MAX = 256
 
 CXR_FINDINGS = ("Pleural Effusion", "Cardiomegaly")
 
@@ -24,12 +25,12 @@ def _hw(size: Size) -> Tuple[int, int]:
 
 def _inside(distance: np.ndarray, edge: float) -> np.ndarray:
   """Soft indicator: ~1 where distance < 0, ~0 where > 0, blurred over `edge`."""
-  return 1.0 / (1.0 + np.exp(np.clip(distance / edge, -50.0, 50.0)))
+  return (1.0 / (1.0 + np.exp(np.clip(distance / edge, -50.0, 50.0)))).astype(np.float32)
 
 
 def _texture(rng: np.random.Generator, shape: Tuple[int, int], sigma_fraction: float) -> np.ndarray:
   """Smooth zero-mean, unit-std noise whose grain is a fixed fraction of the image size."""
-  noise = rng.standard_normal(shape)
+  noise = rng.standard_normal(shape, dtype=np.float32)
   smooth = ndimage.gaussian_filter(noise, sigma=max(sigma_fraction * min(shape), 0.5),
                                    mode="reflect")
   return (smooth - smooth.mean()) / (smooth.std() + 1e-8)
@@ -49,8 +50,28 @@ def chest_xray(size: Size, *, seed: int, effusion: bool = False, effusion_side: 
   """
   height, width = _hw(size)
   rng = np.random.default_rng(seed)
+  # Anatomy is smooth: render it at most _RENDER_MAX pixels and upsample (Lanczos); only the
+  # noise is drawn at full size. This keeps 512 x 512 phantoms cheap enough to train on.
+  scale = min(1.0, _RENDER_MAX / max(height, width))
+  render_h, render_w = max(8, round(height * scale)), max(8, round(width * scale))
+  image = _chest_xray_anatomy(render_h, render_w, rng, effusion, effusion_side, cardiomegaly)
+  if (render_h, render_w) != (height, width):
+    image = _upsample(image, height, width)
+  image += 0.006 * rng.standard_normal((height, width), dtype=np.float32)
+  return np.clip(image, 0.0, 1.0).astype(np.float32)
+
+
+def _upsample(image: np.ndarray, height: int, width: int) -> np.ndarray:
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  return np.array(Image.fromarray(image.astype(np.float32)).resize(
+      (width, height), Image.Resampling.LANCZOS))
+
+
+def _chest_xray_anatomy(height: int, width: int, rng: np.random.Generator, effusion: bool,
+                        effusion_side: str, cardiomegaly: bool) -> np.ndarray:
   j = lambda scale: rng.normal(0.0, scale)  # pylint: disable=unnecessary-lambda-assignment
-  y, x = np.meshgrid(np.linspace(-1, 1, height), np.linspace(-1, 1, width), indexing="ij")
+  y, x = np.meshgrid(np.linspace(-1, 1, height, dtype=np.float32),
+                     np.linspace(-1, 1, width, dtype=np.float32), indexing="ij")
   edge = 2.0 / min(height, width)
 
   body = _inside((np.abs(x) / (0.93 + j(0.02))) ** 3 + (np.abs(y - 0.1) / 1.25) ** 3 - 1.0, 0.03)
@@ -105,8 +126,7 @@ def chest_xray(size: Size, *, seed: int, effusion: bool = False, effusion_side: 
   image += (0.13 * ribs + 0.16 * clavicles) * body
 
   image = image * (1.0 - effusion_map) + effusion_map * (0.5 + 0.04 * vessels)
-  image += 0.012 * _texture(rng, (height, width), 0.004) + 0.006 * rng.standard_normal(x.shape)
-  return np.clip(image, 0.0, 1.0).astype(np.float32)
+  return image + 0.012 * _texture(rng, (height, width), 0.004)
 
 
 def chest_xray_labels(effusion: bool, cardiomegaly: bool) -> Dict[str, float]:
@@ -211,11 +231,16 @@ def prostate_mri(size: Size, *, seed: int, lesion: bool = False,
   rng = np.random.default_rng(seed + 7919)
   p = _prostate_parameters(seed, lesion)
   z = (p["lesion"][0] if lesion else rng.uniform(-8.0, 8.0)) + p["offset"][0]
+  scale = min(1.0, _RENDER_MAX / max(height, width))
+  render_h, render_w = max(8, round(height * scale)), max(8, round(width * scale))
   half_h = field_of_view_mm / 2 * height / max(height, width)
   half_w = field_of_view_mm / 2 * width / max(height, width)
-  y, x = np.meshgrid(np.linspace(-half_h, half_h, height), np.linspace(-half_w, half_w, width),
-                     indexing="ij")
+  y, x = np.meshgrid(np.linspace(-half_h, half_h, render_h, dtype=np.float32),
+                     np.linspace(-half_w, half_w, render_w, dtype=np.float32), indexing="ij")
   fields = prostate_mri_sample(np.full_like(y, z), y, x, seed=seed, lesion=lesion)
-  image = np.stack([fields["t2w"], fields["adc"], fields["hbv"]], axis=-1)
-  image += 0.015 * rng.standard_normal(image.shape)
+  channels = [fields[name] for name in ("t2w", "adc", "hbv")]
+  if (render_h, render_w) != (height, width):
+    channels = [_upsample(c, height, width) for c in channels]
+  image = np.stack(channels, axis=-1)
+  image += 0.015 * rng.standard_normal(image.shape, dtype=np.float32)
   return np.clip(image, 0.0, 1.0).astype(np.float32)

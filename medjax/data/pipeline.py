@@ -76,7 +76,7 @@ def _lanczos(image: np.ndarray, height: int, width: int) -> np.ndarray:
   from PIL import Image  # pylint: disable=import-outside-toplevel
   if image.shape[:2] == (height, width):
     return image
-  channels = [np.asarray(Image.fromarray(np.ascontiguousarray(image[..., c]), mode="F").resize(
+  channels = [np.asarray(Image.fromarray(np.ascontiguousarray(image[..., c], dtype=np.float32)).resize(
       (width, height), Image.Resampling.LANCZOS)) for c in range(image.shape[-1])]
   return np.clip(np.stack(channels, axis=-1), 0.0, 1.0)
 

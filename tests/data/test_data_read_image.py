@@ -208,3 +208,27 @@ def test_2d_nifti(tmp_path):
   nib.save(nib.Nifti1Image(values, np.eye(4)), tmp_path / "a.nii.gz")
   image = read_image(tmp_path / "a.nii.gz")
   assert image.shape == (3, 4) and image.min() == 0.0 and image.max() == 1.0
+
+
+def test_identifiers_are_never_parsed_or_logged(tmp_path, caplog):
+  ds = pydicom.dcmread(dicom_sample("MR_small.dcm"))
+  ds.PatientName, ds.PatientID, ds.PatientBirthDate = "Doe^Jane", "SECRET123", "19700101"
+  ds.save_as(tmp_path / "x.dcm")
+  with caplog.at_level("DEBUG"):
+    read_image(tmp_path / "x.dcm")
+  assert "Doe" not in caplog.text and "SECRET123" not in caplog.text
+
+
+def test_enhanced_shared_functional_group_rescale(tmp_path):
+  ds = pydicom.dcmread(dicom_sample("MR_small.dcm"))
+  del ds.WindowCenter, ds.WindowWidth
+  transform, voi, group = pydicom.Dataset(), pydicom.Dataset(), pydicom.Dataset()
+  transform.RescaleSlope, transform.RescaleIntercept = 2.0, -100.0
+  voi.WindowCenter, voi.WindowWidth = 1000.0, 1500.0
+  group.PixelValueTransformationSequence = [transform]
+  group.FrameVOILUTSequence = [voi]
+  ds.SharedFunctionalGroupsSequence = [group]
+  ds.save_as(tmp_path / "enhanced.dcm")
+  values = ds.pixel_array * 2.0 - 100.0
+  np.testing.assert_allclose(read_image(tmp_path / "enhanced.dcm"), _window(values, 1000, 1500),
+                             atol=1e-6)
