@@ -107,7 +107,8 @@ def _min_max(values: np.ndarray) -> np.ndarray:
 
 def _grayscale_to_unit(pixels: np.ndarray, ds, window: Optional[Tuple[float, float]],
                        path: str) -> np.ndarray:
-  from pydicom.pixels import apply_modality_lut, apply_voi_lut  # pylint: disable=import-outside-toplevel
+  # pylint: disable-next=import-outside-toplevel
+  from pydicom.pixels import apply_modality_lut, apply_voi_lut
   try:
     values = apply_modality_lut(pixels, ds)
   except Exception as e:  # pylint: disable=broad-except

@@ -74,7 +74,8 @@ def write_chexpert_phantoms(out: str, num: int, *, size: int = 512, seed: int = 
     side = str(rng.choice(["right", "left", "both"]))
     image = phantoms.chest_xray(size, seed=seed * 1_000_003 + i, effusion=effusion,
                                 effusion_side=side, cardiomegaly=cardiomegaly)
-    relative = f"{CHEXPERT_DIR}/{split}/patient{patient:05d}/study{study}/view1_frontal.{image_format}"
+    relative = (f"{CHEXPERT_DIR}/{split}/patient{patient:05d}/study{study}/"
+                f"view1_frontal.{image_format}")
     _save_image(image, os.path.join(out, relative), image_format)
     cells = {name: np.nan for name in labels_lib.CHEXPERT_LABELS}
     if effusion:
@@ -137,7 +138,8 @@ def write_picai_phantoms(out: str, num: int, *, size: int = 384, slices: int = 2
     t2w = phantoms.prostate_mri_sample(z, y, x, seed=study_seed, lesion=lesion)
     dwi_size = max(size // 2, 8)
     dwi_spacing = (3.6, 200.0 / dwi_size, 200.0 / dwi_size)
-    (z, y, x), dwi_origin = _sample_grid((slices, dwi_size, dwi_size), dwi_spacing, (1.8, 0.7, -0.4))
+    (z, y, x), dwi_origin = _sample_grid((slices, dwi_size, dwi_size), dwi_spacing,
+                                         (1.8, 0.7, -0.4))
     dwi = phantoms.prostate_mri_sample(z, y, x, seed=study_seed, lesion=lesion)
     base = os.path.join(out, "images", patient, f"{patient}_{study}")
     _write_volume(t2w["t2w"] * 1000 + noise.normal(0, 8, t2w["t2w"].shape), t2w_spacing,
@@ -163,7 +165,8 @@ flags.DEFINE_enum("kind", "cxr", ["cxr", "mri"], "Chest X-rays (CheXpert layout)
                   "(PI-CAI layout).")
 flags.DEFINE_integer("num", 100, "Number of images (cxr) or studies (mri).")
 flags.DEFINE_string("out", None, "Output directory.")
-flags.DEFINE_integer("size", None, "Image size (cxr, default 512) or T2W matrix (mri, default 384).")
+flags.DEFINE_integer("size", None,
+                     "Image size (cxr, default 512) or T2W matrix (mri, default 384).")
 flags.DEFINE_integer("seed", 0, "Seed; the same seed writes the same data set.")
 flags.DEFINE_enum("format", "jpg", ["jpg", "png"], "Image format of the chest X-rays.")
 

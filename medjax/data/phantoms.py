@@ -69,7 +69,9 @@ def _upsample(image: np.ndarray, height: int, width: int) -> np.ndarray:
 
 def _chest_xray_anatomy(height: int, width: int, rng: np.random.Generator, effusion: bool,
                         effusion_side: str, cardiomegaly: bool) -> np.ndarray:
-  j = lambda scale: rng.normal(0.0, scale)  # pylint: disable=unnecessary-lambda-assignment
+  def j(scale: float) -> float:  # anatomical jitter
+    return rng.normal(0.0, scale)
+
   y, x = np.meshgrid(np.linspace(-1, 1, height, dtype=np.float32),
                      np.linspace(-1, 1, width, dtype=np.float32), indexing="ij")
   edge = 2.0 / min(height, width)
@@ -203,7 +205,8 @@ def prostate_mri_sample(z: np.ndarray, y: np.ndarray, x: np.ndarray, *, seed: in
   tissues = {  # (T2W, ADC, HBV) per tissue
       "fat": (fat, 0.78, 0.08, 0.03), "muscle": (muscle, 0.28, 0.42, 0.12),
       "bone": (bone, 0.45, 0.30, 0.05), "bladder": (bladder, 0.95, 0.98, 0.04),
-      "rectum_wall": (rectum_wall, 0.22, 0.35, 0.2), "rectum_lumen": (rectum_lumen, 0.05, 0.1, 0.02),
+      "rectum_wall": (rectum_wall, 0.22, 0.35, 0.2),
+      "rectum_lumen": (rectum_lumen, 0.05, 0.1, 0.02),
       "tz": (tz, 0.46, 0.5, 0.22), "pz": (pz, 0.74, 0.7, 0.16),
   }
   t2w = sum(m * v[0] for m, *v in tissues.values())
@@ -216,8 +219,10 @@ def prostate_mri_sample(z: np.ndarray, y: np.ndarray, x: np.ndarray, *, seed: in
   t2w = t2w * (1.0 - lesion_map) + lesion_map * 0.24
   adc = adc * (1.0 - lesion_map) + lesion_map * 0.16
   hbv = hbv * (1.0 - lesion_map) + lesion_map * 0.92
-  return {"t2w": np.clip(t2w, 0, 1).astype(np.float32), "adc": np.clip(adc, 0, 1).astype(np.float32),
-          "hbv": np.clip(hbv, 0, 1).astype(np.float32), "mask": mask}
+  out = {name: np.clip(v, 0, 1).astype(np.float32) for name, v in (("t2w", t2w), ("adc", adc),
+                                                                   ("hbv", hbv))}
+  out["mask"] = mask
+  return out
 
 
 def prostate_mri(size: Size, *, seed: int, lesion: bool = False,

@@ -42,7 +42,8 @@ class Protocol:
 
   def __post_init__(self):
     if len(self.spacing) != 3 or min(self.spacing) <= 0:
-      raise MedjaxError(f"PI-CAI spacing {self.spacing}: expected three positive mm values (z, y, x)")
+      raise MedjaxError(f"PI-CAI spacing {self.spacing}: expected three positive mm values "
+                        f"(z, y, x)")
     if len(self.crop) != 3 or min(self.crop) <= 0:
       raise MedjaxError(f"PI-CAI crop {self.crop}: expected three positive voxel counts (z, y, x)")
     lo, hi = self.percentiles
@@ -70,7 +71,8 @@ def _read_header(path: str) -> _Grid:
   try:
     reader.ReadImageInformation()
   except RuntimeError as e:
-    raise MedjaxError(f"{path}: unreadable image header ({' '.join(str(e).split())[:200]})") from None
+    detail = " ".join(str(e).split())[:200]
+    raise MedjaxError(f"{path}: unreadable image header ({detail})") from None
   if reader.GetDimension() != 3:
     raise MedjaxError(f"{path}: expected a 3D volume, found {reader.GetDimension()}D")
   return _Grid(np.array(reader.GetOrigin()), np.array(reader.GetSpacing()),
@@ -123,8 +125,8 @@ def _valid_slices(t2w: _Grid, grid: _Grid) -> np.ndarray:
   """Output slices whose centre lies within the T2W's slab (others would be padding only)."""
   k = np.arange(int(grid.size[2]))
   centre = (grid.size[:2] - 1) / 2.0
-  points = grid.origin[:, None] + grid.direction @ (
-      np.stack([np.full(k.shape, centre[0]), np.full(k.shape, centre[1]), k]) * grid.spacing[:, None])
+  indices = np.stack([np.full(k.shape, centre[0]), np.full(k.shape, centre[1]), k])
+  points = grid.origin[:, None] + grid.direction @ (indices * grid.spacing[:, None])
   index = np.linalg.solve(t2w.direction, points - t2w.origin[:, None]) / t2w.spacing[:, None]
   return (index[2] >= -0.5) & (index[2] <= t2w.size[2] - 0.5)
 
@@ -261,9 +263,11 @@ def _find_masks(root: str, masks_dir: str) -> Dict[Tuple[str, str], str]:
       match = _MASK_FILE.match(name)
       if match:
         candidates[(match.group(1), match.group(2))].append(os.path.join(directory, name))
+  def score(path: str) -> int:
+    return ("human_expert" in path) * 2 + ("resampled" in path)
+
   out = {}
   for key, paths in candidates.items():
-    score = lambda p: ("human_expert" in p) * 2 + ("resampled" in p)  # pylint: disable=unnecessary-lambda-assignment
     best = max(score(p) for p in paths)
     top = [p for p in paths if score(p) == best]
     if len(top) > 1:

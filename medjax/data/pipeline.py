@@ -76,8 +76,9 @@ def _lanczos(image: np.ndarray, height: int, width: int) -> np.ndarray:
   from PIL import Image  # pylint: disable=import-outside-toplevel
   if image.shape[:2] == (height, width):
     return image
-  channels = [np.asarray(Image.fromarray(np.ascontiguousarray(image[..., c], dtype=np.float32)).resize(
-      (width, height), Image.Resampling.LANCZOS)) for c in range(image.shape[-1])]
+  channels = [
+      np.asarray(Image.fromarray(np.ascontiguousarray(image[..., c], dtype=np.float32)).resize(
+          (width, height), Image.Resampling.LANCZOS)) for c in range(image.shape[-1])]
   return np.clip(np.stack(channels, axis=-1), 0.0, 1.0)
 
 
@@ -97,10 +98,12 @@ def resize_to(image: np.ndarray, resolution: int, *, mode: str = "crop", crop: s
     resized = _lanczos(image, new_h, new_w)
     top, left = (new_h - resolution) // 2, (new_w - resolution) // 2
     if crop == "random" and rng is not None:
-      top, left = int(rng.integers(0, new_h - resolution + 1)), int(rng.integers(0, new_w - resolution + 1))
+      top = int(rng.integers(0, new_h - resolution + 1))
+      left = int(rng.integers(0, new_w - resolution + 1))
     return resized[top:top + resolution, left:left + resolution]
   scale = resolution / max(height, width)
-  new_h, new_w = max(1, min(resolution, round(height * scale))), max(1, min(resolution, round(width * scale)))
+  new_h = max(1, min(resolution, round(height * scale)))
+  new_w = max(1, min(resolution, round(width * scale)))
   out = np.zeros((resolution, resolution, image.shape[-1]), np.float32)
   top, left = (resolution - new_h) // 2, (resolution - new_w) // 2
   out[top:top + new_h, left:left + new_w] = _lanczos(image, new_h, new_w)
@@ -305,7 +308,8 @@ def make_dataset(config: Any, split: str, batch_size: int, seed: int = 0, resolu
     logging.warning("medjax.data: skipped %d bad file(s) while indexing, e.g. %s",
                     len(index.skipped), index.skipped[0])
 
-  prompt_config = config.prompt.to_dict() if hasattr(config.prompt, "to_dict") else dict(config.prompt)
+  prompt = config.prompt
+  prompt_config = prompt.to_dict() if hasattr(prompt, "to_dict") else dict(prompt)
   loader = LoadExample(resolution=resolution, label_names=index.label_names,
                        class_names=index.class_names, prompt_config=prompt_config,
                        resize=p.resize, crop=p.crop, flip=p.flip,

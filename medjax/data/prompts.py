@@ -3,10 +3,10 @@
 Templates are `str.format` strings over these fields: {modality} ('chest x-ray'), {class_text}
 ('pleural effusion'), {class_name}, {labels} ('pleural effusion, cardiomegaly'), {token}
 ('<lungxray>') and {text} (report section). Kinds (config.prompt.kind):
-  class   class_prompts[class_name], else class_template        e.g. 'a chest x-ray with pleural effusion'
+  class   class_prompts[class_name], else class_template  ('a chest x-ray with pleural effusion')
   labels  labels_template over positive labels, else no_labels_text
   report  report_template over the chosen section, else the 'labels' prompt
-  token   token_template, for textual inversion                  e.g. 'a photo of a <lungxray>'
+  token   token_template, for textual inversion  ('a photo of a <lungxray>')
   fixed   the fixed text
 """
 import string

@@ -2,11 +2,9 @@
 import gzip
 import os
 
-import numpy as np
 from PIL import Image
 
 from medjax.data import labels as labels_lib
-from medjax.data import tables
 
 CHEXPERT_HEADER = ["Path", "Sex", "Age", "Frontal/Lateral", "AP/PA", *labels_lib.CHEXPERT_LABELS]
 
@@ -31,19 +29,11 @@ def write_csv_gz(path, header, rows):
       f.write(",".join(str(c) for c in row) + "\n")
 
 
-REPORT = """                                 FINAL REPORT
- EXAMINATION:  CHEST (PA AND LAT)
-
- INDICATION:  ___F with cough
-
- FINDINGS:
- 
- Moderate right pleural effusion with a meniscus.  No pneumothorax.
- 
- IMPRESSION:
- 
- Right pleural effusion.
-"""
+REPORT = "\n".join([  # MIMIC-CXR style, with the lines of single spaces the real ones have
+    "                                 FINAL REPORT", " EXAMINATION:  CHEST (PA AND LAT)", "",
+    " INDICATION:  ___F with cough", "", " FINDINGS:", " ",
+    " Moderate right pleural effusion with a meniscus.  No pneumothorax.", " ", " IMPRESSION:",
+    " ", " Right pleural effusion.", ""])
 
 
 

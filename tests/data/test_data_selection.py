@@ -49,7 +49,7 @@ def test_bad_prompt_template_is_caught_early():
   config = default_config()
   config.prompt.labels_template = "a {modalty} with {labels}"
   config.phantoms.num = 20
-  with pytest.raises(MedjaxError, match=r"prompt.labels_template.*unknown field\(s\) \['modalty'\]"):
+  with pytest.raises(MedjaxError, match=r"labels_template.*unknown field\(s\) \['modalty'\]"):
     from medjax.data import make_dataset  # pylint: disable=import-outside-toplevel
     make_dataset(config, "train", 2, resolution=16, process_index=0, process_count=1)
 
@@ -112,7 +112,7 @@ def test_per_class_selection_and_paper_a_config():
   assert len(train.records) == 60
   assert select_records(config, "train").records == train.records  # stable
   config.split.mode, config.split.sizes = "sizes", (40, 20, 20)
-  with pytest.raises(MedjaxError, match="'pleural_effusion' has 20 images, fewer than per_class=30"):
+  with pytest.raises(MedjaxError, match="'pleural_effusion' has 20 images, fewer than per_class"):
     select_records(config, "train")
   config.per_class = 15
   parts = {s: select_records(config, s).records for s in splits.SPLITS}
