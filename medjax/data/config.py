@@ -43,7 +43,7 @@ def default_config() -> ml_collections.ConfigDict:
 
   c.folder = ml_collections.ConfigDict()
   c.folder.class_from_subdir = True
-  c.folder.modality = "image"
+  c.folder.modality = "medical image"
 
   # Classes, e.g. 'pleural_effusion: Pleural Effusion=1; no_finding: No Finding=1' (paper A) or
   # 'diseased: csPCa=1; healthy: csPCa=0' (PI-CAI). '' = no classes (label = -1).

@@ -33,9 +33,13 @@ def _read_dataset(path: str):
   except (OSError, EOFError, ValueError, KeyError, TypeError) as e:
     raise MedjaxError(f"{path}: unreadable DICOM file ({type(e).__name__}: {e})") from None
   try:
-    return pydicom.dcmread(path, force=True, specific_tags=list(_NEEDED_KEYWORDS))
+    ds = pydicom.dcmread(path, force=True, specific_tags=list(_NEEDED_KEYWORDS))
   except Exception as e:  # pylint: disable=broad-except  # pydicom raises many types on garbage.
     raise MedjaxError(f"{path}: not a DICOM file ({type(e).__name__}: {e})") from None
+  if not any(keyword in ds for keyword in _PIXEL_KEYWORDS):
+    raise MedjaxError(f"{path}: not a readable DICOM image (no 'DICM' header, and no pixel data "
+                      f"could be parsed without one)")
+  return ds
 
 
 def _promote_shared_functional_groups(ds) -> None:

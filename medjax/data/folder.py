@@ -14,7 +14,7 @@ IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm", ".dicom"
               ".nii.gz", ".mha", ".mhd", ".nrrd")
 
 
-def load_folder(root, *, class_from_subdir: bool = True, modality: str = "image",
+def load_folder(root, *, class_from_subdir: bool = True, modality: str = "medical image",
                 on_bad_file: str = "error") -> records_lib.DataIndex:
   """Indexes image files under `root`; labels are {<sub-folder>: 1.0} when `class_from_subdir`."""
   root = tables.check_root(root, "folder")
