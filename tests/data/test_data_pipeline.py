@@ -166,3 +166,18 @@ def test_missing_root():
   config.root = "/nonexistent/chexpert"
   with pytest.raises(MedjaxError, match="/nonexistent/chexpert: CheXpert root directory does not"):
     dataset(config)
+
+
+def test_orbax_checkpoint_round_trip(tmp_path):
+  grain = pytest.importorskip("grain")
+  ocp = pytest.importorskip("orbax.checkpoint")
+  config = phantom_config(num=12)
+  iterator = dataset(config, seed=1, batch_size=3)
+  next(iterator)
+  manager = ocp.CheckpointManager(str(tmp_path / "ckpt"), item_names=("data",))
+  manager.save(1, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(iterator)))
+  manager.wait_until_finished()
+  expected = take(iterator, 2)
+  restored = dataset(config, seed=1, batch_size=3)
+  manager.restore(1, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(restored)))
+  assert_same_batches(take(restored, 2), expected)
