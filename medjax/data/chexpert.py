@@ -45,6 +45,23 @@ class _PathResolver:
     return None if self.check_files else os.path.join(self.bases[0], relative)
 
 
+def _has_csv(directory: str) -> bool:
+  return any(os.path.isfile(os.path.join(directory, name)) for name, _ in CSV_SPLITS)
+
+
+def _csv_directory(root: str) -> str:
+  """`root` itself, or its single sub-folder holding the CSVs (e.g. CheXpert-v1.0-small/)."""
+  if _has_csv(root):
+    return root
+  found = sorted(os.path.join(root, d) for d in os.listdir(root)
+                 if os.path.isdir(os.path.join(root, d)) and _has_csv(os.path.join(root, d)))
+  if len(found) == 1:
+    return found[0]
+  if found:
+    raise MedjaxError(f"{root}: several CheXpert folders {found}; set the root to one of them")
+  raise MedjaxError(f"{root}: no CheXpert train.csv or valid.csv in this directory")
+
+
 def parse_views(views) -> tuple:
   """'AP,PA' or ('AP', 'PA') -> ('AP', 'PA'); '' -> () meaning any view."""
   if isinstance(views, str):
@@ -58,7 +75,7 @@ def load_chexpert(root, *, frontal_only: bool = True, views: Sequence[str] = (),
   """Indexes CheXpert images with their 14 labels.
 
   Args:
-    root: directory holding `train.csv` and/or `valid.csv`.
+    root: directory holding `train.csv` and/or `valid.csv` (or its parent).
     frontal_only: keep rows whose `Frontal/Lateral` is 'Frontal'.
     views: keep only these `AP/PA` values (e.g. ('AP', 'PA')); empty keeps all.
     uncertainty: -1 cells become 1 ('ones'), 0 ('zeros') or unknown ('ignore').
@@ -73,10 +90,9 @@ def load_chexpert(root, *, frontal_only: bool = True, views: Sequence[str] = (),
   labels_lib.check_policies(uncertainty, blank, "CheXpert")
   views = parse_views(views)
   bad = records_lib.BadFiles(on_bad_file)
+  root = _csv_directory(root)
   csv_paths = [(os.path.join(root, name), split) for name, split in CSV_SPLITS
                if os.path.isfile(os.path.join(root, name))]
-  if not csv_paths:
-    raise MedjaxError(f"{root}: no CheXpert train.csv or valid.csv in this directory")
   required = ["Path", *labels_lib.CHEXPERT_LABELS]
   if frontal_only:
     required.append("Frontal/Lateral")
