@@ -52,7 +52,7 @@ def test_make_phantoms_cxr_loads_through_chexpert(tmp_path):
   assert {r.source_split for r in index.records} <= {"train", "val"}
   assert any(r.labels["Pleural Effusion"] == 1.0 for r in index.records)
   assert load_chexpert(tmp_path).records == index.records  # the parent works as root too
-  # The parent works as root too (CSV paths start with CheXpert-v1.0-small/).
+  # End to end through the pipeline with paper-A classes and class prompts.
   config = default_config()
   config.source, config.root = "chexpert", str(tmp_path / make_phantoms.CHEXPERT_DIR)
   config.classes = "pleural_effusion: Pleural Effusion=1; no_finding: No Finding=1"
