@@ -187,6 +187,7 @@ class DataIterator(grain.DatasetIterator):
 
   Attributes:
     skipped: 'file: problem' for every file skipped while indexing and (this session) reading.
+    label_names, class_names, num_examples: set by `make_dataset` (this process's shard size).
   """
 
   def __init__(self, parent: grain.DatasetIterator, *, batch_size: int, drop_remainder: bool,
