@@ -28,6 +28,8 @@ setup(
         "transformers>=4.44",  # CLIPTokenizer only; no torch needed
         "tqdm>=4.66",
         "Pillow>=10.0",
+        "scipy>=1.10",
+        "grain>=0.2.18",
     ],
     extras_require={
         # PyTorch oracles for parity tests and benchmarks. torch 2.13.0 is pinned because its
@@ -37,9 +39,12 @@ setup(
             "torch==2.13.0",
             "diffusers>=0.42",
             "transformers>=5.0",
+            "pydicom>=3.0",
+            "nibabel>=5.0",
+            "SimpleITK>=2.3",
         ],
         # Medical image IO (DICOM, NIfTI, MHA) for the data loaders.
-        "io": ["pydicom>=2.4", "nibabel>=5.0", "SimpleITK>=2.3"],
+        "io": ["pydicom>=3.0", "nibabel>=5.0", "SimpleITK>=2.3"],
     },
     entry_points={"console_scripts": []},
 )

@@ -65,7 +65,7 @@ def run_jax(config_name, mode, repeats, bf16, remat):
   cfg = CONFIGS[config_name]
   unet = UNet2DConditionModel.from_config(
       unet_config(config_name), dtype=jnp.bfloat16 if bf16 else jnp.float32, remat=remat)
-  params = pipeline.init_params(unet, jax.random.key(0))
+  params = pipeline.init_params(unet, 0)
   k1, k2, k3 = jax.random.split(jax.random.key(1), 3)
   x = jax.random.normal(k1, (1, cfg["latent"], cfg["latent"], 4))
   c = jax.random.normal(k2, (1, 77, cfg["cross_attention_dim"]))

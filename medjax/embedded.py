@@ -8,7 +8,6 @@ vocabulary) at a size that trains on phantoms in seconds; its images mean nothin
 import copy
 from pathlib import Path
 
-import jax
 import jax.numpy as jnp
 
 from medjax import tokenizer as tokenizer_lib
@@ -109,9 +108,8 @@ def tiny_stable_diffusion(seed: int = 0, dtype=jnp.float32, param_dtype=jnp.floa
   configs = tiny_configs(tok)
   models = pipeline.build_models(configs, dtype=dtype, param_dtype=param_dtype, remat=remat,
                                  attention=attention)
-  keys = jax.random.split(jax.random.key(seed), len(models))
-  params = {name: jax.tree.map(lambda x: x.astype(param_dtype), pipeline.init_params(m, k))
-            for (name, m), k in zip(models.items(), keys)}
+  params = {name: pipeline.init_params(m, seed * 1000 + i, dtype=param_dtype)
+            for i, (name, m) in enumerate(models.items())}
   return pipeline.StableDiffusion(
       **models, params=params, tokenizer=tok, tokenizer_dir=Path(tokenizer_dir), configs=configs,
       scheduler_config=copy.deepcopy(SD_SCHEDULER_CONFIG), name=f"embedded-tiny-seed{seed}")
