@@ -18,12 +18,17 @@ import numpy as np
 from medjax.errors import MedjaxError
 from medjax.pipeline import StableDiffusion
 
-_FROM = flags.DEFINE_string("from", "", "A diffusers directory; empty = the embedded tiny model.")
-_TO = flags.DEFINE_string("to", None, "Output diffusers directory (must not exist).")
-_SEED = flags.DEFINE_integer("seed", 0, "Seed of the embedded tiny model's weights.")
-_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace --to if it exists.")
-_DTYPE = flags.DEFINE_enum("save_dtype", "float32", ["float32", "float16", "bfloat16"],
-                           "dtype of the written weights.")
+FLAGS = flags.FLAGS
+
+
+def define_flags():
+  """Defines the command-line flags (only when run as a program, so imports never clash)."""
+  flags.DEFINE_string("from", "", "A diffusers directory; empty = the embedded tiny model.")
+  flags.DEFINE_string("to", None, "Output diffusers directory (must not exist).")
+  flags.DEFINE_integer("seed", 0, "Seed of the embedded tiny model's weights.")
+  flags.DEFINE_bool("overwrite", False, "Replace --to if it exists.")
+  flags.DEFINE_enum("save_dtype", "float32", ["float32", "float16", "bfloat16"],
+                    "dtype of the written weights.")
 
 
 def export(sd: StableDiffusion, out_dir, *, overwrite: bool = False, dtype="float32") -> float:
@@ -59,15 +64,16 @@ def verify_reload(sd: StableDiffusion, path) -> float:
 
 def main(argv):
   del argv
-  if not _TO.value:
+  if not FLAGS.to:
     raise app.UsageError("--to is required")
-  source = _FROM.value
-  sd = StableDiffusion.load(source, **({} if source else {"seed": _SEED.value}))
-  error = export(sd, _TO.value, overwrite=_OVERWRITE.value, dtype=_DTYPE.value)
-  print(f"exported {sd.name} to {_TO.value} (reload check: max abs diff {error:.2e})")
+  source = FLAGS["from"].value
+  sd = StableDiffusion.load(source, **({} if source else {"seed": FLAGS.seed}))
+  error = export(sd, FLAGS.to, overwrite=FLAGS.overwrite, dtype=FLAGS.save_dtype)
+  print(f"exported {sd.name} to {FLAGS.to} (reload check: max abs diff {error:.2e})")
 
 
 def run():
+  define_flags()
   try:
     app.run(main)
   except MedjaxError as e:

@@ -161,14 +161,18 @@ def write_picai_phantoms(out: str, num: int, *, size: int = 384, slices: int = 2
 
 
 FLAGS = flags.FLAGS
-flags.DEFINE_enum("kind", "cxr", ["cxr", "mri"], "Chest X-rays (CheXpert layout) or prostate MRI "
-                  "(PI-CAI layout).")
-flags.DEFINE_integer("num", 100, "Number of images (cxr) or studies (mri).")
-flags.DEFINE_string("out", None, "Output directory.")
-flags.DEFINE_integer("size", None,
-                     "Image size (cxr, default 512) or T2W matrix (mri, default 384).")
-flags.DEFINE_integer("seed", 0, "Seed; the same seed writes the same data set.")
-flags.DEFINE_enum("format", "jpg", ["jpg", "png"], "Image format of the chest X-rays.")
+
+
+def define_flags():
+  """Defines the command-line flags (only when run as a program, so imports never clash)."""
+  flags.DEFINE_enum("kind", "cxr", ["cxr", "mri"], "Chest X-rays (CheXpert layout) or prostate MRI "
+                    "(PI-CAI layout).")
+  flags.DEFINE_integer("num", 100, "Number of images (cxr) or studies (mri).")
+  flags.DEFINE_string("out", None, "Output directory.")
+  flags.DEFINE_integer("size", None,
+                       "Image size (cxr, default 512) or T2W matrix (mri, default 384).")
+  flags.DEFINE_integer("seed", 0, "Seed; the same seed writes the same data set.")
+  flags.DEFINE_enum("format", "jpg", ["jpg", "png"], "Image format of the chest X-rays.")
 
 
 def main(argv):
@@ -188,4 +192,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

@@ -11,15 +11,19 @@ from absl import flags
 from medjax.data.config import default_config
 from medjax.data.pipeline import make_dataset
 
-flags.DEFINE_string("source", "", "config.data.source ('' = in-memory phantoms).")
-flags.DEFINE_string("root", "", "config.data.root.")
-flags.DEFINE_integer("resolution", 512, "Output resolution.")
-flags.DEFINE_integer("batch_size", 8, "Batch size.")
-flags.DEFINE_integer("batches", 20, "Timed batches (after 2 warm-up batches).")
-flags.DEFINE_integer("worker_count", 0, "config.data.pipeline.worker_count.")
-flags.DEFINE_integer("read_threads", 2, "config.data.pipeline.read_threads.")
-flags.DEFINE_string("cache_dir", "", "config.data.picai.cache_dir.")
 FLAGS = flags.FLAGS
+
+
+def define_flags():
+  """Defines the command-line flags (only when run as a program, so imports never clash)."""
+  flags.DEFINE_string("source", "", "config.data.source ('' = in-memory phantoms).")
+  flags.DEFINE_string("root", "", "config.data.root.")
+  flags.DEFINE_integer("resolution", 512, "Output resolution.")
+  flags.DEFINE_integer("batch_size", 8, "Batch size.")
+  flags.DEFINE_integer("batches", 20, "Timed batches (after 2 warm-up batches).")
+  flags.DEFINE_integer("worker_count", 0, "config.data.pipeline.worker_count.")
+  flags.DEFINE_integer("read_threads", 2, "config.data.pipeline.read_threads.")
+  flags.DEFINE_string("cache_dir", "", "config.data.picai.cache_dir.")
 
 
 def main(argv):
@@ -45,4 +49,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

@@ -1,7 +1,9 @@
 """Phantoms and the make_phantoms writer, loaded back through the real loaders."""
+import subprocess
+import sys
+
 import numpy as np
 import pytest
-from absl.testing import flagsaver
 
 from data_testlib import PICAI_SMALL
 from medjax.data import default_config, load_chexpert, load_picai, make_dataset, make_phantoms
@@ -44,9 +46,8 @@ def test_cardiomegaly_widens_the_heart():
 
 
 def test_make_phantoms_cxr_loads_through_chexpert(tmp_path):
-  with flagsaver.flagsaver(kind="cxr", num=24, out=str(tmp_path), size=32, seed=1):
-    make_phantoms.FLAGS.mark_as_parsed()
-    make_phantoms.main([])
+  subprocess.run([sys.executable, "-m", "medjax.data.make_phantoms", "--kind=cxr", "--num=24",
+                  f"--out={tmp_path}", "--size=32", "--seed=1"], check=True)
   index = load_chexpert(tmp_path / make_phantoms.CHEXPERT_DIR)
   assert len(index.records) == 24
   assert {r.source_split for r in index.records} <= {"train", "val"}
