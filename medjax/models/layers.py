@@ -89,8 +89,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, num_heads: int,
               upcast: bool = False, implementation: str = "auto") -> jax.Array:
   """Multi-head scaled dot-product attention on [B, T, H*D] inputs -> [B, T, H*D].
 
-  `upcast` computes the softmax logits in fp32 (diffusers' `upcast_attention`, needed by SD2.1
-  in fp16/bf16). `mask` is boolean, broadcastable to [B, H, Tq, Tk], True = attend.
+  `upcast`: logits and softmax in fp32 (diffusers' `upcast_attention`, needed by SD2.1 in
+  fp16/bf16); always the case here, see below. `mask` is boolean, broadcastable to [B, H, Tq, Tk], True = attend.
   """
   if implementation not in ATTENTION_IMPLEMENTATIONS:
     raise ValueError(f"attention implementation {implementation!r} not in {ATTENTION_IMPLEMENTATIONS}")
@@ -99,8 +99,10 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, num_heads: int,
   split = lambda x: x.reshape(x.shape[0], x.shape[1], num_heads, head_dim)
   q, k, v = split(q), split(k), split(v)
   out_dtype = q.dtype
-  if upcast:
-    q, k, v = q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32)
+  # `upcast` asks for fp32 logits and softmax. Both implementations already compute them in
+  # fp32 for bf16/fp16 inputs (XLA: preferred_element_type=f32; cuDNN: fp32 accumulators), as
+  # diffusers' upcast path does, so q/k/v stay in the compute dtype and cuDNN stays usable.
+  del upcast
   impl = None if implementation in ("auto", "xla") else implementation
   if implementation == "auto" and _cudnn_applies(q, head_dim):
     impl = "cudnn"

@@ -48,7 +48,7 @@ CASES = {"sd1": (SD1, (8, 8), np.array([3, 917])),
 
 # Measured max abs error in fp32 (outputs up to ~3.7): sd1 5.0e-6, sd2 6.8e-6, odd 2.1e-6.
 FP32_TOL = 1e-4
-# Measured ||ours in bf16 - torch fp32|| / ||torch fp32||: sd1 1.5e-2, sd2 1.5e-2, odd 1.2e-2;
+# Measured ||ours in bf16 - torch fp32|| / ||torch fp32||: sd1 1.5e-2, sd2 1.6e-2, odd 1.2e-2;
 # torch's own autocast-bf16 error on the same models: 1.4e-2, 1.4e-2, 1.0e-2.
 BF16_REL_TOL = 3e-2
 
@@ -149,9 +149,9 @@ TINY = dict(block_out_channels=(16,), down_block_types=("CrossAttnDownBlock2D",)
 def _tiny_remat_pair():
   plain = UNet2DConditionModel.from_config(TINY)
   remat = UNet2DConditionModel.from_config(TINY, remat=True)
-  x = jax.random.normal(jax.random.key(0), (1, 4, 4, 4))
-  text = jax.random.normal(jax.random.key(1), (1, 3, 8))
   rng = np.random.default_rng(0)
+  x = rng.standard_normal((1, 4, 4, 4), np.float32)
+  text = rng.standard_normal((1, 3, 8), np.float32)
   params = jax.tree.map(lambda s: 0.2 * rng.standard_normal(s.shape, np.float32),
                         tu.param_shapes(plain, x, 7, text))
   return plain, remat, params, (x, 7, text)
@@ -173,11 +173,12 @@ def test_remat_same_gradients():
 
   (value, grads), (value_r, grads_r) = value_and_grad(plain), value_and_grad(remat)
   assert value == value_r
-  # Recomputed activations may fuse differently, so gradients agree to rounding, not bits
-  # (measured: max difference 2.4e-7 on gradients up to 7.9).
-  for g, g_r in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_r)):
-    g, g_r = np.asarray(g), np.asarray(g_r)
-    np.testing.assert_allclose(g_r, g, rtol=1e-5, atol=1e-6 * np.max(np.abs(g)))
+  # Recomputed activations may fuse differently, so gradients agree to fp32 rounding, not to
+  # the bit (measured: 2.4e-7 with gradients up to 15.9); tolerance relative to the largest.
+  grads, grads_r = jax.tree.leaves(grads), jax.tree.leaves(grads_r)
+  scale = max(float(np.max(np.abs(g))) for g in grads)
+  diff = max(float(np.max(np.abs(np.asarray(g) - np.asarray(g_r)))) for g, g_r in zip(grads, grads_r))
+  assert diff <= 1e-6 * scale, f"max gradient difference {diff:.2e} (largest gradient {scale:.2e})"
 
 
 def test_every_param_has_logical_axes():
