@@ -241,6 +241,9 @@ class UNet2DConditionModel(nn.Module):
     Raises:
       MedjaxError naming the first unsupported key or value, or inconsistent list lengths.
     """
+    if config.get("_class_name", "UNet2DConditionModel") != "UNet2DConditionModel":
+      raise MedjaxError(f"{source}: config key '_class_name' is {config['_class_name']!r}, "
+                        "expected 'UNet2DConditionModel'")
     config = check_config(config, SUPPORTED_CONFIG, source)
     if attention not in layers.ATTENTION_IMPLEMENTATIONS:
       raise MedjaxError(f"attention={attention!r} not in {layers.ATTENTION_IMPLEMENTATIONS}")

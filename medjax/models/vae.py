@@ -213,6 +213,9 @@ class AutoencoderKL(nn.Module):
     """
     if attention not in layers.ATTENTION_IMPLEMENTATIONS:
       raise MedjaxError(f"attention={attention!r} not in {layers.ATTENTION_IMPLEMENTATIONS}")
+    if config.get("_class_name", "AutoencoderKL") != "AutoencoderKL":
+      raise MedjaxError(f"{source}: config key '_class_name' is {config['_class_name']!r}, "
+                        "expected 'AutoencoderKL'")
     config = check_config(config, SUPPORTED_CONFIG, source)
     channels = tuple(config.get("block_out_channels", (64,)))
     for key, default in (("down_block_types", ("DownEncoderBlock2D",)),

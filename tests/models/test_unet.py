@@ -200,6 +200,7 @@ def test_every_param_has_logical_axes():
     ("mid_block_type", "UNetMidBlock2DSimpleCrossAttn"),
     ("attention_head_dim", [2, 4, 8]),                   # wrong list length
     ("num_attention_heads", 8),
+    ("_class_name", "UNet2DModel"),
 ])
 def test_bad_config_names_the_key(key, value):
   config = dict(copy.deepcopy(SD1), **{key: value})

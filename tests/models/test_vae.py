@@ -144,6 +144,7 @@ def test_every_param_has_logical_axes():
     ("shift_factor", 0.1159),
     ("latents_mean", [0.0] * 4),
     ("act_fn", "gelu"),
+    ("_class_name", "AutoencoderTiny"),
 ])
 def test_bad_config_names_the_key(key, value):
   with pytest.raises(MedjaxError, match=key):
