@@ -241,6 +241,17 @@ class StableDiffusion:
                         f"got shape {tuple(latents.shape)}")
     return self._decode_fn(self.params["vae"], latents)
 
+  def generate(self, prompts=None, negative_prompts=None, num_inference_steps: int = 50,
+               guidance_scale: float = 7.5, scheduler: str | None = "ddim",
+               height: int | None = None, width: int | None = None, seed=0, latents=None,
+               **kwargs) -> np.ndarray:
+    """Images NHWC in [0, 1] from prompts, one compiled graph; see `medjax.sampling.generate`."""
+    from medjax import sampling  # pylint: disable=g-import-not-at-top
+    return sampling.generate(self, prompts, negative_prompts,
+                             num_inference_steps=num_inference_steps,
+                             guidance_scale=guidance_scale, scheduler=scheduler, height=height,
+                             width=width, seed=seed, latents=latents, **kwargs)
+
   # -- jitted pure functions (built once per instance; one compile per input shape) -----------
 
   @functools.cached_property
