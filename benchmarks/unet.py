@@ -5,12 +5,17 @@
   python benchmarks/unet.py --bf16               # bf16 compute (GPU; slow on CPU)
   python benchmarks/unet.py --remat              # medjax with rematerialised blocks
 
-Each (framework, config, mode) runs in its own subprocess so peak memory is its own: host peak
-RSS on CPU, peak device bytes on GPU (jax memory_stats / torch.cuda.max_memory_allocated).
+Each (framework, config, mode) runs in its own subprocess so peak memory is its own: on CPU the
+process's peak RSS while running the timed calls (reset after the warm-up call, so XLA's
+compiler memory is not counted), on GPU peak device bytes (jax memory_stats /
+torch.cuda.max_memory_allocated).
 Times are medians over `--repeats` calls after one warm-up call (JAX's compile is reported
 separately). The grad step is loss = mean((unet(x, t, c) - target)^2), backward, and an SGD
 update of every U-Net parameter; JAX donates the params buffer as a training step would.
-Ratios printed are medjax / PyTorch: below 1.0 means medjax is faster or smaller.
+Ratios printed are medjax / PyTorch: below 1.0 means medjax is faster or smaller. On CPU the
+process RSS of medjax also holds XLA's compiled code and compiler arenas (~1 GB); 'xla plan MB'
+is the buffer plan of the compiled step alone (params + temporaries + outputs), the figure
+comparable to GPU device memory.
 """
 import argparse
 import json
@@ -20,6 +25,9 @@ import statistics
 import subprocess
 import sys
 import time
+
+# Runnable from a checkout without installing medjax.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 CONFIGS = {
     # block_out_channels, latent size, cross-attention width, heads (SD1 style: 8 heads)
@@ -40,7 +48,23 @@ def unet_config(name: str) -> dict:
   }
 
 
+def reset_peak_host_bytes() -> None:
+  """Resets the process's peak RSS (Linux), so the peak measured excludes the compile."""
+  try:
+    with open("/proc/self/clear_refs", "w") as f:
+      f.write("5")
+  except OSError:
+    pass
+
+
 def peak_host_bytes() -> int:
+  try:
+    with open("/proc/self/status") as f:
+      for line in f:
+        if line.startswith("VmHWM:"):
+          return int(line.split()[1]) * 1024
+  except OSError:
+    pass
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
@@ -48,6 +72,7 @@ def timed(fn, repeats):
   start = time.perf_counter()
   fn()
   first = time.perf_counter() - start
+  reset_peak_host_bytes()
   times = []
   for _ in range(repeats):
     start = time.perf_counter()
@@ -74,7 +99,8 @@ def run_jax(config_name, mode, repeats, bf16, remat):
 
   if mode == "forward":
     fwd = jax.jit(lambda p, x, t, c: unet.apply({"params": p}, x, t, c))
-    fn = lambda: fwd(params, x, t, c).block_until_ready()
+    compiled = fwd.lower(params, x, t, c).compile()
+    fn = lambda: compiled(params, x, t, c).block_until_ready()
   else:
     def loss_fn(p):
       out = unet.apply({"params": p}, x, t, c).astype(jnp.float32)
@@ -83,17 +109,21 @@ def run_jax(config_name, mode, repeats, bf16, remat):
     def step(p):
       loss, grads = jax.value_and_grad(loss_fn)(p)
       return jax.tree.map(lambda a, g: a - 1e-4 * g, p, grads), loss
-    step = jax.jit(step, donate_argnums=0)
+    compiled = jax.jit(step, donate_argnums=0).lower(params).compile()
     state = {"p": params}
 
     def fn():
-      state["p"], loss = step(state["p"])
+      state["p"], loss = compiled(state["p"])
       loss.block_until_ready()
   first, median = timed(fn, repeats)
   device = jax.devices()[0]
   stats = device.memory_stats() if device.platform == "gpu" else None
   peak = stats["peak_bytes_in_use"] if stats else peak_host_bytes()
-  return dict(first_s=first, median_s=median, peak_bytes=peak, device=str(device.platform))
+  plan = compiled.memory_analysis()
+  plan_bytes = (plan.argument_size_in_bytes + plan.output_size_in_bytes + plan.temp_size_in_bytes
+                - plan.alias_size_in_bytes) if plan else 0
+  return dict(first_s=first, median_s=median, peak_bytes=peak, plan_bytes=plan_bytes,
+              device=str(device.platform))
 
 
 def run_torch(config_name, mode, repeats, bf16, remat):
@@ -143,10 +173,13 @@ def worker(args):
 
 
 def spawn(framework, config, mode, args):
+  env = dict(os.environ)
+  if framework == "jax" and args.xla_cpu_classic:
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_cpu_use_thunk_runtime=false").strip()
   cmd = [sys.executable, os.path.abspath(__file__), f"--worker={framework}", f"--configs={config}",
          f"--modes={mode}", f"--repeats={args.repeats}"] + (["--bf16"] if args.bf16 else []) + (
              ["--remat"] if args.remat and framework == "jax" else [])
-  out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+  out = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
   for line in out.stdout.splitlines():
     if line.startswith("RESULT "):
       return json.loads(line[len("RESULT "):])
@@ -160,19 +193,23 @@ def main():
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--bf16", action="store_true")
   parser.add_argument("--remat", action="store_true", help="medjax remat (PyTorch: off)")
+  parser.add_argument("--xla_cpu_classic", action="store_true",
+                      help="XLA:CPU's classic (non-thunk) runtime for medjax; faster grads on CPU")
   parser.add_argument("--worker", choices=["jax", "torch"], help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.worker:
     return worker(args)
   print(f"{'config':6} {'mode':8} {'medjax s':>9} {'torch s':>9} {'time x':>7} "
-        f"{'medjax MB':>10} {'torch MB':>9} {'mem x':>6}  (medjax compile+first s)")
+        f"{'medjax MB':>10} {'torch MB':>9} {'mem x':>6} {'xla plan MB':>11}  "
+        f"(medjax compile+first s)")
   for config in args.configs.split(","):
     for mode in args.modes.split(","):
       j = spawn("jax", config, mode, args)
       p = spawn("torch", config, mode, args)
       print(f"{config:6} {mode:8} {j['median_s']:9.3f} {p['median_s']:9.3f} "
             f"{j['median_s'] / p['median_s']:7.2f} {j['peak_bytes'] / 2**20:10.0f} "
-            f"{p['peak_bytes'] / 2**20:9.0f} {j['peak_bytes'] / p['peak_bytes']:6.2f}  "
+            f"{p['peak_bytes'] / 2**20:9.0f} {j['peak_bytes'] / p['peak_bytes']:6.2f} "
+            f"{j['plan_bytes'] / 2**20:11.0f}  "
             f"({j['first_s']:.1f}) [{j['device']}]", flush=True)
 
 
