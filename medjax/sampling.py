@@ -14,7 +14,6 @@ eps = uncond + scale * sum_k w_k (cond_k - uncond).
 import collections
 import functools
 import re
-import weakref
 from collections.abc import Sequence
 
 import jax
@@ -97,6 +96,8 @@ def _image_batch(x, name, batch, channels, size=None) -> np.ndarray:
   if x.ndim != 4 or x.shape[-1] != channels or x.shape[0] not in (1, batch):
     raise MedjaxError(f"{name}: shape {x.shape}; expected [H, W, {channels}] or "
                       f"[{batch}, H, W, {channels}] with values in [0, 1]")
+  if not np.all((x >= 0) & (x <= 1)):
+    raise MedjaxError(f"{name}: values in [{x.min():g}, {x.max():g}]; expected [0, 1]")
   if size is not None and x.shape[1:3] != size:
     raise MedjaxError(f"{name}: size {x.shape[1]}x{x.shape[2]} does not match the image's "
                       f"{size[0]}x{size[1]}")
@@ -105,26 +106,25 @@ def _image_batch(x, name, batch, channels, size=None) -> np.ndarray:
 
 # -- the compiled graph -----------------------------------------------------------------------
 
-_GRAPHS = weakref.WeakKeyDictionary()
+@functools.lru_cache(maxsize=64)
+def _graph(unet, vae, scaling_factor: float, sch, guided: bool, mesh, data_axis: str):
+  """The jitted generation function (cached by architecture; jax retraces for new shapes).
+
+  Keyed on the (hashable, stateless) modules rather than the model object, so the cache holds
+  no params and models of one architecture share compiled programs.
+  """
+  return jax.jit(functools.partial(_generate_graph, unet, vae, scaling_factor, sch, guided, mesh,
+                                   data_axis))
 
 
-def _graph(sd, sch, guided: bool, mesh, data_axis: str):
-  """The jitted generation function for `sd` (cached; jax retraces only for new shapes)."""
-  per_model = _GRAPHS.setdefault(sd, {})
-  key = (sch, guided, mesh, data_axis)
-  if key not in per_model:
-    per_model[key] = jax.jit(functools.partial(_generate_graph, sd, sch, guided, mesh, data_axis))
-  return per_model[key]
-
-
-def _generate_graph(sd, sch, guided, mesh, data_axis, params, state, cond, uncond, weights,
-                    guidance, seeds, given_noise, use_given, image_latents, from_image, mask,
-                    masked_latents):
+def _generate_graph(unet, vae, scaling_factor, sch, guided, mesh, data_axis, params, state, cond,
+                    uncond, weights, guidance, seeds, given_noise, use_given, image_latents,
+                    from_image, mask, masked_latents):
   """Noise -> scan of (U-Net, guidance, step, blend) -> VAE decode -> images in [0, 1]."""
   TRACES[sch.name] += 1
   b, k = weights.shape
   shape = given_noise.shape[1:]
-  nine = int(sd.configs["unet"].get("in_channels", 4)) == 9
+  nine = unet.in_channels == 9
 
   def shard(x):
     if mesh is None:
@@ -154,7 +154,7 @@ def _generate_graph(sd, sch, guided, mesh, data_axis, params, state, cond, uncon
     if guided:
       inp = jnp.concatenate([inp[::k], inp])
     t = jnp.broadcast_to(st.timesteps[i], (inp.shape[0],))
-    out = sd.unet.apply({"params": params["unet"]}, inp, t, context).astype(jnp.float32)
+    out = unet.apply({"params": params["unet"]}, inp, t, context).astype(jnp.float32)
     if guided:
       u, c = out[:b], out[b:].reshape((b, k) + out.shape[1:])
       w = weights.reshape((b, k) + (1,) * len(shape))
@@ -170,7 +170,7 @@ def _generate_graph(sd, sch, guided, mesh, data_axis, params, state, cond, uncon
     return (shard(x), st), None
 
   (x, _), _ = jax.lax.scan(body, (x, state), jnp.arange(n))
-  images = sd.vae.apply({"params": params["vae"]}, x / sd.scaling_factor, method="decode")
+  images = vae.apply({"params": params["vae"]}, x / scaling_factor, method="decode")
   return jnp.clip(images.astype(jnp.float32) / 2 + 0.5, 0, 1)
 
 
@@ -223,7 +223,8 @@ def generate(sd, prompts: str | Sequence[str] | None = None,
   n = num_inference_steps
   if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n <= 0:
     raise MedjaxError(f"num_inference_steps = {n!r}; expected a positive integer")
-  if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)):
+  if isinstance(guidance_scale, bool) or not isinstance(guidance_scale,
+                                                       (int, float, np.integer, np.floating)):
     raise MedjaxError(f"guidance_scale = {guidance_scale!r}; expected a number")
 
   # Prompts -> parts [B][K] and weights [B, K].
@@ -253,7 +254,7 @@ def generate(sd, prompts: str | Sequence[str] | None = None,
 
   # Sizes, image, mask.
   f = sd.vae_scale_factor
-  nine = int(sd.configs["unet"].get("in_channels", 4)) == 9
+  nine = sd.unet.in_channels == 9
   if image is not None:
     image = _image_batch(image, "image", b, 3)
     for name, value in (("height", height), ("width", width)):
@@ -294,7 +295,8 @@ def generate(sd, prompts: str | Sequence[str] | None = None,
   if prompt_embeds is not None:
     cond = prompt_embeds[:, None]
   else:
-    cond = sd.encode_prompt([t for p in parts for t, _ in p]).reshape((b, k, 77, -1))
+    cond = sd.encode_prompt([t for p in parts for t, _ in p])
+    cond = cond.reshape((b, k) + cond.shape[1:])
   if negative_prompt_embeds is not None:
     uncond = jnp.asarray(negative_prompt_embeds, jnp.float32)
     if uncond.shape != cond[:, 0].shape:
@@ -310,7 +312,7 @@ def generate(sd, prompts: str | Sequence[str] | None = None,
   mask_latents = (np.ones(shape[:3] + (1,), np.float32) if mask is None
                   else np.ascontiguousarray(mask[:, ::f, ::f]))
   from_image = image is not None and not (mask is not None and strength == 1)
-  fn = _graph(sd, sch, guided, mesh, data_axis)
+  fn = _graph(sd.unet, sd.vae, sd.scaling_factor, sch, guided, mesh, data_axis)
   images = fn({"unet": sd.params["unet"], "vae": sd.params["vae"]}, state, cond, uncond,
               weights, jnp.float32(guidance_scale), seeds,
               zeros if latents is None else latents, latents is not None, image_latents,

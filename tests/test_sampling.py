@@ -29,13 +29,14 @@ def _nchw(x):
   return torch.from_numpy(np.ascontiguousarray(x)).permute(0, 3, 1, 2)
 
 
-def _diffusers(pipe, cls, scheduler_cls, **kwargs):
+def _diffusers(pipe, pipeline_class: str, scheduler_class: str, **kwargs):
   """Runs a diffusers pipeline class built from `pipe`'s components with another scheduler.
 
   clip_sample is off as the txt2img and img2img pipelines force it (the inpaint one does not).
   """
-  sch = scheduler_cls.from_config(pipe.scheduler.config, clip_sample=False)
-  p = cls(**{**pipe.components, "scheduler": sch})
+  import diffusers  # pylint: disable=g-import-not-at-top
+  sch = getattr(diffusers, scheduler_class).from_config(pipe.scheduler.config, clip_sample=False)
+  p = getattr(diffusers, pipeline_class)(**{**pipe.components, "scheduler": sch})
   p.set_progress_bar_config(disable=True)
   return p(**kwargs, output_type="np").images
 
@@ -64,12 +65,11 @@ def image():
 
 
 def test_txt2img_ddim_matches_diffusers(sd1):
-  from diffusers import DDIMScheduler, StableDiffusionPipeline  # pylint: disable=g-import-not-at-top
   pipe, sd = sd1
   lat = _noise(0)
-  want = _diffusers(pipe, StableDiffusionPipeline, DDIMScheduler, prompt=PROMPTS,
-                    negative_prompt=NEGATIVE, num_inference_steps=3, guidance_scale=7.5,
-                    latents=_nchw(lat))
+  want = _diffusers(pipe, "StableDiffusionPipeline", "DDIMScheduler",
+                    prompt=PROMPTS, negative_prompt=NEGATIVE, num_inference_steps=3,
+                    guidance_scale=7.5, latents=_nchw(lat))
   got = sd.generate(PROMPTS, NEGATIVE, num_inference_steps=3, scheduler="ddim", latents=lat)
   assert got.shape == (2, 64, 64, 3) and got.dtype == np.float32
   assert tiny_diffusers.max_abs(got, want) <= TOL
@@ -78,14 +78,13 @@ def test_txt2img_ddim_matches_diffusers(sd1):
 @pytest.mark.slow(reason="builds and compiles a second model (~18 s on 2 CPU cores); the "
                   "scheduler tests cover PNDM and v-prediction step by step")
 def test_txt2img_pndm_v_prediction_matches_diffusers(tmp_path):
-  from diffusers import PNDMScheduler, StableDiffusionPipeline  # pylint: disable=g-import-not-at-top
   pipe = tiny_diffusers.make_pipeline_dir(tmp_path / "pipe", style="sd2")
   sd = StableDiffusion.from_pretrained(tmp_path / "pipe")
   assert sd.scheduler_config["prediction_type"] == "v_prediction"
   lat = _noise(1, (1, 8, 8, 4))
-  want = _diffusers(pipe, StableDiffusionPipeline, PNDMScheduler, prompt=PROMPTS[:1],
-                    negative_prompt=NEGATIVE[:1], num_inference_steps=3, guidance_scale=5.0,
-                    latents=_nchw(lat))
+  want = _diffusers(pipe, "StableDiffusionPipeline", "PNDMScheduler",
+                    prompt=PROMPTS[:1], negative_prompt=NEGATIVE[:1], num_inference_steps=3,
+                    guidance_scale=5.0, latents=_nchw(lat))
   got = sd.generate(PROMPTS[:1], NEGATIVE[:1], num_inference_steps=3, guidance_scale=5.0,
                     scheduler="pndm", latents=lat)
   assert tiny_diffusers.max_abs(got, want) <= TOL
@@ -94,11 +93,10 @@ def test_txt2img_pndm_v_prediction_matches_diffusers(tmp_path):
 def test_img2img_matches_diffusers(sd1, image):
   """diffusers takes our VAE latents as its image (its own encode would sample the posterior)."""
   import torch  # pylint: disable=g-import-not-at-top
-  from diffusers import DDIMScheduler, StableDiffusionImg2ImgPipeline  # pylint: disable=g-import-not-at-top
   pipe, sd = sd1
   z = np.asarray(sd.encode_images(image * 2 - 1))
-  want = _diffusers(pipe, StableDiffusionImg2ImgPipeline, DDIMScheduler, prompt=PROMPTS,
-                    negative_prompt=NEGATIVE, image=_nchw(z), strength=0.75,
+  want = _diffusers(pipe, "StableDiffusionImg2ImgPipeline", "DDIMScheduler",
+                    prompt=PROMPTS, negative_prompt=NEGATIVE, image=_nchw(z), strength=0.75,
                     num_inference_steps=4, guidance_scale=7.5,
                     generator=torch.Generator().manual_seed(0))
   noise = torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(0))
@@ -109,16 +107,15 @@ def test_img2img_matches_diffusers(sd1, image):
 
 def test_inpainting_matches_diffusers(sd1, image):
   """4-channel U-Net: the known region re-noised each step (diffusers' inpaint pipeline)."""
-  from diffusers import DDIMScheduler, StableDiffusionInpaintPipeline  # pylint: disable=g-import-not-at-top
   pipe, sd = sd1
   z = np.asarray(sd.encode_images(image * 2 - 1))
   mask = np.zeros((2, 64, 64, 1), np.float32)
   mask[:, 16:48, 8:40] = 1
   lat = _noise(2)
-  want = _diffusers(pipe, StableDiffusionInpaintPipeline, DDIMScheduler, prompt=PROMPTS,
-                    negative_prompt=NEGATIVE, image=_nchw(z), mask_image=_nchw(mask),
-                    masked_image_latents=_nchw(z), num_inference_steps=3, guidance_scale=7.5,
-                    latents=_nchw(lat))
+  want = _diffusers(pipe, "StableDiffusionInpaintPipeline", "DDIMScheduler",
+                    prompt=PROMPTS, negative_prompt=NEGATIVE, image=_nchw(z),
+                    mask_image=_nchw(mask), masked_image_latents=_nchw(z),
+                    num_inference_steps=3, guidance_scale=7.5, latents=_nchw(lat))
   got = sd.generate(PROMPTS, NEGATIVE, num_inference_steps=3, scheduler="ddim", image=image,
                     mask=mask, latents=lat)
   assert tiny_diffusers.max_abs(got, want) <= TOL
@@ -237,6 +234,7 @@ def test_mesh_without_the_data_axis(sd1):
     (dict(strength=0.5), "needs an image"),
     (dict(image=np.zeros((64, 64, 3)), strength=1.5), "strength = 1.5"),
     (dict(latents=np.zeros((2, 8, 8, 3))), "latents: shape"),
+    (dict(image=np.full((64, 64, 3), 255.0)), "image: values in \\[255, 255\\]"),
     (dict(seed=[1]), "seed = \\[1\\]"),
     (dict(guidance_scale="7"), "guidance_scale"),
 ])
