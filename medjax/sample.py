@@ -129,8 +129,7 @@ def run():
   try:
     app.run(main)
   except MedjaxError as e:
-    print(f"error: {e}")
-    raise SystemExit(1) from None
+    raise SystemExit(f"error: {e}") from None  # one line on stderr, exit status 1
 
 
 if __name__ == "__main__":

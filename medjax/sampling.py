@@ -175,10 +175,11 @@ def _generate_graph(unet, vae, scaling_factor, sch, guided, mesh, data_axis, par
 
 
 def pipeline_scheduler_config(config: dict) -> dict:
-  """The config as diffusers' Stable Diffusion pipelines fix it up on construction.
+  """The config as diffusers' txt2img and img2img pipelines fix it up on construction.
 
-  They force `steps_offset` 1 and `clip_sample` false (clipping x0 to [-1, 1] would wreck SD
-  latents, whose range is about +-4), also for a scheduler built with `from_config`.
+  They force `steps_offset` 1 and `clip_sample` false: clipping x0 to [-1, 1] would wreck SD
+  latents (range about +-4), and DDIM's class default is true. (diffusers' inpaint pipeline
+  forgets clip_sample; medjax turns it off there too.)
   """
   return {**config, "steps_offset": 1, "clip_sample": False}
 

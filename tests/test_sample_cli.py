@@ -44,7 +44,7 @@ def test_cli_bad_input_writes_nothing(tmp_path):
   out = tmp_path / "samples"
   proc = _run("--prompt=x", "--scheduler=heun", f"--outdir={out}")
   assert proc.returncode == 1
-  assert proc.stdout.strip().splitlines() == [
+  assert proc.stderr.strip().splitlines()[-1:] == [
       "error: --scheduler = 'heun'; expected one of ddpm, ddim, pndm, euler, euler_ancestral, "
       "dpmsolver++"]
   assert not out.exists()
