@@ -265,9 +265,11 @@ def generate(sd, prompts: str | Sequence[str] | None = None,
                           f"{image.shape[2]}; leave it out or match the image")
     height, width = image.shape[1:3]
   default = int(sd.configs["unet"].get("sample_size", 64)) * f
-  height, width = height or default, width or default
+  height = default if height is None else height
+  width = default if width is None else width
   for name, value in (("height", height), ("width", width)):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value % f:
+    if (isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0
+        or value % f):
       raise MedjaxError(f"{name} = {value!r}; expected a positive multiple of {f}")
   shape = (b, height // f, width // f, sd.latent_channels)
   if mask is not None and image is None:

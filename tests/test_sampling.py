@@ -236,6 +236,7 @@ def test_mesh_without_the_data_axis(sd1):
     (dict(num_inference_steps=0), "num_inference_steps = 0"),
     (dict(height=60), "height = 60"),
     (dict(width=65), "width = 65"),
+    (dict(height=-8), "height = -8"),
     (dict(negative_prompts=["a", "b", "c"]), "3 given for 2 prompts"),
     (dict(image=np.zeros((64, 64, 3)), mask=np.zeros((32, 64))), "mask: size 32x64"),
     (dict(mask=np.zeros((64, 64))), "mask given without image"),
