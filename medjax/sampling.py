@@ -2,10 +2,11 @@
 
 The whole denoising loop is a `lax.scan` inside one jitted function (initial noise, U-Net with
 classifier-free guidance, scheduler step, inpainting blend, VAE decode). Prompts arrive as text
-embeddings, seeds as integers and the guidance scale as a traced scalar, so a new prompt, seed or
-scale reuses the compiled program; it is built again only for a new batch shape, number of steps,
-scheduler or guidance on/off. txt2img, img2img and 4-channel inpainting share the same program:
-txt2img is img2img from no image with an all-"generate" mask, which changes no bit of the result.
+embeddings (the text and VAE encoders are their own cached jitted calls), seeds as integers and
+the guidance scale as a traced scalar, so a new prompt, seed or scale reuses the compiled
+program; it is built again only for a new batch shape, number of steps, scheduler or guidance
+on/off. txt2img, img2img and 4-channel inpainting share the same program: txt2img is img2img
+from no image with an all-"generate" mask, which changes no bit of the result.
 
 Guidance follows diffusers (unconditional = the negative prompt, "" when none) and extends to
 AUTOMATIC1111's composable prompts, "healthy:0.3 AND diseased:0.7":
@@ -203,7 +204,8 @@ def generate(sd, prompts: str | Sequence[str] | None = None,
     negative_prompts: the unconditional prompts ("" when None), one string for all or one each.
     num_inference_steps: scheduler steps (img2img runs the last `strength` fraction of them).
     guidance_scale: classifier-free guidance scale; <= 1 runs no unconditional pass for plain
-      prompts (as diffusers). Traced: changing it does not recompile.
+      prompts (as diffusers). Traced: changing it does not recompile (crossing 1 switches
+      guidance off, which is a second program).
     scheduler: a `schedulers.NAMES` entry, or None for the model's own scheduler config class.
     height, width: pixels, multiples of the VAE factor; default U-Net sample_size * factor.
     seed: an int s (image i uses seed s + i) or one seed per image.
