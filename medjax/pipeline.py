@@ -252,6 +252,16 @@ class StableDiffusion:
                              guidance_scale=guidance_scale, scheduler=scheduler, height=height,
                              width=width, seed=seed, latents=latents, **kwargs)
 
+  def load_embeddings(self, paths_or_dict, tokens=None,
+                      allow_pickle: bool = False) -> "StableDiffusion":
+    """A new model with textual-inversion tokens added (as diffusers' `load_textual_inversion`).
+
+    `self` stays valid; see `medjax.convert.embeddings.load_embeddings`.
+    """
+    from medjax.convert import embeddings  # pylint: disable=g-import-not-at-top
+    return embeddings.load_embeddings(self, paths_or_dict, tokens=tokens,
+                                      allow_pickle=allow_pickle)
+
   # -- jitted pure functions (built once per instance; one compile per input shape) -----------
 
   @functools.cached_property
