@@ -39,6 +39,10 @@ def define_flags():
   flags.DEFINE_integer("height", 0, "Pixels (multiple of 8); 0 = the model's default.")
   flags.DEFINE_integer("width", 0, "Pixels (multiple of 8); 0 = the model's default.")
   flags.DEFINE_string("outdir", None, "Output folder.")
+  flags.DEFINE_multi_string("embeddings", [], "Textual-inversion files to load (diffusers or "
+                            "AUTOMATIC1111 .safetensors); their tokens can be used in --prompt.")
+  flags.DEFINE_bool("allow_pickle", False, "Allow .pt/.bin embedding files "
+                    "(read with torch.load(weights_only=True)).")
 
 
 def to_uint8(images) -> np.ndarray:
@@ -85,14 +89,14 @@ def check_args(*, num_images, batch_size, steps, scheduler, height, width, outdi
 def sample_to_dir(sd, outdir, *, prompt: str, negative_prompt: str = "", num_images: int = 4,
                   batch_size: int = 4, steps: int = 50, guidance: float = 7.5,
                   scheduler: str = "ddim", seed: int = 0, height: int = 0,
-                  width: int = 0) -> list[Path]:
+                  width: int = 0, extra_metadata: dict | None = None) -> list[Path]:
   """Generates `num_images` and writes them with a grid; returns the paths written."""
   check_args(num_images=num_images, batch_size=batch_size, steps=steps, scheduler=scheduler,
              height=height, width=width, outdir=outdir)
   outdir = Path(outdir)
   meta = {"synthetic": "true", "generator": "medjax", "prompt": prompt,
           "negative_prompt": negative_prompt, "steps": steps, "guidance": guidance,
-          "scheduler": scheduler, "model": sd.name}
+          "scheduler": scheduler, "model": sd.name, **(extra_metadata or {})}
   written, kept = [], []
   for start in tqdm.trange(0, num_images, batch_size, desc="batches", unit="batch"):
     seeds = list(range(seed + start, seed + min(start + batch_size, num_images)))
@@ -120,7 +124,11 @@ def main(argv):
   check_args(**{k: args[k] for k in ("num_images", "batch_size", "steps", "scheduler", "height",
                                      "width")}, outdir=FLAGS.outdir)
   sd = StableDiffusion.load(FLAGS.pretrained)
-  paths = sample_to_dir(sd, FLAGS.outdir, **args)
+  extra = {}
+  if FLAGS.embeddings:
+    sd = sd.load_embeddings(FLAGS.embeddings, allow_pickle=FLAGS.allow_pickle)
+    extra["embeddings"] = ", ".join(Path(p).name for p in FLAGS.embeddings)
+  paths = sample_to_dir(sd, FLAGS.outdir, **args, extra_metadata=extra)
   print(f"wrote {len(paths) - 1} images and {paths[-1]} ({sd.name})")
 
 

@@ -8,6 +8,7 @@ import numpy as np
 from PIL import Image
 
 from medjax import sample
+from medjax.convert.embeddings import write_diffusers_embeddings
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -20,9 +21,12 @@ def _run(*args):
 
 def test_cli_writes_marked_pngs_and_grid(tmp_path):
   out = tmp_path / "samples"
-  proc = _run("--prompt=a chest x-ray:0.7 AND pleural effusion:0.3", "--negative_prompt=blurry",
+  # A 4-vector textual-inversion token of the tiny text encoder's width (32).
+  vectors = np.random.default_rng(0).standard_normal((4, 32)).astype(np.float32)
+  write_diffusers_embeddings(tmp_path / "lungxray.safetensors", {"<lungxray>": vectors})
+  proc = _run("--prompt=a <lungxray>:0.7 AND pleural effusion:0.3", "--negative_prompt=blurry",
               "--num_images=2", "--batch_size=2", "--steps=2", "--guidance=5", "--seed=7",
-              f"--outdir={out}")
+              f"--embeddings={tmp_path / 'lungxray.safetensors'}", f"--outdir={out}")
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert sorted(p.name for p in out.iterdir()) == ["grid.png", "sample_0000.png",
                                                    "sample_0001.png"]
@@ -30,9 +34,10 @@ def test_cli_writes_marked_pngs_and_grid(tmp_path):
     img = Image.open(out / f"sample_{i:04d}.png")
     assert img.size == (64, 64) and img.mode == "RGB"
     assert img.text == {"synthetic": "true", "generator": "medjax",
-                        "prompt": "a chest x-ray:0.7 AND pleural effusion:0.3",
+                        "prompt": "a <lungxray>:0.7 AND pleural effusion:0.3",
                         "negative_prompt": "blurry", "seed": str(7 + i), "steps": "2",
-                        "guidance": "5.0", "scheduler": "ddim", "model": "embedded-tiny-seed0"}
+                        "guidance": "5.0", "scheduler": "ddim", "model": "embedded-tiny-seed0",
+                        "embeddings": "lungxray.safetensors"}
   grid = Image.open(out / "grid.png")
   assert grid.size == (128, 64)
   assert grid.text["synthetic"] == "true" and grid.text["seed"] == "7..8"
