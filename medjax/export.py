@@ -15,6 +15,7 @@ from absl import flags
 import jax
 import numpy as np
 
+from medjax import cli
 from medjax.errors import MedjaxError
 from medjax.pipeline import StableDiffusion
 
@@ -73,11 +74,7 @@ def main(argv):
 
 
 def run():
-  define_flags()
-  try:
-    app.run(main)
-  except MedjaxError as e:
-    raise SystemExit(f"error: {e}") from None
+  cli.run(main, define_flags)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ import math
 import os
 from pathlib import Path
 
-from absl import app
 from absl import flags
 import numpy as np
 from PIL import Image
@@ -20,6 +19,7 @@ from PIL.PngImagePlugin import PngInfo
 import tqdm
 
 from medjax import schedulers
+from medjax import cli
 from medjax.errors import MedjaxError
 
 FLAGS = flags.FLAGS
@@ -133,11 +133,7 @@ def main(argv):
 
 
 def run():
-  define_flags()
-  try:
-    app.run(main)
-  except MedjaxError as e:
-    raise SystemExit(f"error: {e}") from None  # one line on stderr, exit status 1
+  cli.run(main, define_flags)
 
 
 if __name__ == "__main__":

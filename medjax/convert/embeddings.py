@@ -58,7 +58,7 @@ def read_embeddings(path, *, token: str | None = None,
     raw = weights.read_safetensors(path)
     out = _from_flat(raw, path)
   elif path.suffix in _PICKLE_SUFFIXES:
-    out = _from_pickle(_torch_load(path, allow_pickle), path)
+    out = _from_pickle(weights.torch_load(path, allow_pickle), path)
   else:
     raise MedjaxError(f"{path}: unknown embedding file type (expected .safetensors, .pt or .bin)")
   if token is not None:
@@ -107,25 +107,10 @@ def _from_pickle(obj, path: Path) -> dict[str, Any]:
   return _from_flat(tensors, path)
 
 
-def _torch_load(path: Path, allow_pickle: bool):
-  if not allow_pickle:
-    raise MedjaxError(f"{path}: is a pickle file; medjax reads it only on explicit opt-in "
-                      "(allow_pickle=True), and then with torch.load(weights_only=True). "
-                      "Prefer a .safetensors file.")
-  try:
-    import torch  # pylint: disable=g-import-not-at-top
-  except ImportError as e:
-    raise MedjaxError(f"{path}: reading a pickle needs torch (pip install torch)") from e
-  try:
-    return torch.load(path, map_location="cpu", weights_only=True)
-  except Exception as e:  # torch raises many types for corrupt or unsafe files
-    raise MedjaxError(f"{path}: torch.load(weights_only=True) failed: {e}") from e
-
-
 def _as_vectors(x, what: str) -> np.ndarray:
   """Any tensor/array -> a NumPy float array [n, dim] (a [dim] vector becomes [1, dim])."""
   if hasattr(x, "detach"):
-    x = weights._torch_to_numpy(x)  # pylint: disable=protected-access
+    x = weights.torch_to_numpy(x)
   a = np.array(x)  # a copy: never a view into a memory-mapped file
   if a.ndim == 1:
     a = a[None]

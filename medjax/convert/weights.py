@@ -85,8 +85,8 @@ def write_safetensors(tensors: dict, path, metadata: dict | None = None) -> None
     raise
 
 
-def read_torch_pickle(path, allow_pickle: bool) -> dict[str, np.ndarray]:
-  """Reads a PyTorch pickle (`.bin`/`.ckpt`/`.pt`) with `weights_only=True`, only if allowed."""
+def torch_load(path, allow_pickle: bool):
+  """`torch.load(path, weights_only=True)`, only on explicit opt-in, with one-line errors."""
   path = Path(path)
   if not allow_pickle:
     raise MedjaxError(f"{path}: is a pickle file; medjax reads it only on explicit opt-in "
@@ -98,15 +98,20 @@ def read_torch_pickle(path, allow_pickle: bool) -> dict[str, np.ndarray]:
     raise MedjaxError(f"{path}: reading a PyTorch pickle needs torch installed "
                       "(pip install torch), or convert it to .safetensors") from e
   try:
-    sd = torch.load(path, map_location="cpu", weights_only=True)
+    return torch.load(path, map_location="cpu", weights_only=True)
   except Exception as e:  # torch raises many types for corrupt or unsafe files
     raise MedjaxError(f"{path}: torch.load(weights_only=True) failed: {e}") from e
+
+
+def read_torch_pickle(path, allow_pickle: bool) -> dict[str, np.ndarray]:
+  """Reads a PyTorch pickle (`.bin`/`.ckpt`/`.pt`) state dict as NumPy, only if allowed."""
+  sd = torch_load(path, allow_pickle)
   if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
     sd = sd["state_dict"]
-  return {k: _torch_to_numpy(v) for k, v in sd.items() if hasattr(v, "detach")}
+  return {k: torch_to_numpy(v) for k, v in sd.items() if hasattr(v, "detach")}
 
 
-def _torch_to_numpy(t):
+def torch_to_numpy(t):
   import torch  # pylint: disable=g-import-not-at-top
   t = t.detach().cpu().contiguous()
   if t.dtype == torch.bfloat16:
