@@ -39,6 +39,11 @@ def boxed_param_shapes(module: nn.Module):
   return jax.eval_shape(lambda: module.init(jax.random.key(0), *module.dummy_inputs()))["params"]
 
 
+def param_shapes(module: nn.Module):
+  """Unboxed param shapes (ShapeDtypeStructs): what a weights file must provide."""
+  return nn.unbox(boxed_param_shapes(module))
+
+
 def init_params(module: nn.Module, seed: int, dtype=np.float32):
   """Random params drawn from `seed`, without running or compiling the forward pass.
 
@@ -47,7 +52,7 @@ def init_params(module: nn.Module, seed: int, dtype=np.float32):
   normal (variance 1/fan_in), embeddings N(0, 0.02^2), biases 0, norm scales 1.
   """
   rng = np.random.default_rng(seed)
-  flat = flax.traverse_util.flatten_dict(nn.unbox(boxed_param_shapes(module)))
+  flat = flax.traverse_util.flatten_dict(param_shapes(module))
   params = {}
   for path, leaf in sorted(flat.items()):
     kind, shape = path[-1], leaf.shape
@@ -150,7 +155,7 @@ class StableDiffusion:
                 sources=None, **model_kwargs) -> "StableDiffusion":
     """Builds the modules from `configs` and fills them with `read_params(name, shapes)`."""
     models = build_models(configs, sources=sources, **model_kwargs)
-    params = {n: jax.tree.map(jnp.asarray, read_params(n, nn.unbox(boxed_param_shapes(m))))
+    params = {n: jax.tree.map(jnp.asarray, read_params(n, param_shapes(m)))
               for n, m in models.items()}
     tok = tokenizer_lib.load_tokenizer(tokenizer_dir)
     _check_vocab(tok, configs["text_encoder"], tokenizer_dir)

@@ -241,8 +241,3 @@ class CLIPTextModel(nn.Module):
   def dummy_inputs(self, batch: int = 1) -> tuple[jax.Array]:
     """Positional args for `init`: one full-length row of token ids per batch element."""
     return (jnp.zeros((batch, self.config["max_position_embeddings"]), jnp.int32),)
-
-  def param_shapes(self) -> Any:
-    """The unboxed param tree as ShapeDtypeStructs, without allocating weights."""
-    shapes = jax.eval_shape(lambda: self.init(jax.random.PRNGKey(0), *self.dummy_inputs()))
-    return nn.meta.unbox(shapes)["params"]

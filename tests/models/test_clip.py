@@ -11,6 +11,7 @@ from medjax.convert.diffusers import (canonical_text_encoder_keys, params_to_sta
                                       state_dict_to_params)
 from medjax.convert.weights import read_component_weights
 from medjax.errors import MedjaxError
+from medjax import pipeline
 from medjax.models import clip
 
 VOCAB, EOS = 1000, 999
@@ -41,9 +42,8 @@ def loaded(request, tmp_path_factory):
   torch_model.save_pretrained(folder)
   state_dict, path = read_component_weights(folder, ("model",))
   model = clip.CLIPTextModel.from_config(torch_model.config.to_dict())
-  shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), *model.dummy_inputs()))
   params = state_dict_to_params(canonical_text_encoder_keys(state_dict),
-                                nn.meta.unbox(shapes)["params"], source=str(path))
+                                pipeline.param_shapes(model), source=str(path))
   return torch_model, model, params
 
 
@@ -83,7 +83,7 @@ def test_bf16_compute_with_fp32_params(loaded):
   torch_model, model, params = loaded
   want_hidden, want_pooled = _torch_outputs(torch_model)
   bf16 = clip.CLIPTextModel.from_config(torch_model.config.to_dict(), dtype=jnp.bfloat16)
-  assert bf16.param_shapes()["text_model"]["final_layer_norm"]["scale"].dtype == jnp.float32
+  assert pipeline.param_shapes(bf16)["text_model"]["final_layer_norm"]["scale"].dtype == jnp.float32
   hidden, pooled = jax.jit(bf16.apply)({"params": params}, jnp.asarray(IDS))
   assert hidden.dtype == jnp.bfloat16
   scale = np.abs(want_hidden).max()
@@ -138,5 +138,5 @@ def test_missing_weight_is_reported():
   state_dict = params_to_state_dict(params["params"])
   del state_dict["text_model.final_layer_norm.bias"]
   with pytest.raises(MedjaxError, match="final_layer_norm.bias"):
-    state_dict_to_params(state_dict, model.param_shapes(), source="x.safetensors")
+    state_dict_to_params(state_dict, pipeline.param_shapes(model), source="x.safetensors")
 
