@@ -32,13 +32,20 @@ setup(
         "grain>=0.2.18",
     ],
     extras_require={
-        # PyTorch oracles for parity tests and benchmarks. torch 2.13.0 is pinned because its
-        # CPU wheel is what our CI machines carry; diffusers/transformers are the references.
+        # PyTorch oracles for parity tests and benchmarks. torch/torchvision are pinned as a
+        # matching pair (our CI machines carry both wheels; PyPI's torchvision fails to load
+        # beside a different torch build). diffusers/transformers, pytorch-fid, torchmetrics,
+        # scikit-learn and scikit-image are the references.
         "test": [
             "pytest>=8.0",
-            "torch==2.13.0",
+            "torch==2.14.1",
+            "torchvision==0.29.1",
             "diffusers>=0.42",
             "transformers>=5.0",
+            "pytorch-fid>=0.3",
+            "torchmetrics>=1.4",
+            "scikit-learn>=1.3",
+            "scikit-image>=0.22",
             "pydicom>=3.0",
             "nibabel>=5.0",
             "SimpleITK>=2.3",

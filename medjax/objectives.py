@@ -1,0 +1,212 @@
+"""What a run trains and how: trainable/frozen param split, the diffusion loss, the train step.
+
+Two objectives share one loss and one step:
+  textual inversion  only the new token-embedding rows are trainable; they are written into the
+                     frozen table inside the step, so every other row stays bit-identical.
+  unet               the U-Net (and optionally the text encoder) is trainable; the VAE is frozen.
+The VAE never enters the gradient: batches carry its latent moments (mean, logvar), computed
+outside the step (and cached per image when asked).
+"""
+import dataclasses
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from medjax.convert import embeddings as embeddings_lib
+from medjax.errors import MedjaxError
+
+KINDS = ("textual_inversion", "unet")
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a checkpoint holds; `rng` is the run's base key (each step folds in `step`)."""
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  ema_params: Any
+  rng: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class Trainable:
+  """Which params a run trains, and how they merge back into the full pipeline params."""
+  kind: str
+  token_ids: tuple = ()  # textual inversion: rows of the token-embedding table
+  train_text_encoder: bool = False
+
+  def __post_init__(self):
+    if self.kind not in KINDS:
+      raise MedjaxError(f"config.objective={self.kind!r}: expected one of {list(KINDS)}")
+    if self.kind == "textual_inversion" and not self.token_ids:
+      raise MedjaxError("textual inversion needs at least one placeholder token")
+
+  def split(self, params: dict) -> tuple[dict, dict]:
+    """Full params {'unet', 'vae', 'text_encoder'} -> (trainable, frozen)."""
+    if self.kind == "textual_inversion":
+      table = embeddings_lib.token_embedding_table(params["text_encoder"])
+      rows = jnp.asarray(table)[np.asarray(self.token_ids)]
+      return {"embeddings": rows}, dict(params)
+    names = ("unet", "text_encoder") if self.train_text_encoder else ("unet",)
+    return ({k: params[k] for k in names}, {k: v for k, v in params.items() if k not in names})
+
+  def merge(self, trainable: dict, frozen: dict) -> dict:
+    if self.kind == "textual_inversion":
+      table = embeddings_lib.token_embedding_table(frozen["text_encoder"])
+      rows = trainable["embeddings"].astype(table.dtype)
+      table = table.at[np.asarray(self.token_ids)].set(rows)
+      return embeddings_lib._replace_table(frozen, table)  # pylint: disable=protected-access
+    return {**frozen, **trainable}
+
+  def decay_mask(self, trainable: dict) -> Any:
+    """Weight decay on kernels only: never on embeddings, biases or norms."""
+    def mask(path, leaf):
+      names = [getattr(k, "key", getattr(k, "name", "")) for k in path]
+      return names[-1] == "kernel" and np.ndim(leaf) >= 2
+    return jax.tree_util.tree_map_with_path(mask, trainable)
+
+
+def learning_rate_schedule(config: Any) -> optax.Schedule:
+  """Linear warmup, then 'constant', 'cosine' or 'linear' decay to 0 at total_steps."""
+  lr, warmup, total = float(config.learning_rate), int(config.warmup_steps), int(config.total_steps)
+  kind = config.lr_schedule
+  if kind == "constant":
+    decay = optax.constant_schedule(lr)
+  elif kind == "cosine":
+    decay = optax.cosine_decay_schedule(lr, max(total - warmup, 1))
+  elif kind == "linear":
+    decay = optax.linear_schedule(lr, 0.0, max(total - warmup, 1))
+  else:
+    raise MedjaxError(f"config.lr_schedule={kind!r}: expected constant, cosine or linear")
+  if warmup <= 0:
+    return decay
+  return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), decay], [warmup])
+
+
+def make_optimizer(config: Any, trainable: Trainable, params: dict) -> optax.GradientTransformation:
+  """AdamW (decay masked to kernels), with global-norm clipping when max_grad_norm > 0."""
+  parts = []
+  if config.max_grad_norm > 0:
+    parts.append(optax.clip_by_global_norm(config.max_grad_norm))
+  parts.append(optax.adamw(learning_rate_schedule(config), b1=config.adam_b1, b2=config.adam_b2,
+                           eps=config.adam_eps, weight_decay=config.weight_decay,
+                           mask=trainable.decay_mask(params)))
+  return optax.chain(*parts)
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+  """The numbers of the diffusion loss (from the config and the scheduler config)."""
+  prediction_type: str = "epsilon"
+  min_snr_gamma: float = 0.0  # 0 = off; 5 as Hang et al. suggest
+  prior_loss_weight: float = 1.0
+  scaling_factor: float = 0.18215
+  noise_offset: float = 0.0
+
+
+def diffusion_loss(unet, text_encoder, alphas_cumprod, lc: LossConfig, params: dict,
+                   batch: dict, key: jax.Array) -> tuple[jax.Array, dict]:
+  """Mean squared error of the U-Net's prediction (epsilon or v) at random timesteps.
+
+  batch: moments [B, h, w, 2C] (VAE mean and logvar), input_ids [B, 77], prior [B] (1 for
+  prior-preservation class images). Instance and prior examples are averaged separately and
+  combined as diffusers' DreamBooth does: instance + prior_loss_weight * prior.
+  """
+  k_latent, k_noise, k_t, k_offset = jax.random.split(key, 4)
+  mean, logvar = jnp.split(batch["moments"].astype(jnp.float32), 2, axis=-1)
+  latents = (mean + jnp.exp(0.5 * logvar) * jax.random.normal(k_latent, mean.shape)) \
+      * lc.scaling_factor
+  noise = jax.random.normal(k_noise, latents.shape)
+  if lc.noise_offset:
+    noise = noise + lc.noise_offset * jax.random.normal(
+        k_offset, (latents.shape[0], 1, 1, latents.shape[-1]))
+  b = latents.shape[0]
+  t = jax.random.randint(k_t, (b,), 0, alphas_cumprod.shape[0])
+  acp = alphas_cumprod[t][:, None, None, None]
+  noisy = jnp.sqrt(acp) * latents + jnp.sqrt(1 - acp) * noise
+  context = text_encoder.apply({"params": params["text_encoder"]}, batch["input_ids"])[0]
+  pred = unet.apply({"params": params["unet"]}, noisy, t, context).astype(jnp.float32)
+  if lc.prediction_type == "epsilon":
+    target = noise
+  elif lc.prediction_type == "v_prediction":
+    target = jnp.sqrt(acp) * noise - jnp.sqrt(1 - acp) * latents
+  else:
+    raise MedjaxError(f"prediction_type={lc.prediction_type!r}: expected epsilon or "
+                      "v_prediction")
+  per_example = jnp.mean(jnp.square(pred - target), axis=(1, 2, 3))
+  if lc.min_snr_gamma > 0:
+    snr = alphas_cumprod[t] / (1 - alphas_cumprod[t])
+    clipped = jnp.minimum(snr, lc.min_snr_gamma)
+    per_example = per_example * (clipped / (snr + 1) if lc.prediction_type == "v_prediction"
+                                 else clipped / snr)
+  prior = batch.get("prior", jnp.zeros((b,), jnp.float32)).astype(jnp.float32)
+  instance_loss = jnp.sum(per_example * (1 - prior)) / jnp.maximum(jnp.sum(1 - prior), 1)
+  prior_loss = jnp.sum(per_example * prior) / jnp.maximum(jnp.sum(prior), 1)
+  loss = instance_loss + lc.prior_loss_weight * prior_loss
+  return loss, {"instance_loss": instance_loss, "prior_loss": prior_loss}
+
+
+def init_state(trainable_params: dict, optimizer: optax.GradientTransformation, seed: int,
+               ema: bool) -> TrainState:
+  params = jax.tree.map(jnp.asarray, trainable_params)
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                    opt_state=optimizer.init(params),
+                    ema_params=jax.tree.map(jnp.copy, params) if ema else None,
+                    rng=jax.random.PRNGKey(seed))
+
+
+def make_train_step(sd, trainable: Trainable, optimizer: optax.GradientTransformation,
+                    lc: LossConfig, *, grad_accum: int = 1, ema_decay: float = 0.0,
+                    schedule: optax.Schedule | None = None) -> Callable:
+  """A pure `(state, frozen, batch) -> (state, metrics)`; jit it with shardings (train.py).
+
+  `grad_accum` > 1 splits the batch into that many micro-batches (a `lax.scan`) and averages
+  their gradients: one optimizer update per call, the same as one big batch.
+  """
+  alphas_cumprod = jnp.asarray(_alphas_cumprod(sd), jnp.float32)
+
+  def loss_fn(params, frozen, batch, key):
+    full = trainable.merge(params, frozen)
+    return diffusion_loss(sd.unet, sd.text_encoder, alphas_cumprod, lc, full, batch, key)
+
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+  def step(state: TrainState, frozen: dict, batch: dict):
+    key = jax.random.fold_in(state.rng, state.step)
+    if grad_accum == 1:
+      (loss, aux), grads = grad_fn(state.params, frozen, batch, key)
+    else:
+      micro = jax.tree.map(lambda x: x.reshape((grad_accum, -1) + x.shape[1:]), batch)
+
+      def body(carry, xs):
+        i, mb = xs
+        (l, a), g = grad_fn(state.params, frozen, mb, jax.random.fold_in(key, i))
+        return jax.tree.map(jnp.add, carry, (l, a, g)), None
+
+      zeros = (jnp.zeros(()), {"instance_loss": jnp.zeros(()), "prior_loss": jnp.zeros(())},
+               jax.tree.map(jnp.zeros_like, state.params))
+      (loss, aux, grads), _ = jax.lax.scan(body, zeros, (jnp.arange(grad_accum), micro))
+      loss, aux, grads = jax.tree.map(lambda x: x / grad_accum, (loss, aux, grads))
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    ema_params = state.ema_params
+    if ema_params is not None:
+      # diffusers' EMAModel warmup: decay grows as (1 + step) / (10 + step) up to ema_decay.
+      d = jnp.minimum(ema_decay, (1.0 + state.step) / (10.0 + state.step))
+      ema_params = jax.tree.map(lambda e, p: d * e + (1 - d) * p, ema_params, params)
+    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), **aux}
+    if schedule is not None:
+      metrics["learning_rate"] = schedule(state.step)
+    return TrainState(step=state.step + 1, params=params, opt_state=opt_state,
+                      ema_params=ema_params, rng=state.rng), metrics
+
+  return step
+
+
+def _alphas_cumprod(sd) -> np.ndarray:
+  from medjax import schedulers  # pylint: disable=g-import-not-at-top
+  return schedulers.make_scheduler("ddpm", sd.scheduler_config).alphas_cumprod
