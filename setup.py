@@ -30,6 +30,7 @@ setup(
         "Pillow>=10.0",
         "scipy>=1.10",
         "grain>=0.2.18",
+        "tensorboardX>=2.6",  # TensorBoard event files without TensorFlow (clu's writer needs TF)
     ],
     extras_require={
         # PyTorch oracles for parity tests and benchmarks. torch/torchvision are pinned as a
