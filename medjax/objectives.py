@@ -108,24 +108,38 @@ class LossConfig:
   noise_offset: float = 0.0
 
 
-def diffusion_loss(unet, text_encoder, alphas_cumprod, lc: LossConfig, params: dict,
-                   batch: dict, key: jax.Array) -> tuple[jax.Array, dict]:
-  """Mean squared error of the U-Net's prediction (epsilon or v) at random timesteps.
-
-  batch: moments [B, h, w, 2C] (VAE mean and logvar), input_ids [B, 77], prior [B] (1 for
-  prior-preservation class images). Instance and prior examples are averaged separately and
-  combined as diffusers' DreamBooth does: instance + prior_loss_weight * prior.
-  """
+def draw_noise(batch: dict, key: jax.Array, num_train_timesteps: int, lc: LossConfig) -> dict:
+  """The step's randomness for the whole batch, drawn before any split into micro-batches, so
+  gradient accumulation computes exactly what one big batch would."""
   k_latent, k_noise, k_t, k_offset = jax.random.split(key, 4)
-  mean, logvar = jnp.split(batch["moments"].astype(jnp.float32), 2, axis=-1)
-  latents = (mean + jnp.exp(0.5 * logvar) * jax.random.normal(k_latent, mean.shape)) \
-      * lc.scaling_factor
-  noise = jax.random.normal(k_noise, latents.shape)
+  shape = batch["moments"].shape[:-1] + (batch["moments"].shape[-1] // 2,)
+  noise = jax.random.normal(k_noise, shape)
   if lc.noise_offset:
-    noise = noise + lc.noise_offset * jax.random.normal(
-        k_offset, (latents.shape[0], 1, 1, latents.shape[-1]))
-  b = latents.shape[0]
-  t = jax.random.randint(k_t, (b,), 0, alphas_cumprod.shape[0])
+    noise = noise + lc.noise_offset * jax.random.normal(k_offset, (shape[0], 1, 1, shape[-1]))
+  return {**batch, "latent_noise": jax.random.normal(k_latent, shape), "noise": noise,
+          "t": jax.random.randint(k_t, (shape[0],), 0, num_train_timesteps)}
+
+
+def example_weights(batch: dict, lc: LossConfig) -> jax.Array:
+  """Per-example loss weights summing to the DreamBooth loss instance + w * prior, where each
+  part is a mean over its own examples (prior [B]: 1 for class images)."""
+  b = batch["moments"].shape[0]
+  prior = batch.get("prior", jnp.zeros((b,), jnp.float32)).astype(jnp.float32)
+  return ((1 - prior) / jnp.maximum(jnp.sum(1 - prior), 1)
+          + lc.prior_loss_weight * prior / jnp.maximum(jnp.sum(prior), 1))
+
+
+def diffusion_loss(unet, text_encoder, alphas_cumprod, lc: LossConfig, params: dict,
+                   batch: dict) -> tuple[jax.Array, dict]:
+  """Weighted squared error of the U-Net's prediction (epsilon or v) at the drawn timesteps.
+
+  batch: moments [B, h, w, 2C] (VAE mean and logvar), input_ids [B, 77], the draws of
+  `draw_noise`, weight [B] (`example_weights`) and prior [B]. Returns the weighted sum, so
+  micro-batch losses add up to the batch loss.
+  """
+  mean, logvar = jnp.split(batch["moments"].astype(jnp.float32), 2, axis=-1)
+  latents = (mean + jnp.exp(0.5 * logvar) * batch["latent_noise"]) * lc.scaling_factor
+  noise, t = batch["noise"], batch["t"]
   acp = alphas_cumprod[t][:, None, None, None]
   noisy = jnp.sqrt(acp) * latents + jnp.sqrt(1 - acp) * noise
   context = text_encoder.apply({"params": params["text_encoder"]}, batch["input_ids"])[0]
@@ -143,11 +157,12 @@ def diffusion_loss(unet, text_encoder, alphas_cumprod, lc: LossConfig, params: d
     clipped = jnp.minimum(snr, lc.min_snr_gamma)
     per_example = per_example * (clipped / (snr + 1) if lc.prediction_type == "v_prediction"
                                  else clipped / snr)
-  prior = batch.get("prior", jnp.zeros((b,), jnp.float32)).astype(jnp.float32)
-  instance_loss = jnp.sum(per_example * (1 - prior)) / jnp.maximum(jnp.sum(1 - prior), 1)
-  prior_loss = jnp.sum(per_example * prior) / jnp.maximum(jnp.sum(prior), 1)
-  loss = instance_loss + lc.prior_loss_weight * prior_loss
-  return loss, {"instance_loss": instance_loss, "prior_loss": prior_loss}
+  prior = batch.get("prior", jnp.zeros_like(per_example)).astype(jnp.float32)
+  weight = batch["weight"]
+  return jnp.sum(weight * per_example), {
+      "instance_loss": jnp.sum(weight * per_example * (1 - prior)),
+      "prior_loss": jnp.sum(weight * per_example * prior) / lc.prior_loss_weight
+      if lc.prior_loss_weight else jnp.zeros(())}
 
 
 def init_state(trainable_params: dict, optimizer: optax.GradientTransformation, seed: int,
@@ -164,39 +179,40 @@ def make_train_step(sd, trainable: Trainable, optimizer: optax.GradientTransform
                     schedule: optax.Schedule | None = None) -> Callable:
   """A pure `(state, frozen, batch) -> (state, metrics)`; jit it with shardings (train.py).
 
-  `grad_accum` > 1 splits the batch into that many micro-batches (a `lax.scan`) and averages
-  their gradients: one optimizer update per call, the same as one big batch.
+  `grad_accum` > 1 splits the batch into that many micro-batches (a `lax.scan`) and sums their
+  weighted gradients: one optimizer update per call, the same as one big batch.
   """
   alphas_cumprod = jnp.asarray(_alphas_cumprod(sd), jnp.float32)
 
-  def loss_fn(params, frozen, batch, key):
+  def loss_fn(params, frozen, batch):
     full = trainable.merge(params, frozen)
-    return diffusion_loss(sd.unet, sd.text_encoder, alphas_cumprod, lc, full, batch, key)
+    return diffusion_loss(sd.unet, sd.text_encoder, alphas_cumprod, lc, full, batch)
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
   def step(state: TrainState, frozen: dict, batch: dict):
     key = jax.random.fold_in(state.rng, state.step)
+    batch = draw_noise(batch, key, alphas_cumprod.shape[0], lc)
+    batch["weight"] = example_weights(batch, lc)
     if grad_accum == 1:
-      (loss, aux), grads = grad_fn(state.params, frozen, batch, key)
+      (loss, aux), grads = grad_fn(state.params, frozen, batch)
     else:
       micro = jax.tree.map(lambda x: x.reshape((grad_accum, -1) + x.shape[1:]), batch)
 
-      def body(carry, xs):
-        i, mb = xs
-        (l, a), g = grad_fn(state.params, frozen, mb, jax.random.fold_in(key, i))
-        return jax.tree.map(jnp.add, carry, (l, a, g)), None
+      def body(carry, mb):
+        return jax.tree.map(jnp.add, carry, grad_fn(state.params, frozen, mb)), None
 
-      zeros = (jnp.zeros(()), {"instance_loss": jnp.zeros(()), "prior_loss": jnp.zeros(())},
+      zeros = ((jnp.zeros(()), {"instance_loss": jnp.zeros(()), "prior_loss": jnp.zeros(())}),
                jax.tree.map(jnp.zeros_like, state.params))
-      (loss, aux, grads), _ = jax.lax.scan(body, zeros, (jnp.arange(grad_accum), micro))
-      loss, aux, grads = jax.tree.map(lambda x: x / grad_accum, (loss, aux, grads))
+      ((loss, aux), grads), _ = jax.lax.scan(body, zeros, micro)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     ema_params = state.ema_params
     if ema_params is not None:
-      # diffusers' EMAModel warmup: decay grows as (1 + step) / (10 + step) up to ema_decay.
-      d = jnp.minimum(ema_decay, (1.0 + state.step) / (10.0 + state.step))
+      # diffusers' EMAModel: decay 0 on the first update (EMA = params), then
+      # (1 + s) / (10 + s) capped at ema_decay, s = updates done before this one.
+      s = state.step.astype(jnp.float32)
+      d = jnp.where(s <= 0, 0.0, jnp.minimum(ema_decay, (1.0 + s) / (10.0 + s)))
       ema_params = jax.tree.map(lambda e, p: d * e + (1 - d) * p, ema_params, params)
     metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), **aux}
     if schedule is not None:

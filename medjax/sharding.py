@@ -31,14 +31,16 @@ def maybe_initialize_distributed() -> None:
   """Starts multi-host JAX when the environment describes several processes.
 
   SLURM (`SLURM_NTASKS` > 1), an explicit coordinator (`JAX_COORDINATOR_ADDRESS`) and TPU pods
-  (`TPU_WORKER_HOSTNAMES` with several hosts) are detected; `jax.distributed.initialize()` reads
-  the rest from the environment. A single process does nothing.
+  (`TPU_WORKER_HOSTNAMES` with several hosts) are detected, and `MEDJAX_DISTRIBUTED=1` forces it
+  (e.g. Cloud TPU VMs, where `initialize()` finds its peers from the VM metadata);
+  `jax.distributed.initialize()` reads the rest from the environment. One process does nothing.
   """
   if getattr(maybe_initialize_distributed, "_done", False):
     return
   env = os.environ
   multi = (int(env.get("SLURM_NTASKS", "1") or 1) > 1 or bool(env.get("JAX_COORDINATOR_ADDRESS"))
-           or len(env.get("TPU_WORKER_HOSTNAMES", "").split(",")) > 1)
+           or len(env.get("TPU_WORKER_HOSTNAMES", "").split(",")) > 1
+           or env.get("MEDJAX_DISTRIBUTED", "") == "1")
   if multi:
     jax.distributed.initialize()
     logging.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())

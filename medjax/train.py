@@ -295,9 +295,13 @@ def sample_prompts(config: Any) -> list[str]:
   return ["a chest x-ray with pleural effusion", "a chest x-ray with no finding"]
 
 
-def write_sample_grid(config: Any, sd: StableDiffusion, workdir: Path, step: int, writer) -> Path:
+def write_sample_grid(config: Any, sd: StableDiffusion, workdir: Path, step: int,
+                      writer) -> Path | None:
+  """A grid of `sample.num_per_prompt` images per sample prompt (none when that is 0)."""
   from medjax import sample as sample_lib  # pylint: disable=g-import-not-at-top
   s = config.sample
+  if s.num_per_prompt <= 0:
+    return None
   prompts = [p for p in sample_prompts(config) for _ in range(s.num_per_prompt)]
   images = sd.generate(prompts, num_inference_steps=s.num_inference_steps,
                        guidance_scale=s.guidance_scale, scheduler=s.scheduler,
@@ -315,23 +319,37 @@ def write_sample_grid(config: Any, sd: StableDiffusion, workdir: Path, step: int
 
 def write_embeddings(run: Setup, state: objectives.TrainState, config: Any, workdir: Path,
                      step: int) -> list[Path]:
-  """Learned tokens as diffusers `learned_embeds.safetensors` and one A1111 file per token."""
-  rows = np.asarray(jax.device_get(state.params["embeddings"]), np.float32)
+  """Each learned token as diffusers `learned_embeds` (embeddings/diffusers/<token>.safetensors,
+  for `load_textual_inversion`) and AUTOMATIC1111 (embeddings/a1111/<token>.safetensors)."""
+  params = state.ema_params if state.ema_params is not None else state.params
+  rows = np.asarray(jax.device_get(params["embeddings"]), np.float32)
   n = int(config.textual_inversion.num_vectors)
-  tokens = [t for t, _ in parse_tokens(config.textual_inversion.tokens)]
-  per_token = {t: rows[i * n:(i + 1) * n] for i, t in enumerate(tokens)}
-  out_dir = workdir / "embeddings"
-  out_dir.mkdir(parents=True, exist_ok=True)
-  paths = [embeddings_lib.write_diffusers_embeddings(out_dir / "learned_embeds.safetensors",
-                                                     per_token)]
-  for t, emb in per_token.items():
-    safe = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in t).strip("_") or "token"
-    paths.append(embeddings_lib.write_a1111_embeddings(out_dir / f"{safe}.safetensors", t, emb,
-                                                       step=step))
+  paths = []
+  for i, (token, _) in enumerate(parse_tokens(config.textual_inversion.tokens)):
+    emb = rows[i * n:(i + 1) * n]
+    name = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in token).strip("_") or "token"
+    for kind in ("diffusers", "a1111"):
+      (workdir / "embeddings" / kind).mkdir(parents=True, exist_ok=True)
+    paths.append(embeddings_lib.write_diffusers_embeddings(
+        workdir / "embeddings" / "diffusers" / f"{name}.safetensors", {token: emb}))
+    paths.append(embeddings_lib.write_a1111_embeddings(
+        workdir / "embeddings" / "a1111" / f"{name}.safetensors", token, emb, step=step))
   return paths
 
 
 # -- the run ---------------------------------------------------------------------------------------
+
+def check_prompt_lengths(sd: StableDiffusion, prompts) -> None:
+  """Prompts longer than the text encoder's context lose their tail, which for textual
+  inversion would silently drop learned vectors: refuse them."""
+  limit = int(getattr(sd.tokenizer, "model_max_length", 77))
+  for prompt in prompts:
+    n = len(sd.tokenizer(prompt)["input_ids"])
+    if n > limit:
+      raise MedjaxError(f"prompt {prompt!r} is {n} tokens after expanding placeholder tokens; "
+                        f"the text encoder takes {limit}. Use fewer vectors per token "
+                        "(config.textual_inversion.num_vectors) or a shorter prompt")
+
 
 def check_workdir(config: Any, workdir: Path) -> None:
   """Refuses a workdir whose checkpoints came from another config (unless allowed)."""
@@ -373,6 +391,9 @@ def train(config: ml_collections.ConfigDict, workdir) -> dict:
   workdir.mkdir(parents=True, exist_ok=True)
   check_workdir(config, workdir)
   run = setup(config)
+  if run.trainable.kind == "textual_inversion":
+    check_prompt_lengths(run.sd, list(dict(config.data.prompt.class_prompts).values())
+                         + sample_prompts(config))
   lead = jax.process_index() == 0
   if lead:
     write_config(config, workdir)
@@ -436,8 +457,9 @@ def train(config: ml_collections.ConfigDict, workdir) -> dict:
   ckpt.wait()
   outputs = {}
   if not stopped and lead:
-    outputs["samples"] = str(write_sample_grid(config, trained_pipeline(run, state), workdir,
-                                               step, writer))
+    grid = write_sample_grid(config, trained_pipeline(run, state), workdir, step, writer)
+    if grid is not None:
+      outputs["samples"] = str(grid)
     if run.trainable.kind == "textual_inversion":
       outputs["embeddings"] = [str(p) for p in write_embeddings(run, state, config, workdir,
                                                                 step)]
@@ -495,10 +517,19 @@ def define_flags():
   flags.mark_flags_as_required(["config", "workdir"])
 
 
+class _QuietLibraries(logging.Filter):
+  """Drops orbax's per-save INFO chatter (a dozen lines per checkpoint); warnings still show."""
+
+  def filter(self, record):
+    return record.levelno >= logging.WARNING or "orbax" not in record.pathname
+
+
 def main(argv):
   from absl import flags  # pylint: disable=g-import-not-at-top
   if len(argv) > 1:
     raise MedjaxError(f"unexpected arguments {argv[1:]}")
+  for handler in logging.getLogger().handlers + logging.getLogger("absl").handlers:
+    handler.addFilter(_QuietLibraries())
   _cpu_defaults()
   summary = train(flags.FLAGS.config, flags.FLAGS.workdir)
   print(json.dumps(summary, indent=1))

@@ -1,0 +1,40 @@
+r"""Chest X-ray textual inversion (paper A, de Wilde et al.): one 64-vector token per class.
+
+  python -m medjax.train --config=configs/cxr_ti.py --workdir=/tmp/cxr_ti
+      The embedded default: tiny random SD, chest X-ray phantoms, 64 px, a few minutes on CPU.
+  python -m medjax.train --config=configs/cxr_ti.py:paper --workdir=... \
+      --config.model.pretrained=/path/to/stable-diffusion-2-base \
+      --config.data.source=chexpert --config.data.root=/path/to/CheXpert-v1.0
+      The protocol: SD 2.0 512-base, 100 CheXpert images per class (pleural effusion / no
+      finding), 64 vectors per token, 50k steps, AUTOMATIC1111's embedding learning rate.
+  Outputs: workdir/embeddings/learned_embeds.safetensors (diffusers) and <token>.safetensors
+  (AUTOMATIC1111) per token; use them with `python -m medjax.sample --embeddings=...`.
+  Arg options: paper, vectors=N (e.g. vectors=8 for the ablation).
+"""
+from medjax.train_config import base_config
+
+
+def get_config(arg: str = ""):
+  opts = dict(o.partition("=")[::2] for o in filter(None, (arg or "").split(",")))
+  c = base_config()
+  c.objective = "textual_inversion"
+  c.textual_inversion.tokens = "<effusion>=pleural effusion; <healthy-cxr>=normal chest"
+  c.textual_inversion.num_vectors = int(opts.get("vectors", 64))  # paper A: 64 were needed
+  c.data.phantoms.kind = "cxr"
+  c.data.classes = "pleural_effusion: Pleural Effusion=1; no_finding: No Finding=1"
+  c.data.prompt.kind = "class"
+  c.data.prompt.class_prompts = {"pleural_effusion": "a chest x-ray with <effusion>",
+                                 "no_finding": "a chest x-ray with <healthy-cxr>"}
+  c.learning_rate = 5e-3  # AUTOMATIC1111's default embedding learning rate
+  c.weight_decay = 0.0  # never on embeddings (objectives masks it anyway)
+  c.max_grad_norm = 0.0
+  if "paper" in opts:
+    c.resolution = 512
+    c.total_steps = 50_000  # 100k for prostate MRI (configs/mri_ti.py)
+    c.batch_size = 1  # the web UI's default; one device
+    c.mesh.data, c.mesh.fsdp = 1, 1
+    c.data.source = "chexpert"
+    c.data.per_class = 100  # paper A: 100 training images per class
+    c.cache_latents = True
+    c.checkpoint_every_steps, c.log_every_steps, c.sample_every_steps = 1000, 100, 5000
+  return c

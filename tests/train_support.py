@@ -1,0 +1,30 @@
+"""Tiny train configs for tests: the embedded model on a small phantom pool, no sample grids."""
+from medjax import train_config
+
+
+def tiny_config(objective: str = "unet", **overrides):
+  c = train_config.base_config()
+  c.objective = objective
+  c.total_steps = 3
+  c.batch_size = 2
+  c.checkpoint_every_steps = 1
+  c.log_every_steps = 1
+  c.progress_bar = False
+  c.sample.num_per_prompt = 0
+  c.sample.num_inference_steps = 2
+  c.data.phantoms.num = 24
+  c.data.classes = "pleural_effusion: Pleural Effusion=1; no_finding: No Finding=1"
+  if objective == "textual_inversion":
+    c.textual_inversion.tokens = "<effusion>=pleural effusion; <healthy-cxr>=normal chest"
+    c.textual_inversion.num_vectors = 4
+    c.data.prompt.kind = "class"
+    c.data.prompt.class_prompts = {"pleural_effusion": "a chest x-ray with <effusion>",
+                                   "no_finding": "a chest x-ray with <healthy-cxr>"}
+    c.learning_rate = 5e-3
+  for key, value in overrides.items():
+    node = c
+    *path, last = key.split(".")
+    for name in path:
+      node = node[name]
+    node[last] = value
+  return c
