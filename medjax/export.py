@@ -24,7 +24,10 @@ FLAGS = flags.FLAGS
 
 def define_flags():
   """Defines the command-line flags (only when run as a program, so imports never clash)."""
-  flags.DEFINE_string("from", "", "A diffusers directory; empty = the embedded tiny model.")
+  flags.DEFINE_string("from", "", "A diffusers directory, a medjax training workdir (its "
+                      "checkpoints), or empty for the embedded tiny model.")
+  flags.DEFINE_integer("step", None, "Training workdir: the checkpoint step (default: latest).")
+  flags.DEFINE_bool("ema", True, "Training workdir: export the EMA params when the run kept them.")
   flags.DEFINE_string("to", None, "Output diffusers directory (must not exist).")
   flags.DEFINE_integer("seed", 0, "Seed of the embedded tiny model's weights.")
   flags.DEFINE_bool("overwrite", False, "Replace --to if it exists.")
@@ -63,12 +66,26 @@ def verify_reload(sd: StableDiffusion, path) -> float:
   return float(np.max(np.abs(results[0] - results[1])))
 
 
+def is_training_workdir(path) -> bool:
+  path = Path(path)
+  return (path / "config.json").is_file() and (path / "checkpoints").is_dir()
+
+
+def load_source(source: str, *, seed: int = 0, step: int | None = None,
+                ema: bool = True) -> StableDiffusion:
+  """A diffusers directory / single file, a training workdir, or '' (the embedded model)."""
+  if source and is_training_workdir(source):
+    from medjax import train  # pylint: disable=g-import-not-at-top
+    return train.restore_pipeline(source, step=step, ema=ema)
+  return StableDiffusion.load(source, **({} if source else {"seed": seed}))
+
+
 def main(argv):
   del argv
   if not FLAGS.to:
     raise app.UsageError("--to is required")
   source = FLAGS["from"].value
-  sd = StableDiffusion.load(source, **({} if source else {"seed": FLAGS.seed}))
+  sd = load_source(source, seed=FLAGS.seed, step=FLAGS.step, ema=FLAGS.ema)
   error = export(sd, FLAGS.to, overwrite=FLAGS.overwrite, dtype=FLAGS.save_dtype)
   print(f"exported {sd.name} to {FLAGS.to} (reload check: max abs diff {error:.2e})")
 

@@ -157,7 +157,8 @@ class StableDiffusion:
     models = build_models(configs, sources=sources, **model_kwargs)
     params = {n: jax.tree.map(jnp.asarray, read_params(n, param_shapes(m)))
               for n, m in models.items()}
-    tok = tokenizer_lib.load_tokenizer(tokenizer_dir)
+    from medjax.convert import embeddings  # pylint: disable=g-import-not-at-top
+    tok = embeddings.expanding_if_multi_vector(tokenizer_lib.load_tokenizer(tokenizer_dir))
     _check_vocab(tok, configs["text_encoder"], tokenizer_dir)
     return cls(**models, params=params, tokenizer=tok, tokenizer_dir=Path(tokenizer_dir),
                configs={n: configs[n] for n in MODEL_CLASSES}, scheduler_config=scheduler_config,

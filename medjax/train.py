@@ -543,9 +543,39 @@ def _cpu_defaults():
                                " --xla_cpu_enable_concurrency_optimized_scheduler=false").strip()
 
 
+def parse_command_line(argv) -> list[str]:
+  """Parses the flags once up front so a bad --config or override is one line, not a trace."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+  if spec is not None:
+    path = Path(spec.split(":", 1)[0])
+    if not path.is_file():
+      raise MedjaxError(f"--config={spec}: no such file {str(path)!r}")
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    raise MedjaxError(str(e)) from None
+  except (AttributeError, KeyError, TypeError, ValueError, OSError) as e:
+    text = " ".join(str(e).replace("\\n", " ").split()).strip("'\"")
+    text = text.replace("\\'", "'")
+    if "get_config" in text:
+      text = f"--config={spec}: the file has no get_config(arg) function"
+    elif "Did you mean" in text:
+      text = f"--config: unknown key {text}"
+    elif "config" not in text.lower():
+      text = f"--config: {text}"
+    raise MedjaxError(text) from None
+
+
 def run():
-  from medjax import cli  # pylint: disable=g-import-not-at-top
-  cli.run(main, define_flags)
+  import sys  # pylint: disable=g-import-not-at-top
+  from absl import app  # pylint: disable=g-import-not-at-top
+  define_flags()
+  try:
+    rest = parse_command_line(sys.argv)
+    app.run(main, argv=sys.argv, flags_parser=lambda _: rest)
+  except MedjaxError as e:
+    raise SystemExit(f"error: {e}") from None
 
 
 if __name__ == "__main__":

@@ -12,21 +12,9 @@ from medjax import sharding
 from medjax import train
 from medjax import train_config
 from medjax.convert import embeddings as embeddings_lib
-from medjax.data import make_dataset
 from medjax.errors import MedjaxError
+from tests.train_support import run_steps
 from tests.train_support import tiny_config
-
-
-def run_steps(config, n, mesh=None):
-  run = train.setup(config, mesh=mesh)
-  data = make_dataset(config.data, "train", config.batch_size, seed=config.seed,
-                      resolution=config.resolution)
-  state, losses = run.state, []
-  for i in range(n):
-    batch = train.host_batch(run, next(data), step=i, cache=None, prior=None)
-    state, metrics = run.step(state, run.frozen, batch)
-    losses.append(float(metrics["loss"]))
-  return run, state, losses
 
 
 @pytest.fixture(scope="module")

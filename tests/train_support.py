@@ -1,5 +1,7 @@
 """Tiny train configs for tests: the embedded model on a small phantom pool, no sample grids."""
+from medjax import train
 from medjax import train_config
+from medjax.data import make_dataset
 
 
 def tiny_config(objective: str = "unet", **overrides):
@@ -28,3 +30,16 @@ def tiny_config(objective: str = "unet", **overrides):
       node = node[name]
     node[last] = value
   return c
+
+
+def run_steps(config, n, mesh=None):
+  """`n` train steps in-process (no checkpoints): (Setup, state, losses)."""
+  run = train.setup(config, mesh=mesh)
+  data = make_dataset(config.data, "train", config.batch_size, seed=config.seed,
+                      resolution=config.resolution)
+  state, losses = run.state, []
+  for i in range(n):
+    batch = train.host_batch(run, next(data), step=i, cache=None, prior=None)
+    state, metrics = run.step(state, run.frozen, batch)
+    losses.append(float(metrics["loss"]))
+  return run, state, losses

@@ -235,6 +235,15 @@ class ExpandingTokenizer:
     return getattr(self._tokenizer, name)
 
 
+def expanding_if_multi_vector(tokenizer):
+  """Wraps a tokenizer holding multi-vector tokens (`tok`, `tok_1`, ...) so prompts expand them,
+  as diffusers does for a pipeline saved after `load_textual_inversion`."""
+  added = getattr(tokenizer, "added_tokens_encoder", {}) or {}
+  if any(f"{t}_1" in added for t in added):
+    return ExpandingTokenizer(tokenizer)
+  return tokenizer
+
+
 def _base_tokenizer(tok):
   return tok.base if isinstance(tok, ExpandingTokenizer) else tok
 

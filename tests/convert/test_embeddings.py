@@ -162,6 +162,16 @@ def test_add_tokens_expands_prompts_and_keeps_the_old_model(sd, tmp_path):
   assert newer.tokenize(["<two>"])[0][1:3].tolist() == [first + 4, first + 5]
 
 
+def test_saved_model_with_multi_vector_tokens_expands_them_on_reload(sd, tmp_path):
+  new = sd.load_embeddings({TOKEN: random_embedding(3, 32)})
+  new.save_pretrained(tmp_path / "pipe")
+  reloaded = StableDiffusion.from_pretrained(tmp_path / "pipe")
+  assert isinstance(reloaded.tokenizer, emb_lib.ExpandingTokenizer)
+  prompt = [f"a chest x-ray with {TOKEN}"]
+  np.testing.assert_array_equal(reloaded.tokenize(prompt), new.tokenize(prompt))
+  assert not isinstance(sd.tokenizer, emb_lib.ExpandingTokenizer)  # plain models stay plain
+
+
 def test_add_tokens_errors(sd, tmp_path):
   with pytest.raises(MedjaxError, match="width 48.*32 wide"):
     sd.load_embeddings({TOKEN: random_embedding(2, 48)})

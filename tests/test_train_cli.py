@@ -1,0 +1,179 @@
+"""The train entry point as users run it: sharded meshes on 8 simulated devices, SIGKILL/SIGTERM
+and resume (bit-identical to an uninterrupted run), export of a checkpoint, bad command lines."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from medjax import checkpoint as checkpoint_lib
+from medjax import train
+from medjax import train_config
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--config=configs/cxr_unet.py", "--config.total_steps=6",
+        "--config.checkpoint_every_steps=2", "--config.batch_size=2",
+        "--config.data.phantoms.num=24", "--config.sample.num_per_prompt=0",
+        "--config.progress_bar=False"]
+
+
+def _env(**extra):
+  env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu", **extra)
+  env.pop("XLA_FLAGS", None)
+  return env
+
+
+def _train(workdir, *args, wait=True):
+  cmd = [sys.executable, "-m", "medjax.train", f"--workdir={workdir}", *TINY, *args]
+  proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+  if wait:
+    out, _ = proc.communicate(timeout=600)
+    return proc.returncode, out
+  return proc
+
+
+def _wait_for_checkpoint(workdir: Path, step: int, proc, timeout=400):
+  end = time.time() + timeout
+  while time.time() < end:
+    if (workdir / "checkpoints" / str(step) / "commit_success.txt").exists() or (
+        workdir / "checkpoints" / str(step) / "_CHECKPOINT_METADATA").exists():
+      return
+    if proc.poll() is not None:
+      raise AssertionError(f"run ended before checkpoint {step}:\n{proc.stdout.read()[-3000:]}")
+    time.sleep(0.2)
+  raise AssertionError(f"no checkpoint {step} after {timeout} s")
+
+
+def _final_state(workdir):
+  raw = json.loads((Path(workdir) / "config.json").read_text())
+  config = train_config.base_config()
+  config.update_from_flattened_dict(train._flatten(raw))  # pylint: disable=protected-access
+  run = train.setup(config, mesh=train.sharding.make_mesh(1, 1))
+  ckpt = checkpoint_lib.Checkpointer(Path(workdir) / "checkpoints", keep=100)
+  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                          run.state, run.state_shardings)
+  state, extra, step = ckpt.restore(abstract)
+  ckpt.close()
+  return jax.device_get(state), extra, step
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+  """An uninterrupted 6-step run, and one killed (SIGKILL after checkpoint 2), preempted
+  (SIGTERM after checkpoint 4) and resumed twice with the same command."""
+  root = tmp_path_factory.mktemp("train")
+  a, b = root / "a", root / "b"
+  proc_a = _train(a, wait=False)
+  proc_b = _train(b, wait=False)
+  _wait_for_checkpoint(b, 2, proc_b)
+  proc_b.send_signal(signal.SIGKILL)
+  proc_b.wait()
+  out_a, _ = proc_a.communicate(timeout=600)
+  assert proc_a.returncode == 0, out_a[-3000:]
+  proc_b = _train(b, wait=False)
+  _wait_for_checkpoint(b, 4, proc_b)
+  proc_b.send_signal(signal.SIGTERM)
+  out_b, _ = proc_b.communicate(timeout=600)
+  assert proc_b.returncode == 0, out_b[-3000:]
+  preempted = json.loads((b / "summary.json").read_text())
+  rc, out_b = _train(b)
+  assert rc == 0, out_b[-3000:]
+  return a, b, preempted, out_b
+
+
+def test_killed_and_preempted_run_resumes_bit_identical(runs):
+  a, b, preempted, out_b = runs
+  assert preempted["stopped"] == "preempted (SIGTERM)"
+  assert preempted["step"] < 6
+  assert "resumed from step" in out_b
+  sa, ea, step_a = _final_state(a)
+  sb, eb, step_b = _final_state(b)
+  assert step_a == step_b == 6
+  assert ea == eb  # data iterator positions
+  for x, y in zip(jax.tree.leaves(sa), jax.tree.leaves(sb)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  assert json.loads((a / "summary.json").read_text())["checkpoints"] == [2, 4, 6]  # keep 3
+  assert list((a / "tensorboard").glob("events.out.tfevents.*"))
+  assert (a / "config.json").exists()
+
+
+def test_export_a_training_checkpoint(runs, tmp_path):
+  a = runs[0]
+  out = tmp_path / "exported"
+  proc = subprocess.run([sys.executable, "-m", "medjax.export", f"--from={a}", f"--to={out}"],
+                        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  from medjax.pipeline import StableDiffusion  # pylint: disable=g-import-not-at-top
+  exported = StableDiffusion.from_pretrained(out)
+  trained = train.restore_pipeline(a)
+  for x, y in zip(jax.tree.leaves(exported.params["unet"]),
+                  jax.tree.leaves(trained.params["unet"])):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  base = StableDiffusion.embedded(0)
+  moved = max(float(np.abs(np.asarray(x) - np.asarray(y)).max()) for x, y in
+              zip(jax.tree.leaves(exported.params["unet"]), jax.tree.leaves(base.params["unet"])))
+  assert moved > 0  # the exported U-Net is the trained one, not the base
+
+
+SHARDING_SCRIPT = textwrap.dedent("""
+    import json
+    import jax
+    import numpy as np
+    from medjax import sharding
+    from tests.train_support import run_steps, tiny_config
+    out, ref = {}, None
+    for name, shape in [("1", None), ("8x1", (8, 1)), ("2x4", (2, 4)), ("1x8", (1, 8))]:
+      mesh = (sharding.make_mesh(1, 1, devices=jax.devices()[:1]) if shape is None
+              else sharding.make_mesh(*shape))
+      run, state, losses = run_steps(tiny_config(batch_size=8, total_steps=3), 3, mesh=mesh)
+      params = [np.asarray(x) for x in jax.tree.leaves(jax.device_get(state.params))]
+      ref = params if ref is None else ref
+      entry = {"diff": max(float(np.abs(x - y).max()) for x, y in zip(params, ref)),
+               "losses": losses}
+      if name == "1x8":
+        total = sum(x.nbytes for x in params)
+        per_device = sharding.bytes_per_device(state.params)
+        entry["max_fraction"] = max(per_device.values()) / total
+        entry["devices"] = len(per_device)
+      out[name] = entry
+    print("RESULT " + json.dumps(out))
+""")
+
+
+def test_same_params_on_every_mesh_and_fsdp_splits_params():
+  proc = subprocess.run(
+      [sys.executable, "-c", SHARDING_SCRIPT], cwd=ROOT, capture_output=True, text=True,
+      timeout=900, env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=8"))
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")][-1]
+  result = json.loads(line[len("RESULT "):])
+  for name in ("8x1", "2x4", "1x8"):
+    assert result[name]["diff"] <= 1e-5, (name, result[name])
+  assert result["1x8"]["devices"] == 8
+  assert result["1x8"]["max_fraction"] <= 1 / 8 + 0.05, result["1x8"]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--config=configs/nope.py"], "nope.py"),
+    (["--config={tmp}/no_get_config.py"], "get_config"),
+    (["--config=configs/cxr_unet.py", "--config.batch_size=abc"], "batch_size"),
+    (["--config=configs/cxr_unet.py", "--config.learning_rat=1"], "learning_rat"),
+])
+def test_bad_command_lines_fail_with_one_message(tmp_path, args, message):
+  workdir = tmp_path / "w"
+  (tmp_path / "no_get_config.py").write_text("X = 1\n")
+  args = [a.format(tmp=tmp_path) for a in args]
+  proc = subprocess.run([sys.executable, "-m", "medjax.train", f"--workdir={workdir}", *args],
+                        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
+  assert proc.returncode != 0
+  assert message in proc.stderr, proc.stderr[-2000:]
+  assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+  assert not workdir.exists()
