@@ -300,7 +300,8 @@ def train_classifier(config, train_data, val_data=None, mesh=None,
     variables: initial {'params', 'batch_stats'} (e.g. ImageNet via `medjax.convert.torchvision`).
 
   With val data and `select='best'`, the state with the best validation AUC (checked every
-  `eval_every` steps and at the end) is returned. `history`: {'step', 'loss' (mean over each
+  `eval_every` steps and at the end) is returned (its params and BatchNorm statistics; the
+  optimizer state is the last step's). `history`: {'step', 'loss' (mean over each
   `log_every` steps), 'val_step', 'val_auc', 'val_accuracy', 'best_step', 'best_val_auc',
   'steps_per_s', 'num_classes'}.
   """
@@ -323,8 +324,10 @@ def train_classifier(config, train_data, val_data=None, mesh=None,
     raise MedjaxError("train_classifier: batch_size and num_steps must be >= 1")
   if mesh is not None:
     sharding.check_batch_size(cfg.batch_size, mesh)
-  num_classes = cfg.num_classes or {"binary": 1, "multilabel": labels.shape[-1],
-                                    "multiclass": int(labels.max()) + 1}[cfg.task]
+  num_classes = cfg.num_classes
+  if not num_classes:
+    num_classes = {"binary": lambda: 1, "multilabel": lambda: labels.shape[-1],
+                   "multiclass": lambda: int(labels.max()) + 1}[cfg.task]()
   dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}.get(cfg.dtype)
   if dtype is None:
     raise MedjaxError(f"train_classifier: dtype must be float32 or bfloat16, got {cfg.dtype!r}")

@@ -194,6 +194,23 @@ def test_bad_training_input():
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("task", ["multilabel", "multiclass"])
+def test_other_tasks_train_and_evaluate(task):
+  images, labels = _squares(32, 3)
+  if task == "multilabel":  # [N, 2]: bright square, and its complement; some unknown (NaN)
+    labels = np.stack([labels, 1 - labels], 1).astype(np.float32)
+    labels[::5, 1] = np.nan
+  state, history = ct.train_classifier(dict(TINY, task=task, num_steps=6, eval_every=3),
+                                       (images, labels), (images, labels))
+  assert history["num_classes"] == 2 and len(history["val_auc"]) == 2
+  scores = ct.predict(state, images)
+  assert scores.shape == (32, 2) and np.all((scores >= 0) & (scores <= 1))
+  if task == "multiclass":
+    np.testing.assert_allclose(scores.sum(-1), 1.0, atol=1e-5)
+  assert history["best_val_auc"] == max(history["val_auc"])
+
+
+@pytest.mark.slow
 def test_training_on_a_mesh_matches_single_device():
   mesh = sharding.make_mesh(data=-1)
   train = _squares(32, 2)
