@@ -5,13 +5,13 @@ SIGKILL) mid-save leaves the previous checkpoints intact; restarting resumes fro
 complete one. SIGTERM (preemption) is caught: the loop saves at the next step and exits.
 """
 import json
-import logging
 import signal
 from pathlib import Path
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from absl import logging
 
 from medjax.errors import MedjaxError
 

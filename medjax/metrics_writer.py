@@ -5,11 +5,12 @@ otherwise the same interface is served by tensorboardX, so TensorBoard works wit
 Only process 0 writes files; the others just log.
 """
 import json
-import logging
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
+from absl import logging
 
 
 class TensorboardXWriter:

@@ -8,7 +8,8 @@ The VAE never enters the gradient: batches carry its latent moments (mean, logva
 outside the step (and cached per image when asked).
 """
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax
 import jax

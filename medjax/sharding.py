@@ -5,14 +5,18 @@ parallelism whose params and optimizer state are split over devices, ZeRO-3 styl
 split over both axes. Params carry logical axis names (`medjax.models.layers`); configs map them
 to mesh axes with `rules`, a list of `(logical_name, mesh_axis_or_None)` pairs.
 """
-import logging
 import os
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import numpy as np
+from absl import logging
 from jax.experimental import mesh_utils
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from medjax.errors import MedjaxError
 

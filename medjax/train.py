@@ -6,7 +6,7 @@ learned embeddings. Re-running the same command resumes exactly where the last c
 """
 import dataclasses
 import json
-import logging
+import logging as pylogging
 import os
 import time
 from pathlib import Path
@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from absl import logging
 from jax.sharding import PartitionSpec as P
 
 from medjax import checkpoint as checkpoint_lib
@@ -39,6 +40,8 @@ def parse_tokens(spec: str) -> list[tuple[str, str]]:
     token, sep, words = part.partition("=")
     if not sep or not token.strip() or not words.strip():
       raise MedjaxError(f"config.textual_inversion.tokens: {part!r} is not '<token>=init words'")
+    if token.strip() in [t for t, _ in out]:
+      raise MedjaxError(f"config.textual_inversion.tokens: {token.strip()!r} is given twice")
     out.append((token.strip(), words.strip()))
   if not out:
     raise MedjaxError("config.textual_inversion.tokens is empty: give '<token>=init words'")
@@ -60,7 +63,7 @@ def build_model(config: Any) -> tuple[StableDiffusion, objectives.Trainable]:
   dtype = DTYPES.get(config.mixed_precision)
   if dtype is None:
     raise MedjaxError(f"config.mixed_precision={config.mixed_precision!r}: expected fp32 or bf16")
-  kw = dict(dtype=dtype, remat=config.remat)
+  kw = {"dtype": dtype, "remat": config.remat}
   if config.model.pretrained:
     sd = StableDiffusion.from_pretrained(config.model.pretrained,
                                          variant=config.model.variant or None, **kw)
@@ -241,9 +244,9 @@ def rgb_in_unit_range(image: np.ndarray) -> np.ndarray:
 def make_prior_images(config: Any, run: Setup, workdir: Path) -> PriorImages:
   """Reads the given class images, or generates them with the frozen model (once, into the
   workdir), and encodes them."""
+  from medjax import sample as sample_lib  # pylint: disable=g-import-not-at-top
   from medjax.data import pipeline as data_pipeline  # pylint: disable=g-import-not-at-top
   from medjax.data import read_image  # pylint: disable=g-import-not-at-top
-  from medjax import sample as sample_lib  # pylint: disable=g-import-not-at-top
   p = config.prior
   folder = Path(p.class_images_dir) if p.class_images_dir else workdir / "class_images"
   files = sorted(f for f in folder.glob("*") if f.suffix.lower() in (".png", ".jpg", ".jpeg"))
@@ -383,8 +386,9 @@ def check_run_config(config: Any) -> None:
 
 def train(config: ml_collections.ConfigDict, workdir) -> dict:
   """Runs (or resumes) a training run; returns a summary dict (also written to the workdir)."""
-  from medjax.data import make_dataset  # pylint: disable=g-import-not-at-top
   import tqdm  # pylint: disable=g-import-not-at-top
+
+  from medjax.data import make_dataset  # pylint: disable=g-import-not-at-top
   check_run_config(config)
   sharding.maybe_initialize_distributed()
   workdir = Path(workdir).absolute()
@@ -517,18 +521,18 @@ def define_flags():
   flags.mark_flags_as_required(["config", "workdir"])
 
 
-class _QuietLibraries(logging.Filter):
+class _QuietLibraries(pylogging.Filter):
   """Drops orbax's per-save INFO chatter (a dozen lines per checkpoint); warnings still show."""
 
   def filter(self, record):
-    return record.levelno >= logging.WARNING or "orbax" not in record.pathname
+    return record.levelno >= pylogging.WARNING or "orbax" not in record.pathname
 
 
 def main(argv):
   from absl import flags  # pylint: disable=g-import-not-at-top
   if len(argv) > 1:
     raise MedjaxError(f"unexpected arguments {argv[1:]}")
-  for handler in logging.getLogger().handlers + logging.getLogger("absl").handlers:
+  for handler in pylogging.getLogger().handlers + pylogging.getLogger("absl").handlers:
     handler.addFilter(_QuietLibraries())
   _cpu_defaults()
   summary = train(flags.FLAGS.config, flags.FLAGS.workdir)
@@ -543,39 +547,9 @@ def _cpu_defaults():
                                " --xla_cpu_enable_concurrency_optimized_scheduler=false").strip()
 
 
-def parse_command_line(argv) -> list[str]:
-  """Parses the flags once up front so a bad --config or override is one line, not a trace."""
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
-  if spec is not None:
-    path = Path(spec.split(":", 1)[0])
-    if not path.is_file():
-      raise MedjaxError(f"--config={spec}: no such file {str(path)!r}")
-  try:
-    return flags.FLAGS(argv)
-  except flags.Error as e:
-    raise MedjaxError(str(e)) from None
-  except (AttributeError, KeyError, TypeError, ValueError, OSError) as e:
-    text = " ".join(str(e).replace("\\n", " ").split()).strip("'\"")
-    text = text.replace("\\'", "'")
-    if "get_config" in text:
-      text = f"--config={spec}: the file has no get_config(arg) function"
-    elif "Did you mean" in text:
-      text = f"--config: unknown key {text}"
-    elif "config" not in text.lower():
-      text = f"--config: {text}"
-    raise MedjaxError(text) from None
-
-
 def run():
-  import sys  # pylint: disable=g-import-not-at-top
-  from absl import app  # pylint: disable=g-import-not-at-top
-  define_flags()
-  try:
-    rest = parse_command_line(sys.argv)
-    app.run(main, argv=sys.argv, flags_parser=lambda _: rest)
-  except MedjaxError as e:
-    raise SystemExit(f"error: {e}") from None
+  from medjax import cli  # pylint: disable=g-import-not-at-top
+  cli.run_with_config(main, define_flags)
 
 
 if __name__ == "__main__":

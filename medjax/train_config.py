@@ -93,12 +93,13 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
-def check_config(config: Any, base: ml_collections.ConfigDict | None = None) -> None:
+def check_config(config: Any, base: ml_collections.ConfigDict | None = None,
+                 free_maps=FREE_MAPS) -> None:
   """Unknown keys (typos) are errors naming the key and its closest known neighbours."""
   base = base_config() if base is None else base
 
   def walk(cfg, ref, prefix):
-    for key in cfg.keys():
+    for key in cfg:
       name = f"{prefix}{key}"
       if key not in ref:
         import difflib  # pylint: disable=g-import-not-at-top
@@ -106,7 +107,7 @@ def check_config(config: Any, base: ml_collections.ConfigDict | None = None) -> 
         raise MedjaxError(f"config: unknown key {name!r}" +
                           (f" (did you mean {', '.join(prefix + n for n in near)}?)"
                            if near else ""))
-      if name in FREE_MAPS:
+      if name in free_maps:
         continue
       sub, sub_ref = cfg[key], ref[key]
       if isinstance(sub_ref, ml_collections.ConfigDict):

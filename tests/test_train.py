@@ -146,16 +146,18 @@ def test_fsdp_rules_shard_and_fall_back():
 
 def test_bad_inputs():
   with pytest.raises(MedjaxError, match="unknown key 'learning_rat'"):
-    train_config.check_config(tiny_config(**{}).copy_and_resolve_references()
-                              if False else _with_extra_key())
+    train_config.check_config(_with_extra_key())
   with pytest.raises(MedjaxError, match="only 1 are available"):
     sharding.make_mesh(16, 1)
   with pytest.raises(MedjaxError, match="not divisible"):
-    train.setup(tiny_config(batch_size=3), mesh=sharding.make_mesh(1, 1, ) if False else
-                _fake_two_device_mesh())
+    train.setup(tiny_config(batch_size=3), mesh=_fake_two_device_mesh())
+  sd, _ = train.build_model(tiny_config())
+  in_vocab = next(k for k in sd.tokenizer.get_vocab() if k.isalpha() and len(k) > 3)
   with pytest.raises(MedjaxError, match="already in the tokenizer vocabulary"):
     train.build_model(tiny_config("textual_inversion",
-                                  **{"textual_inversion.tokens": "chest=chest"}))
+                                  **{"textual_inversion.tokens": f"{in_vocab}=chest"}))
+  with pytest.raises(MedjaxError, match="given twice"):
+    train.parse_tokens("<a>=chest; <a>=lung")
   with pytest.raises(MedjaxError, match="'<token>=init words'"):
     train.parse_tokens("<x>")
   with pytest.raises(MedjaxError, match="mixed_precision"):
@@ -196,3 +198,21 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     train.train(config, tmp_path)
   steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
   assert steps and max(steps) < 6
+
+
+def test_prior_preservation_with_generated_class_images_and_cached_latents(tmp_path):
+  config = tiny_config(total_steps=2, cache_latents=True,
+                       **{"prior.enabled": True, "prior.num_class_images": 2,
+                          "prior.num_inference_steps": 2, "prior.weight": 0.5})
+  summary = train.train(config, tmp_path)
+  assert summary["step"] == 2 and np.isfinite(summary["loss"])
+  class_images = sorted((tmp_path / "class_images").glob("*.png"))
+  assert len(class_images) == 2
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  assert Image.open(class_images[0]).text["synthetic"] == "true"
+  rows = [json.loads(line) for line in (tmp_path / "tensorboard" / "metrics.jsonl").open()]
+  last = rows[-1]
+  assert last["prior_loss"] > 0 and last["instance_loss"] > 0
+  np.testing.assert_allclose(last["loss"], last["instance_loss"] + 0.5 * last["prior_loss"],
+                             rtol=1e-5)
+  assert last["images_per_s"] >= 0

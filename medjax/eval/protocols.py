@@ -1,0 +1,399 @@
+"""The two papers' evaluation protocols, each a function of a config and a workdir.
+
+paper_a  (de Wilde et al.) a classifier trained on N real images vs N real + M synthetic vs
+         synthetic only, AUC on a real test split over repeats (mean +- std), FID between the
+         generated images and the real training images.
+paper_b  (Chambon et al.) the VAE's reconstruction table (RMSE, PSNR, SSIM, MS-SSIM, FID of the
+         reconstructions) and a classifier trained on real images scoring generated images per
+         prompt class (accuracy, AUC).
+Both write results.json, results.md, ROC PNGs and sample grids into the workdir.
+"""
+import dataclasses
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import ml_collections
+import numpy as np
+from absl import logging
+
+from medjax.data.config import default_config as data_config
+from medjax.errors import MedjaxError
+
+PROTOCOLS: dict[str, Callable] = {}
+
+
+def register(name: str):
+  def wrap(fn):
+    PROTOCOLS[name] = fn
+    return fn
+  return wrap
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Every evaluation key with defaults sized for the embedded tiny model (minutes on a CPU)."""
+  from medjax.eval import classifier_train  # pylint: disable=g-import-not-at-top
+  c = ml_collections.ConfigDict()
+  c.protocol = "paper_a"  # a key of PROTOCOLS
+  c.seed = 0
+  c.resolution = 64  # generated and real images (pixels)
+
+  c.model = ml_collections.ConfigDict()
+  c.model.pretrained = ""  # diffusers dir; '' = embedded tiny SD
+  c.model.embedded_seed = 0
+  c.model.train_workdir = ""  # a medjax training workdir: use its trained pipeline instead
+  c.model.embeddings = ""  # ';'-separated textual-inversion files to load (diffusers or A1111)
+
+  c.data = data_config()
+  c.positive_class = "pleural_effusion"  # the class scored as positive in AUCs
+
+  c.generation = ml_collections.ConfigDict()
+  c.generation.prompts = ml_collections.ConfigDict()  # class -> prompt; empty = data prompts
+  c.generation.num_per_class = 8  # paper A: M = 2,000 synthetic images in all
+  c.generation.num_inference_steps = 10
+  c.generation.guidance_scale = 7.5
+  c.generation.scheduler = "ddim"
+  c.generation.batch_size = 8
+
+  c.classifier = classifier_train.default_config()
+  c.classifier.image_size = 32
+  c.classifier.num_steps = 30
+  c.classifier.batch_size = 8
+  c.classifier.progress = False
+  c.repeats = 2  # paper A: 5
+  c.settings = "real,real+synthetic,synthetic"  # paper A's three training sets
+
+  c.fid = ml_collections.ConfigDict()
+  c.fid.weights = ""  # pytorch-fid's pt_inception-2015-12-05-*.pth; '' = the usual places
+  c.fid.allow_pickle = False  # a .pth weights file needs this (torch.load weights_only=True)
+  c.fid.random_weights = True  # no weights file: random Inception (relative numbers only)
+  c.fid.resize = "pytorch-fid"  # or 'clean' (clean-fid's PIL bicubic)
+  c.fid.batch_size = 16
+  c.fid.max_images = 16  # per set; 0 = all
+  # Only the first `dims` of the 2048 pool features (0 = all: pytorch-fid's FID). The embedded
+  # default uses 64 since the 2048 x 2048 matrix square root takes minutes on a small CPU.
+  c.fid.dims = 64
+
+  c.recon = ml_collections.ConfigDict()
+  c.recon.num_images = 8
+  c.recon.batch_size = 4
+
+  c.bootstrap = 200  # resamples for AUC confidence intervals; 0 = off
+  c.progress_bar = True
+  return c
+
+
+# -- shared pieces -------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Split:
+  images: np.ndarray  # [N, H, W, 3] in [-1, 1]
+  labels: np.ndarray  # [N] class index
+  class_names: tuple
+
+
+def load_split(config: Any, split: str) -> Split:
+  """All images of one split, in order, as arrays."""
+  from medjax.data import make_dataset  # pylint: disable=g-import-not-at-top
+  data = make_dataset(config.data, split, batch_size=8, seed=config.seed,
+                      resolution=config.resolution, num_epochs=1, shuffle=False,
+                      drop_remainder=False)
+  images, labels = [], []
+  for batch in data:
+    images.append(np.asarray(batch["image"], np.float32))
+    labels.append(np.asarray(batch["label"]))
+  if not images:
+    raise MedjaxError(f"config.data: the {split!r} split is empty")
+  return Split(np.concatenate(images), np.concatenate(labels), tuple(data.class_names))
+
+
+def positive_index(config: Any, class_names) -> int:
+  if config.positive_class not in class_names:
+    raise MedjaxError(f"config.positive_class={config.positive_class!r} is not one of the "
+                      f"data classes {list(class_names)} (config.data.classes)")
+  return class_names.index(config.positive_class)
+
+
+def binary(split: Split, pos: int) -> np.ndarray:
+  return (split.labels == pos).astype(np.float32)
+
+
+def load_model(config: Any):
+  """The pipeline to generate with: a training workdir, or base weights + embedding files."""
+  from medjax.pipeline import StableDiffusion  # pylint: disable=g-import-not-at-top
+  m = config.model
+  if m.train_workdir:
+    from medjax import train  # pylint: disable=g-import-not-at-top
+    sd = train.restore_pipeline(m.train_workdir)
+  elif m.pretrained:
+    sd = StableDiffusion.from_pretrained(m.pretrained)
+  else:
+    sd = StableDiffusion.embedded(seed=m.embedded_seed)
+  files = [p.strip() for p in m.embeddings.split(";") if p.strip()]
+  return sd.load_embeddings(files) if files else sd
+
+
+def class_prompts(config: Any, class_names) -> dict[str, str]:
+  given = dict(config.generation.prompts)
+  base = dict(config.data.prompt.class_prompts)
+  out = {}
+  for name in class_names:
+    prompt = given.get(name) or base.get(name)
+    if not prompt:
+      raise MedjaxError(f"no prompt for class {name!r}: set config.generation.prompts.{name}")
+    out[name] = prompt
+  return out
+
+
+def generate_per_class(config: Any, sd, class_names, workdir: Path) -> Split:
+  """`num_per_class` images per class prompt (seeded), plus a grid PNG per class."""
+  import tqdm  # pylint: disable=g-import-not-at-top
+
+  from medjax import sample as sample_lib  # pylint: disable=g-import-not-at-top
+  g = config.generation
+  prompts = class_prompts(config, class_names)
+  images, labels = [], []
+  total = g.num_per_class * len(class_names)
+  bar = tqdm.tqdm(total=total, desc="generate", unit="img", disable=not config.progress_bar)
+  for k, name in enumerate(class_names):
+    kept = []
+    for start in range(0, g.num_per_class, g.batch_size):
+      n = min(g.batch_size, g.num_per_class - start)
+      seeds = [config.seed * 1_000_003 + k * 100_003 + start + i for i in range(n)]
+      out = np.asarray(sd.generate([prompts[name]] * n, num_inference_steps=g.num_inference_steps,
+                                   guidance_scale=g.guidance_scale, scheduler=g.scheduler,
+                                   height=config.resolution, width=config.resolution, seed=seeds))
+      kept.append(out)
+      bar.update(n)
+    class_images = np.concatenate(kept)
+    images.append(class_images * 2 - 1)
+    labels.append(np.full(len(class_images), k))
+    grid = sample_lib.grid(sample_lib.to_uint8(class_images[:16]))
+    sample_lib.save_png(grid, workdir / f"samples_{name}.png",
+                        {"synthetic": "true", "generator": "medjax.evaluate",
+                         "prompt": prompts[name], "model": sd.name})
+  bar.close()
+  return Split(np.concatenate(images), np.concatenate(labels), tuple(class_names))
+
+
+def inception_params(config: Any):
+  """pytorch-fid's weights, or (when allowed) random ones with a warning in the results."""
+  from medjax.convert import inception  # pylint: disable=g-import-not-at-top
+  try:
+    return inception.load_inception(config.fid.weights or None,
+                                    allow_pickle=config.fid.allow_pickle), None
+  except MedjaxError as e:
+    if not config.fid.random_weights:
+      raise
+    note = ("FID computed with a randomly initialised Inception (no pytorch-fid weights "
+            "found): compare these numbers only with each other. " + str(e).split(";")[0])
+    logging.warning(note)
+    return inception.random_inception(config.seed), note
+
+
+def fid_notes(config: Any, weights_note: str | None) -> list[str]:
+  notes = [weights_note] if weights_note else []
+  if config.fid.dims:
+    notes.append(f"FID over the first {config.fid.dims} of 2048 Inception features and at most "
+                 f"{config.fid.max_images or 'all'} images per set (config.fid.dims / "
+                 "max_images): not comparable with published FIDs.")
+  return notes
+
+
+def fid_between(config: Any, params, a: np.ndarray, b: np.ndarray) -> float:
+  """FID between two image sets in [-1, 1] (the first `fid.max_images` of each)."""
+  from medjax.eval import fid as fid_lib  # pylint: disable=g-import-not-at-top
+  cap = config.fid.max_images or None
+  a, b = a[:cap], b[:cap]
+  for name, x in (("first", a), ("second", b)):
+    if len(x) < 2:
+      raise MedjaxError(f"FID: the {name} image set has {len(x)} image(s); at least 2 needed")
+  feats = [fid_lib.inception_features(params, (x + 1) / 2, batch_size=config.fid.batch_size,
+                                      resize=config.fid.resize) for x in (a, b)]
+  if config.fid.dims:
+    feats = [f[:, :config.fid.dims] for f in feats]
+  return float(fid_lib.frechet_distance(*fid_lib.statistics(feats[0]),
+                                        *fid_lib.statistics(feats[1])))
+
+
+def train_and_score(config: Any, train: Split, val: Split, test: Split, pos: int, seed: int):
+  """Trains the configured classifier; returns (scores on test, metrics dict)."""
+  from medjax.eval import auc as auc_lib  # pylint: disable=g-import-not-at-top
+  from medjax.eval import classifier_train  # pylint: disable=g-import-not-at-top
+  cfg = ml_collections.ConfigDict(config.classifier.to_dict())
+  cfg.seed = seed
+  cfg.task = "binary"
+  state, history = classifier_train.train_classifier(
+      cfg, (train.images, binary(train, pos)), (val.images, binary(val, pos)))
+  scores = classifier_train.predict(state, test.images, cfg.predict_batch_size)
+  y = binary(test, pos)
+  metrics = {"auc": auc_lib.roc_auc(y, scores), **auc_lib.threshold_metrics(y, scores),
+             "best_step": history.get("best_step")}
+  return scores, metrics
+
+
+# -- reports -------------------------------------------------------------------------------------
+
+def write_report(workdir: Path, results: dict, table: list[list[str]], title: str) -> None:
+  """results.json and results.md, each written to a temp file and renamed."""
+  def atomic(path: Path, text: str):
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+  atomic(workdir / "results.json", json.dumps(results, indent=1, default=_json) + "\n")
+  lines = [f"# {title}", ""]
+  if results.get("notes"):
+    lines += [f"> {n}" for n in results["notes"]] + [""]
+  head, *rows = table
+  lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  lines += ["| " + " | ".join(r) + " |" for r in rows]
+  atomic(workdir / "results.md", "\n".join(lines) + "\n")
+
+
+def _json(x):
+  if isinstance(x, (np.floating, np.integer)):
+    return x.item()
+  if isinstance(x, np.ndarray):
+    return x.tolist()
+  return str(x)
+
+
+def fmt(x: float, digits: int = 3) -> str:
+  return f"{x:.{digits}f}"
+
+
+# -- paper A ---------------------------------------------------------------------------------------
+
+@register("paper_a")
+def paper_a(config: Any, workdir: Path) -> dict:
+  """Real vs real + synthetic vs synthetic-only classifiers; FID of generated vs training."""
+  from medjax.eval import auc as auc_lib  # pylint: disable=g-import-not-at-top
+  train, val, test = (load_split(config, s) for s in ("train", "val", "test"))
+  pos = positive_index(config, train.class_names)
+  for name, split in (("train", train), ("val", val), ("test", test)):
+    if len(np.unique(binary(split, pos))) < 2:
+      raise MedjaxError(f"the {name} split holds one class only ({len(split.labels)} images): "
+                        "AUC needs both; use more images (config.data.split.sizes)")
+  sd = load_model(config)
+  synth = generate_per_class(config, sd, train.class_names, workdir)
+  sets = {"real": train, "synthetic": synth,
+          "real+synthetic": Split(np.concatenate([train.images, synth.images]),
+                                  np.concatenate([train.labels, synth.labels]),
+                                  train.class_names)}
+  settings = [s.strip() for s in config.settings.split(",") if s.strip()]
+  unknown = [s for s in settings if s not in sets]
+  if unknown:
+    raise MedjaxError(f"config.settings: unknown {unknown}; expected {list(sets)}")
+  runs = {s: [] for s in settings}
+  curves = {}
+  y_test = binary(test, pos)
+  for repeat in range(config.repeats):
+    for s in settings:
+      scores, metrics = train_and_score(config, sets[s], val, test, pos, config.seed + repeat)
+      runs[s].append(metrics)
+      if repeat == 0:
+        fpr, tpr, _ = auc_lib.roc_curve(y_test, scores)
+        curves[s] = (fpr, tpr, metrics["auc"])
+        if config.bootstrap:
+          metrics["auc_ci"] = auc_lib.bootstrap_ci(y_test, scores, n=config.bootstrap,
+                                                   seed=config.seed)
+  params, note = inception_params(config)
+  fid = {"all": fid_between(config, params, synth.images, train.images)}
+  for k, name in enumerate(train.class_names):
+    a, b = synth.images[synth.labels == k], train.images[train.labels == k]
+    if len(a) >= 2 and len(b) >= 2:
+      fid[name] = fid_between(config, params, a, b)
+  auc_lib.plot_roc(curves, workdir / "roc.png", title="Test ROC (repeat 1)")
+  summary = {s: _mean_std([r["auc"] for r in runs[s]]) for s in settings}
+  results = {"protocol": "paper_a", "summary_auc": summary, "runs": runs, "fid": fid,
+             "sizes": {"real_train": len(train.labels), "synthetic": len(synth.labels),
+                       "val": len(val.labels), "test": len(test.labels)},
+             "classifier": config.classifier.to_dict(), "notes": fid_notes(config, note)}
+  table = [["training set", "AUC (mean ± std)", "repeats", "accuracy (mean)"]]
+  for s in settings:
+    acc = np.mean([r["accuracy"] for r in runs[s]])
+    table.append([s, f"{fmt(summary[s]['mean'])} ± {fmt(summary[s]['std'])}",
+                  str(summary[s]["n"]), fmt(acc)])
+  table.append(["FID generated vs real train", fmt(fid["all"], 2), "", ""])
+  write_report(workdir, results, table, "Paper A protocol: classifier AUC with synthetic data")
+  return results
+
+
+def _mean_std(values) -> dict:
+  values = np.asarray(values, np.float64)
+  std = float(values.std(ddof=1)) if values.size > 1 else 0.0
+  return {"mean": float(values.mean()), "std": std, "n": int(values.size)}
+
+
+# -- paper B ---------------------------------------------------------------------------------------
+
+@register("paper_b")
+def paper_b(config: Any, workdir: Path) -> dict:
+  """VAE reconstruction table; a real-trained classifier scoring generated images per class."""
+  from medjax.eval import auc as auc_lib  # pylint: disable=g-import-not-at-top
+  from medjax.eval import (
+    classifier_train,  # pylint: disable=g-import-not-at-top
+    recon,  # pylint: disable=g-import-not-at-top
+  )
+  train, val, test = (load_split(config, s) for s in ("train", "val", "test"))
+  pos = positive_index(config, train.class_names)
+  sd = load_model(config)
+  # VAE study on real test images.
+  originals = test.images[:config.recon.num_images]
+  recon_metrics = recon.vae_roundtrip_metrics(sd, (originals + 1) / 2,
+                                              batch_size=config.recon.batch_size)
+  reconstructed = np.clip(np.concatenate([
+      np.asarray(sd.decode_latents(sd.encode_images(originals[i:i + config.recon.batch_size])))
+      for i in range(0, len(originals), config.recon.batch_size)]), -1, 1)
+  params, note = inception_params(config)
+  recon_metrics["fid"] = fid_between(config, params, reconstructed, originals)
+  # Classifier on real images, then on generated ones.
+  real_scores, real_metrics = train_and_score(config, train, val, test, pos, config.seed)
+  cfg = ml_collections.ConfigDict(config.classifier.to_dict())
+  cfg.seed, cfg.task = config.seed, "binary"
+  state, _ = classifier_train.train_classifier(cfg, (train.images, binary(train, pos)),
+                                               (val.images, binary(val, pos)))
+  synth = generate_per_class(config, sd, train.class_names, workdir)
+  scores = classifier_train.predict(state, synth.images, cfg.predict_batch_size)
+  y = binary(synth, pos)
+  per_class = {name: {"accuracy": float(np.mean((scores[synth.labels == k] >= 0.5)
+                                                == (k == pos)))}
+               for k, name in enumerate(train.class_names)}
+  generated = {"auc": auc_lib.roc_auc(y, scores), "accuracy": auc_lib.accuracy(y, scores),
+               "per_class": per_class}
+  fpr, tpr, _ = auc_lib.roc_curve(binary(test, pos), real_scores)
+  gfpr, gtpr, _ = auc_lib.roc_curve(y, scores)
+  auc_lib.plot_roc({"real test": (fpr, tpr, real_metrics["auc"]),
+                    "generated": (gfpr, gtpr, generated["auc"])}, workdir / "roc.png",
+                   title="Classifier trained on real images")
+  results = {"protocol": "paper_b", "vae_reconstruction": recon_metrics,
+             "classifier_real_test": real_metrics, "classifier_on_generated": generated,
+             "notes": fid_notes(config, note)}
+  table = [["measure", "value"]]
+  for k in ("rmse", "psnr", "ssim", "ms_ssim", "fid"):
+    if recon_metrics.get(k) is not None:
+      table.append([f"VAE reconstruction {k.upper()}", fmt(float(recon_metrics[k]))])
+  table.append(["classifier AUC, real test", fmt(real_metrics["auc"])])
+  table.append(["classifier AUC, generated images", fmt(generated["auc"])])
+  table.append(["classifier accuracy, generated images", fmt(generated["accuracy"])])
+  for name, m in per_class.items():
+    table.append([f"accuracy on generated '{name}'", fmt(m["accuracy"])])
+  write_report(workdir, results, table, "Paper B protocol: VAE reconstruction and classifier")
+  return results
+
+
+def run_protocol(config: Any, workdir) -> dict:
+  from medjax.train_config import check_config  # pylint: disable=g-import-not-at-top
+  check_config(config, base_config(),
+               free_maps=("data.prompt.class_prompts", "data.prompt.label_texts",
+                          "generation.prompts"))
+  if config.protocol not in PROTOCOLS:
+    raise MedjaxError(f"config.protocol={config.protocol!r}: expected one of {list(PROTOCOLS)}")
+  workdir = Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  tmp = workdir / ".config.json.tmp"
+  tmp.write_text(config.to_json(indent=1) + "\n")
+  os.replace(tmp, workdir / "config.json")
+  return PROTOCOLS[config.protocol](config, workdir)
