@@ -238,6 +238,7 @@ def plot_roc(curves: dict, path, title: str = "ROC", size: int = 560) -> Path:
   try:
     with os.fdopen(fd, "wb") as f:
       img.save(f, format="PNG")
+    os.chmod(tmp, 0o644)  # mkstemp makes 0600; a plot is for sharing
     os.replace(tmp, path)
   except BaseException:
     if os.path.exists(tmp):

@@ -219,7 +219,7 @@ def fid_between(config: Any, params, a: np.ndarray, b: np.ndarray) -> float:
 
 
 def train_and_score(config: Any, train: Split, val: Split, test: Split, pos: int, seed: int):
-  """Trains the configured classifier; returns (scores on test, metrics dict)."""
+  """Trains the configured classifier; returns (scores on test, metrics dict, state)."""
   from medjax.eval import auc as auc_lib  # pylint: disable=g-import-not-at-top
   from medjax.eval import classifier_train  # pylint: disable=g-import-not-at-top
   cfg = ml_collections.ConfigDict(config.classifier.to_dict())
@@ -231,7 +231,7 @@ def train_and_score(config: Any, train: Split, val: Split, test: Split, pos: int
   y = binary(test, pos)
   metrics = {"auc": auc_lib.roc_auc(y, scores), **auc_lib.threshold_metrics(y, scores),
              "best_step": history.get("best_step")}
-  return scores, metrics
+  return scores, metrics, state
 
 
 # -- reports -------------------------------------------------------------------------------------
@@ -291,7 +291,8 @@ def paper_a(config: Any, workdir: Path) -> dict:
   y_test = binary(test, pos)
   for repeat in range(config.repeats):
     for s in settings:
-      scores, metrics = train_and_score(config, sets[s], val, test, pos, config.seed + repeat)
+      scores, metrics, _ = train_and_score(config, sets[s], val, test, pos,
+                                           config.seed + repeat)
       runs[s].append(metrics)
       if repeat == 0:
         fpr, tpr, _ = auc_lib.roc_curve(y_test, scores)
@@ -350,13 +351,9 @@ def paper_b(config: Any, workdir: Path) -> dict:
   params, note = inception_params(config)
   recon_metrics["fid"] = fid_between(config, params, reconstructed, originals)
   # Classifier on real images, then on generated ones.
-  real_scores, real_metrics = train_and_score(config, train, val, test, pos, config.seed)
-  cfg = ml_collections.ConfigDict(config.classifier.to_dict())
-  cfg.seed, cfg.task = config.seed, "binary"
-  state, _ = classifier_train.train_classifier(cfg, (train.images, binary(train, pos)),
-                                               (val.images, binary(val, pos)))
+  real_scores, real_metrics, state = train_and_score(config, train, val, test, pos, config.seed)
   synth = generate_per_class(config, sd, train.class_names, workdir)
-  scores = classifier_train.predict(state, synth.images, cfg.predict_batch_size)
+  scores = classifier_train.predict(state, synth.images, config.classifier.predict_batch_size)
   y = binary(synth, pos)
   per_class = {name: {"accuracy": float(np.mean((scores[synth.labels == k] >= 0.5)
                                                 == (k == pos)))}

@@ -1,0 +1,89 @@
+"""Each evaluation protocol runs end to end on the embedded default (tiny sizes) and reports."""
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from medjax.errors import MedjaxError
+from medjax.eval import protocols
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def load_config(name: str, arg: str = ""):
+  spec = importlib.util.spec_from_file_location(name, ROOT / "configs" / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def tiny(config):
+  """Smaller still than the configs' embedded defaults, for CI."""
+  config.generation.num_per_class = 4
+  config.generation.num_inference_steps = 4
+  config.generation.batch_size = 4
+  config.classifier.num_steps = 8
+  config.fid.max_images = 8
+  config.recon.num_images = 4
+  config.bootstrap = 50
+  config.progress_bar = False
+  return config
+
+
+@pytest.mark.parametrize("name", ["eval_paper_a_mri", "eval_paper_a_cxr", "eval_paper_b"])
+@pytest.mark.parametrize("arg", ["", "paper"])
+def test_configs_are_valid(name, arg):
+  config = load_config(name, arg)
+  from medjax.train_config import check_config  # pylint: disable=g-import-not-at-top
+  check_config(config, protocols.base_config(),
+               free_maps=("data.prompt.class_prompts", "data.prompt.label_texts",
+                          "generation.prompts"))
+  assert config.protocol in protocols.PROTOCOLS
+  if arg == "paper":
+    assert config.fid.dims == 0 and not config.fid.random_weights
+
+
+def test_paper_a_protocol_writes_its_report(tmp_path):
+  config = tiny(load_config("eval_paper_a_mri"))
+  results = protocols.run_protocol(config, tmp_path)
+  summary = results["summary_auc"]
+  assert set(summary) == {"real", "real+synthetic", "synthetic"}
+  for s in summary.values():
+    assert 0 <= s["mean"] <= 1 and s["n"] == 2
+  assert results["sizes"] == {"real_train": 24, "synthetic": 8, "val": 16, "test": 16}
+  assert results["fid"]["all"] >= 0 and "diseased" in results["fid"]
+  assert any("random" in n for n in results["notes"])
+  for name in ("results.json", "results.md", "roc.png", "samples_diseased.png",
+               "samples_healthy.png", "config.json"):
+    assert (tmp_path / name).exists(), name
+  assert "nan" not in (tmp_path / "results.md").read_text().lower()
+  assert json.loads((tmp_path / "results.json").read_text())["protocol"] == "paper_a"
+
+
+def test_paper_b_protocol_writes_its_report(tmp_path):
+  config = tiny(load_config("eval_paper_b"))
+  results = protocols.run_protocol(config, tmp_path)
+  recon = results["vae_reconstruction"]
+  assert recon["num_images"] == 4 and recon["rmse"] > 0 and recon["fid"] >= 0
+  assert 0 <= results["classifier_on_generated"]["auc"] <= 1
+  assert set(results["classifier_on_generated"]["per_class"]) == {"pleural_effusion",
+                                                                  "no_finding"}
+  table = (tmp_path / "results.md").read_text()
+  assert "VAE reconstruction SSIM" in table and "nan" not in table.lower()
+
+
+def test_bad_protocol_inputs(tmp_path):
+  config = load_config("eval_paper_a_mri")
+  config.positive_class = "tumour"
+  with pytest.raises(MedjaxError, match="positive_class='tumour'"):
+    protocols.run_protocol(config, tmp_path)
+  config = load_config("eval_paper_a_mri")
+  config.protocol = "paper_c"
+  with pytest.raises(MedjaxError, match="paper_c"):
+    protocols.run_protocol(config, tmp_path)
+  config = load_config("eval_paper_a_mri")
+  config.settings = "real,imaginary"
+  config.data.split.sizes = (2, 2, 2)
+  with pytest.raises(MedjaxError, match="one class only|imaginary"):
+    protocols.run_protocol(tiny(config), tmp_path)
