@@ -31,8 +31,9 @@ Configs (all random weights; both sides read the same weights):
 
 Each (framework, config, kind) runs in its own subprocess. Times are medians over `--repeats`
 steps after `--warmup` steps (medjax's compile is reported separately). Memory on CPU is the
-process's peak RSS while running the timed steps (reset after the warm-up, so XLA's compiler
-memory is not counted); on GPU peak device bytes. 'xla plan MB' is the buffer plan of medjax's
+process's peak RSS while running the timed steps (reset after the warm-up; glibc keeps the heap
+XLA's compiler freed, ~0.9 GB on mid fine-tune, unless `--malloc_trim` returns it to the OS
+first, on both sides); on GPU peak device bytes. 'xla plan MB' is the buffer plan of medjax's
 compiled step (`memory_analysis()`: arguments + outputs + temporaries - donated aliases).
 PyTorch gets as many intra-op threads as the process may use (`os.sched_getaffinity`), which
 is what XLA:CPU's thread pool uses. Ratios are medjax / PyTorch: below 1.0 means medjax is
@@ -40,6 +41,7 @@ faster or smaller. The load average before each run is printed: other processes 
 skew the times.
 """
 import argparse
+import ctypes
 import json
 import os
 import shutil
@@ -121,13 +123,24 @@ def images(batch: int, resolution: int):
       np.float32)
 
 
-def run_steps(step, warmup: int, repeats: int) -> dict:
+def malloc_trim() -> None:
+  """Returns freed glibc heap (e.g. XLA's compiler arenas) to the OS, so RSS drops to what is
+  in use."""
+  try:
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+  except (OSError, AttributeError):
+    pass
+
+
+def run_steps(step, warmup: int, repeats: int, trim: bool = False) -> dict:
   """Warm-up steps (untimed), then the peak-RSS reset, then `repeats` timed steps."""
   start = time.perf_counter()
   step()
   first = time.perf_counter() - start
   for _ in range(warmup - 1):
     step()
+  if trim:
+    malloc_trim()
   unet_bench.reset_peak_host_bytes()
   times = []
   for _ in range(repeats):
@@ -177,7 +190,7 @@ def run_jax(args) -> dict:
     jax.block_until_ready((holder["state"], metrics))
     holder["loss"] = float(metrics["loss"])
 
-  out = run_steps(step, args.warmup, args.repeats)
+  out = run_steps(step, args.warmup, args.repeats, args.malloc_trim)
   device = jax.devices()[0]
   stats = device.memory_stats() if device.platform == "gpu" else None
   out["peak_bytes"] = stats["peak_bytes_in_use"] if stats else unet_bench.peak_host_bytes()
@@ -307,7 +320,8 @@ def run_torch(args) -> dict:
 
   if device == "cuda":
     torch.cuda.reset_peak_memory_stats()
-  out = run_steps(ti_step if kind == "ti" else ft_step, args.warmup, args.repeats)
+  out = run_steps(ti_step if kind == "ti" else ft_step, args.warmup, args.repeats,
+                  args.malloc_trim)
   out["peak_bytes"] = (torch.cuda.max_memory_allocated() if device == "cuda"
                        else unet_bench.peak_host_bytes())
   out.update(setup_s=setup_s, loss=holder["loss"], device=device,
@@ -327,6 +341,7 @@ def spawn(framework: str, config: str, kind: str, path: str, args) -> dict:
          f"--configs={config}", f"--kinds={kind}", f"--path={path}", f"--batch={args.batch}",
          f"--warmup={args.warmup}", f"--repeats={args.repeats}", f"--threads={args.threads}"]
   cmd += ["--bf16"] if args.bf16 else []
+  cmd += ["--malloc_trim"] if args.malloc_trim else []
   cmd += ["--remat"] if args.remat and framework == "jax" else []
   out = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
   for line in out.stdout.splitlines():
@@ -358,6 +373,9 @@ def main():
   parser.add_argument("--remat", action="store_true", help="medjax remat (PyTorch: off)")
   parser.add_argument("--xla_cpu_default_scheduler", action="store_true",
                       help="keep XLA:CPU's concurrency-optimised scheduler (more memory)")
+  parser.add_argument("--malloc_trim", action="store_true",
+                      help="both sides: glibc malloc_trim(0) before the peak-RSS reset, so freed "
+                      "heap (medjax: XLA's compiler arenas) is not counted")
   parser.add_argument("--worker", choices=["jax", "torch"], help=argparse.SUPPRESS)
   parser.add_argument("--path", help=argparse.SUPPRESS)
   args = parser.parse_args()
@@ -375,7 +393,8 @@ def main():
     parse_kind(kind)
 
   print(f"batch {args.batch}, {'bf16' if args.bf16 else 'fp32'}"
-        f"{', medjax remat' if args.remat else ''}, median of {args.repeats} steps after "
+        f"{', medjax remat' if args.remat else ''}"
+        f"{', malloc_trim before RSS reset' if args.malloc_trim else ''}, median of {args.repeats} steps after "
         f"{args.warmup} warm-up, {args.threads} threads, load avg before each pair in []")
   header = (f"{'config':6} {'step':5} {'medjax s':>9} {'torch s':>9} {'time x':>7} "
             f"{'target':>9} {'medjax MB':>10} {'torch MB':>9} {'mem x':>6} {'target':>9} "
