@@ -12,6 +12,7 @@ r"""Chest X-ray textual inversion (paper A, de Wilde et al.): one 64-vector toke
   Arg options: paper, vectors=N (e.g. vectors=8 for the ablation).
 """
 from medjax.train_config import base_config
+from medjax.train_config import ti_paper_scale
 
 
 def get_config(arg: str = ""):
@@ -29,12 +30,5 @@ def get_config(arg: str = ""):
   c.weight_decay = 0.0  # never on embeddings (objectives masks it anyway)
   c.max_grad_norm = 0.0
   if "paper" in opts:
-    c.resolution = 512
-    c.total_steps = 50_000  # 100k for prostate MRI (configs/mri_ti.py)
-    c.batch_size = 1  # the web UI's default; one device
-    c.mesh.data, c.mesh.fsdp = 1, 1
-    c.data.source = "chexpert"
-    c.data.per_class = 100  # paper A: 100 training images per class
-    c.cache_latents = True
-    c.checkpoint_every_steps, c.log_every_steps, c.sample_every_steps = 1000, 100, 5000
+    ti_paper_scale(c, "chexpert", total_steps=50_000)  # 100k for prostate MRI
   return c

@@ -11,6 +11,8 @@ r"""Chest X-ray U-Net fine-tuning (paper B, Chambon et al.): prompts from labels
   reports as prompts), text_encoder (also fine-tune CLIP).
 """
 from medjax.train_config import base_config
+from medjax.train_config import prior_preservation
+from medjax.train_config import unet_paper_scale
 
 
 def get_config(arg: str = ""):
@@ -23,25 +25,11 @@ def get_config(arg: str = ""):
   c.sample.prompts = "a chest x-ray with pleural effusion; a chest x-ray with no finding"
   c.learning_rate = 1e-4  # tiny random model: learns visibly in 60 steps
   if "paper" in opts:
-    c.resolution = 512
-    c.total_steps = 20_000
-    c.batch_size = 32
-    c.learning_rate = 5e-6  # full fine-tune of SD at batch 32 (diffusers' recipe range)
-    c.lr_schedule, c.warmup_steps = "constant", 500
-    c.max_grad_norm = 1.0
-    c.mixed_precision = "bf16"
-    c.remat = True
-    c.ema_decay = 0.9999
-    c.cache_latents = True
-    c.checkpoint_every_steps, c.log_every_steps, c.sample_every_steps = 1000, 50, 2000
-    c.data.source = "chexpert"
-    c.data.on_bad_file = "skip"
+    unet_paper_scale(c, "chexpert")
     c.sample.num_inference_steps, c.sample.guidance_scale = 75, 4.0  # RoentGen: 75 PNDM, g=4
     c.sample.scheduler = "pndm"
   if "prior" in opts:
-    c.prior.enabled = True
-    c.prior.class_prompt = "a chest x-ray"
-    c.prior.num_class_images = 200 if "paper" in opts else 8
+    prior_preservation(c, "a chest x-ray", paper="paper" in opts)
   if "mimic" in opts:
     c.data.source = "mimic"
     c.data.mimic.reports = True

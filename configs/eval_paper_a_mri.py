@@ -11,41 +11,15 @@ r"""Paper A's prostate MRI protocol: ResNet-18 on N real vs N real + M synthetic
       from the learned tokens), ResNet-18, lr 1e-4, batch 32, 6,250 steps, 196 x 196 input,
       5 repeats (paper: real 0.780 +- 0.017, real+synthetic 0.803 +- 0.009, synthetic 0.766).
 """
-from medjax.eval.protocols import base_config
+from medjax.eval.protocols import paper_scale
+from medjax.eval.protocols import protocol_config
 
 
 def get_config(arg: str = ""):
-  c = base_config()
-  c.protocol = "paper_a"
-  c.positive_class = "diseased"
-  c.data.phantoms.kind = "mri"
-  c.data.phantoms.num = 96
-  c.data.classes = "diseased: csPCa=1; healthy: csPCa=0"
-  c.data.split.mode = "sizes"
-  c.data.split.sizes = (24, 16, 16)
-  c.generation.prompts = {"diseased": "a prostate mri with <cspca>",
-                          "healthy": "a prostate mri with <healthy-prostate>"}
-  c.generation.num_per_class = 8
-  if "paper" not in (arg or ""):
-    # Embedded default: no embeddings trained yet, so plain class prompts.
-    c.generation.prompts = {"diseased": "a prostate mri with clinically significant cancer",
-                            "healthy": "a prostate mri with no lesion"}
-    return c
-  c.resolution = 512
-  c.data.source = "picai"
-  c.data.split.sizes = (200, 200, 200)
-  c.generation.num_per_class = 1000
-  c.generation.num_inference_steps = 50
-  c.generation.batch_size = 16
-  c.classifier.image_size = 196
-  c.classifier.num_steps = 6250
-  c.classifier.batch_size = 32
-  c.classifier.learning_rate = 1e-4
-  c.classifier.progress = True
-  c.repeats = 5
-  c.fid.random_weights = False
-  c.fid.max_images = 0
-  c.fid.dims = 0
-  c.fid.batch_size = 50
-  c.bootstrap = 1000
-  return c
+  if "paper" in (arg or ""):  # the tokens learned by configs/mri_ti.py
+    return paper_scale(protocol_config("paper_a", "mri", {
+        "diseased": "a prostate mri with <cspca>",
+        "healthy": "a prostate mri with <healthy-prostate>"}), "picai")
+  return protocol_config("paper_a", "mri", {
+      "diseased": "a prostate mri with clinically significant cancer",
+      "healthy": "a prostate mri with no lesion"})

@@ -11,6 +11,7 @@ r"""Prostate MRI textual inversion (paper A on PI-CAI): T2W/ADC/HBV as RGB, slic
   Arg options: paper, vectors=N.
 """
 from medjax.train_config import base_config
+from medjax.train_config import ti_paper_scale
 
 
 def get_config(arg: str = ""):
@@ -29,12 +30,5 @@ def get_config(arg: str = ""):
   c.weight_decay = 0.0
   c.max_grad_norm = 0.0
   if "paper" in opts:
-    c.resolution = 512
-    c.total_steps = 100_000
-    c.batch_size = 1
-    c.mesh.data, c.mesh.fsdp = 1, 1
-    c.data.source = "picai"
-    c.data.per_class = 100
-    c.cache_latents = True
-    c.checkpoint_every_steps, c.log_every_steps, c.sample_every_steps = 2000, 100, 10000
+    ti_paper_scale(c, "picai", total_steps=100_000)
   return c

@@ -9,6 +9,8 @@ r"""Prostate MRI U-Net fine-tuning on PI-CAI slices, prompts from the slice's cs
   Arg options: paper, prior (prior preservation with 'a prostate mri' class images).
 """
 from medjax.train_config import base_config
+from medjax.train_config import prior_preservation
+from medjax.train_config import unet_paper_scale
 
 
 def get_config(arg: str = ""):
@@ -25,19 +27,7 @@ def get_config(arg: str = ""):
                       "a prostate mri with no lesion")
   c.learning_rate = 1e-4
   if "paper" in opts:
-    c.resolution = 512
-    c.total_steps = 20_000
-    c.batch_size = 32
-    c.learning_rate = 5e-6
-    c.warmup_steps = 500
-    c.mixed_precision = "bf16"
-    c.remat = True
-    c.ema_decay = 0.9999
-    c.cache_latents = True
-    c.data.source = "picai"
-    c.checkpoint_every_steps, c.log_every_steps, c.sample_every_steps = 1000, 50, 2000
+    unet_paper_scale(c, "picai")
   if "prior" in opts:
-    c.prior.enabled = True
-    c.prior.class_prompt = "a prostate mri"
-    c.prior.num_class_images = 200 if "paper" in opts else 8
+    prior_preservation(c, "a prostate mri", paper="paper" in opts)
   return c

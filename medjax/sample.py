@@ -9,7 +9,6 @@ generator=medjax, prompt, seed, ...) so a generated image is never mistaken for 
 Image i uses seed + i, so the images do not depend on --batch_size.
 """
 import math
-import os
 from pathlib import Path
 
 from absl import flags
@@ -20,6 +19,7 @@ import tqdm
 
 from medjax import schedulers
 from medjax import cli
+from medjax.atomic import atomic_path
 from medjax.errors import MedjaxError
 
 FLAGS = flags.FLAGS
@@ -54,9 +54,8 @@ def save_png(array: np.ndarray, path: Path, metadata: dict) -> None:
   info = PngInfo()
   for key, value in metadata.items():
     info.add_text(key, str(value))
-  tmp = path.with_name(f".{path.name}.tmp")
-  Image.fromarray(array).save(tmp, format="PNG", pnginfo=info)
-  os.replace(tmp, path)
+  with atomic_path(path) as tmp:
+    Image.fromarray(array).save(tmp, format="PNG", pnginfo=info)
 
 
 def grid(images: np.ndarray) -> np.ndarray:

@@ -19,6 +19,7 @@ import numpy as np
 from absl import logging
 from jax.sharding import PartitionSpec as P
 
+from medjax import atomic
 from medjax import checkpoint as checkpoint_lib
 from medjax import metrics_writer
 from medjax import objectives
@@ -370,9 +371,7 @@ def check_workdir(config: Any, workdir: Path) -> None:
 
 
 def write_config(config: Any, workdir: Path) -> None:
-  tmp = workdir / ".config.json.tmp"
-  tmp.write_text(config.to_json(indent=1) + "\n")
-  os.replace(tmp, workdir / "config.json")
+  atomic.write_text(workdir / "config.json", config.to_json(indent=1) + "\n")
 
 
 def check_run_config(config: Any) -> None:
@@ -473,9 +472,7 @@ def train(config: ml_collections.ConfigDict, workdir) -> dict:
   summary = {"step": step, "loss": last_loss, "stopped": stopped or None,
              "seconds": time.perf_counter() - t0, "checkpoints": ckpt.all_steps(), **outputs}
   if lead:
-    tmp = workdir / ".summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=1) + "\n")
-    os.replace(tmp, workdir / "summary.json")
+    atomic.write_text(workdir / "summary.json", json.dumps(summary, indent=1) + "\n")
   return summary
 
 

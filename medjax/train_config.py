@@ -93,6 +93,49 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+def unet_paper_scale(c: ml_collections.ConfigDict, source: str) -> ml_collections.ConfigDict:
+  """Full U-Net fine-tuning of a real SD at 512 px: batch 32, lr 5e-6 (diffusers' recipe range)
+  after 500 warmup steps, bf16 compute, remat, EMA, latents cached."""
+  c.resolution = 512
+  c.total_steps = 20_000
+  c.batch_size = 32
+  c.learning_rate = 5e-6
+  c.lr_schedule, c.warmup_steps = "constant", 500
+  c.max_grad_norm = 1.0
+  c.mixed_precision = "bf16"
+  c.remat = True
+  c.ema_decay = 0.9999
+  c.cache_latents = True
+  c.checkpoint_every_steps, c.log_every_steps, c.sample_every_steps = 1000, 50, 2000
+  c.data.source = source
+  c.data.on_bad_file = "skip"
+  return c
+
+
+def ti_paper_scale(c: ml_collections.ConfigDict, source: str,
+                   total_steps: int) -> ml_collections.ConfigDict:
+  """Paper A's textual inversion at 512 px: 100 images per class, batch 1 on one device (the
+  web UI's default), latents cached."""
+  c.resolution = 512
+  c.total_steps = total_steps
+  c.batch_size = 1
+  c.mesh.data, c.mesh.fsdp = 1, 1
+  c.data.source = source
+  c.data.per_class = 100
+  c.cache_latents = True
+  c.checkpoint_every_steps, c.log_every_steps = 1000, 100
+  c.sample_every_steps = total_steps // 10
+  return c
+
+
+def prior_preservation(c: ml_collections.ConfigDict, class_prompt: str,
+                       paper: bool) -> ml_collections.ConfigDict:
+  c.prior.enabled = True
+  c.prior.class_prompt = class_prompt
+  c.prior.num_class_images = 200 if paper else 8
+  return c
+
+
 def check_config(config: Any, base: ml_collections.ConfigDict | None = None,
                  free_maps=FREE_MAPS) -> None:
   """Unknown keys (typos) are errors naming the key and its closest known neighbours."""

@@ -216,3 +216,23 @@ def test_prior_preservation_with_generated_class_images_and_cached_latents(tmp_p
   np.testing.assert_allclose(last["loss"], last["instance_loss"] + 0.5 * last["prior_loss"],
                              rtol=1e-5)
   assert last["images_per_s"] >= 0
+
+
+@pytest.mark.parametrize("name,arg", [
+    ("cxr_unet", ""), ("cxr_unet", "paper,prior,text_encoder"), ("cxr_unet", "mimic"),
+    ("cxr_ti", ""), ("cxr_ti", "paper,vectors=8"), ("mri_ti", ""), ("mri_ti", "paper"),
+    ("mri_unet", ""), ("mri_unet", "paper,prior")])
+def test_configs_load_and_validate(name, arg):
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  from pathlib import Path  # pylint: disable=g-import-not-at-top
+  path = Path(__file__).resolve().parents[1] / "configs" / f"{name}.py"
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config(arg)
+  train_config.check_config(config)
+  if "paper" in arg:
+    assert config.resolution == 512
+  if name.endswith("_ti"):
+    assert config.objective == "textual_inversion" and config.weight_decay == 0
+    assert config.textual_inversion.num_vectors == (8 if "vectors=8" in arg else 64)

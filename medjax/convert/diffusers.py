@@ -21,7 +21,9 @@ from typing import Any, Mapping
 import flax
 import numpy as np
 
-from medjax.convert.weights import read_component_weights, write_safetensors
+from medjax.convert.weights import raise_if_mismatched
+from medjax.convert.weights import read_component_weights
+from medjax.convert.weights import write_safetensors
 from medjax.errors import MedjaxError
 
 # Module names that are Python lists in PyTorch (their children are indexed).
@@ -86,11 +88,6 @@ def _upgrade_legacy_names(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.
   return out
 
 
-def _summarise(items: list[str], limit: int = 5) -> str:
-  shown = ", ".join(items[:limit])
-  return f"{len(items)} ({shown}{', ...' if len(items) > limit else ''})"
-
-
 def state_dict_to_params(state_dict: Mapping[str, np.ndarray], param_shapes: Any, *,
                          source: str, prefix: str = "", dtype=np.float32) -> dict:
   """Builds Flax params shaped like `param_shapes` from a PyTorch `state_dict`.
@@ -122,15 +119,8 @@ def state_dict_to_params(state_dict: Mapping[str, np.ndarray], param_shapes: Any
     params[path] = np.asarray(value, dtype=dtype)
   unexpected = sorted(k for k in state_dict if k not in used and k.startswith(prefix)
                       and k[len(prefix):] not in IGNORED_KEYS and k not in IGNORED_KEYS)
-  if missing or unexpected or misshaped:
-    problems = []
-    if missing:
-      problems.append(f"missing {_summarise(missing)}")
-    if unexpected:
-      problems.append(f"unexpected {_summarise(unexpected)}")
-    if misshaped:
-      problems.append(f"wrong shape {_summarise(misshaped, 3)}")
-    raise MedjaxError(f"{source}: weights do not match the model config: " + "; ".join(problems))
+  raise_if_mismatched(source, "weights do not match the model config", missing, unexpected,
+                      misshaped)
   return flax.traverse_util.unflatten_dict(params)
 
 

@@ -22,6 +22,7 @@ from typing import Any, Mapping, Sequence
 import jax.numpy as jnp
 import numpy as np
 
+from medjax.atomic import atomic_path
 from medjax.convert import weights
 from medjax.errors import MedjaxError
 
@@ -172,16 +173,8 @@ def write_a1111_embeddings(path, token: str, embedding, *, step: int | None = No
                                                     if emb.dtype.name == "bfloat16" else emb)},
           "name": token, "step": None if step is None else int(step),
           "sd_checkpoint": sd_checkpoint, "sd_checkpoint_name": sd_checkpoint_name}
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-  os.close(fd)
-  try:
+  with atomic_path(path) as tmp:
     torch.save(data, tmp)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
   return path
 
 

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from medjax.convert.weights import (
+  raise_if_mismatched,
   read_safetensors,
   torch_load,
   torch_to_numpy,
@@ -105,15 +106,8 @@ def state_dict_to_variables(state_dict: Mapping[str, Any], source: str = "state 
       converted[path] = jnp.asarray(value, jnp.float32)
     out[collection] = flax.traverse_util.unflatten_dict(converted)
   unexpected = sorted(set(sd) - used)
-  problems = []
-  if missing:
-    problems.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
-  if unexpected:
-    problems.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
-  if bad_shape:
-    problems.append(f"{len(bad_shape)} mis-shaped ({'; '.join(bad_shape[:3])})")
-  if problems:
-    raise MedjaxError(f"{source}: not a pytorch-fid Inception state dict: {'; '.join(problems)}")
+  raise_if_mismatched(source, "not a pytorch-fid Inception state dict", missing, unexpected,
+                      bad_shape)
   return out
 
 

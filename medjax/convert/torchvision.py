@@ -18,7 +18,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from medjax.convert.weights import read_safetensors, torch_load, torch_to_numpy
+from medjax.convert.weights import raise_if_mismatched, read_safetensors, torch_load, torch_to_numpy
 from medjax.errors import MedjaxError
 from medjax.eval.classifiers import HEAD_NAMES, init_variables
 
@@ -42,10 +42,6 @@ def _to_flax(leaf: str, value: np.ndarray) -> np.ndarray:
   if leaf == "kernel" and value.ndim == 2:
     return value.T
   return value
-
-
-def _summarise(items, n=5):
-  return f"{len(items)}: " + ", ".join(items[:n]) + (", ..." if len(items) > n else "")
 
 
 def state_dict_to_variables(state_dict: Mapping[str, Any], variables: Mapping[str, Any], *,
@@ -89,15 +85,8 @@ def state_dict_to_variables(state_dict: Mapping[str, Any], variables: Mapping[st
   ignored = lambda k: k.endswith("num_batches_tracked") or (
       skip_head and k.removeprefix("features.").split(".")[0] in HEAD_NAMES)
   unexpected = sorted(k for k in sd if k not in used and not ignored(k))
-  if missing or unexpected or misshaped:
-    problems = []
-    if missing:
-      problems.append(f"missing {_summarise(missing)}")
-    if unexpected:
-      problems.append(f"unexpected {_summarise(unexpected)}")
-    if misshaped:
-      problems.append(f"wrong shape {_summarise(misshaped, 3)}")
-    raise MedjaxError(f"{source}: weights do not match the classifier: " + "; ".join(problems))
+  raise_if_mismatched(source, "weights do not match the classifier", missing, unexpected,
+                      misshaped)
   return flax.traverse_util.unflatten_dict(out)
 
 

@@ -8,12 +8,12 @@ import json
 import mmap
 import os
 import struct
-import tempfile
 from pathlib import Path
 
 import ml_dtypes
 import numpy as np
 
+from medjax.atomic import atomic_path
 from medjax.errors import MedjaxError
 
 _DTYPES = {
@@ -70,19 +70,11 @@ def write_safetensors(tensors: dict, path, metadata: dict | None = None) -> None
     arrays.append(a)
   blob = json.dumps(header, separators=(",", ":")).encode()
   blob += b" " * (-len(blob) % 8)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      f.write(struct.pack("<Q", len(blob)))
-      f.write(blob)
-      for a in arrays:
-        f.write(a.tobytes())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
+  with atomic_path(path) as tmp, open(tmp, "wb") as f:
+    f.write(struct.pack("<Q", len(blob)))
+    f.write(blob)
+    for a in arrays:
+      f.write(a.tobytes())
 
 
 def torch_load(path, allow_pickle: bool):
@@ -151,3 +143,22 @@ def read_component_weights(folder, names: tuple[str, ...], variant: str | None =
       return read_torch_pickle(binary, allow_pickle=allow_pickle_bin), binary
   expected = ", ".join(f"{s}{suffix}.safetensors" for s in names)
   raise MedjaxError(f"{folder}: no weights found (expected {expected}, a sharded index, or .bin)")
+
+
+def summarise(items: list[str], limit: int = 5) -> str:
+  shown = ", ".join(items[:limit])
+  return f"{len(items)} ({shown}{', ...' if len(items) > limit else ''})"
+
+
+def raise_if_mismatched(source: str, what: str, missing: list[str], unexpected: list[str],
+                        misshaped: list[str]) -> None:
+  """One error listing every missing, unexpected and wrong-shaped tensor of a weights file."""
+  problems = []
+  if missing:
+    problems.append(f"missing {summarise(missing)}")
+  if unexpected:
+    problems.append(f"unexpected {summarise(unexpected)}")
+  if misshaped:
+    problems.append(f"wrong shape {summarise(misshaped, 3)}")
+  if problems:
+    raise MedjaxError(f"{source}: {what}: " + "; ".join(problems))

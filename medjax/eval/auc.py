@@ -4,14 +4,13 @@ AUC is the Mann-Whitney statistic with midranks for ties, which is exactly the t
 area under scikit-learn's ROC curve (`roc_auc_score`). Bad input (one class only, lengths that
 differ, non-finite scores) raises `MedjaxError` instead of returning NaN.
 """
-import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 from scipy import stats as scipy_stats
 
+from medjax.atomic import atomic_path
 from medjax.errors import MedjaxError
 
 
@@ -233,15 +232,6 @@ def plot_roc(curves: dict, path, title: str = "ROC", size: int = 560) -> Path:
     ly = bottom - 20 - 16 * (len(curves) - 1 - k)
     draw.line([(right - 200, ly + 6), (right - 180, ly + 6)], fill=color, width=3)
     draw.text((right - 175, ly), f"{name} (AUC {float(auc):.3f})", fill="black")
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      img.save(f, format="PNG")
-    os.chmod(tmp, 0o644)  # mkstemp makes 0600; a plot is for sharing
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
+  with atomic_path(path) as tmp:
+    img.save(tmp, format="PNG")
   return path

@@ -10,7 +10,6 @@ Both write results.json, results.md, ROC PNGs and sample grids into the workdir.
 """
 import dataclasses
 import json
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from medjax import atomic
 from medjax.data.config import default_config as data_config
 from medjax.errors import MedjaxError
 
@@ -82,6 +82,48 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.bootstrap = 200  # resamples for AUC confidence intervals; 0 = off
   c.progress_bar = True
+  return c
+
+
+CLASSES = {
+    "cxr": ("pleural_effusion", "pleural_effusion: Pleural Effusion=1; no_finding: No Finding=1"),
+    "mri": ("diseased", "diseased: csPCa=1; healthy: csPCa=0"),
+}
+
+
+def protocol_config(protocol: str, modality: str, prompts: dict) -> ml_collections.ConfigDict:
+  """`base_config()` for one protocol on one modality's two classes (phantoms by default)."""
+  c = base_config()
+  c.protocol = protocol
+  c.positive_class, c.data.classes = CLASSES[modality]
+  c.data.phantoms.kind = modality
+  c.data.phantoms.num = 96
+  c.data.split.mode = "sizes"
+  c.data.split.sizes = (24, 16, 16)
+  c.generation.prompts = prompts
+  return c
+
+
+def paper_scale(c: ml_collections.ConfigDict, source: str) -> ml_collections.ConfigDict:
+  """The papers' sizes: 512 px real data, pytorch-fid's full FID with real weights, paper A's
+  classifier (ResNet-18, lr 1e-4, batch 32, 6,250 steps, 196 px) and 200/200/200 splits."""
+  c.resolution = 512
+  c.data.source = source
+  c.data.split.sizes = (200, 200, 200)
+  c.generation.num_per_class = 1000  # M = 2,000 synthetic images
+  c.generation.num_inference_steps = 50
+  c.generation.batch_size = 16
+  c.classifier.image_size = 196
+  c.classifier.num_steps = 6250
+  c.classifier.batch_size = 32
+  c.classifier.learning_rate = 1e-4
+  c.classifier.progress = True
+  c.repeats = 5
+  c.fid.random_weights = False
+  c.fid.max_images = 0
+  c.fid.dims = 0
+  c.fid.batch_size = 50
+  c.bootstrap = 1000
   return c
 
 
@@ -238,18 +280,14 @@ def train_and_score(config: Any, train: Split, val: Split, test: Split, pos: int
 
 def write_report(workdir: Path, results: dict, table: list[list[str]], title: str) -> None:
   """results.json and results.md, each written to a temp file and renamed."""
-  def atomic(path: Path, text: str):
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-  atomic(workdir / "results.json", json.dumps(results, indent=1, default=_json) + "\n")
+  atomic.write_text(workdir / "results.json", json.dumps(results, indent=1, default=_json) + "\n")
   lines = [f"# {title}", ""]
   if results.get("notes"):
     lines += [f"> {n}" for n in results["notes"]] + [""]
   head, *rows = table
   lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   lines += ["| " + " | ".join(r) + " |" for r in rows]
-  atomic(workdir / "results.md", "\n".join(lines) + "\n")
+  atomic.write_text(workdir / "results.md", "\n".join(lines) + "\n")
 
 
 def _json(x):
@@ -390,7 +428,5 @@ def run_protocol(config: Any, workdir) -> dict:
     raise MedjaxError(f"config.protocol={config.protocol!r}: expected one of {list(PROTOCOLS)}")
   workdir = Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
-  tmp = workdir / ".config.json.tmp"
-  tmp.write_text(config.to_json(indent=1) + "\n")
-  os.replace(tmp, workdir / "config.json")
+  atomic.write_text(workdir / "config.json", config.to_json(indent=1) + "\n")
   return PROTOCOLS[config.protocol](config, workdir)

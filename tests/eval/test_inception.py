@@ -232,8 +232,8 @@ def test_converter_reports_every_problem(ref):
     conv.state_dict_to_variables(sd, source="bad.pth")
   message = str(e.value)
   assert message.startswith("bad.pth:")
-  for part in ("1 missing", "Mixed_6b.branch7x7_2.conv.weight", "1 unexpected", "Mixed_9z",
-               "1 mis-shaped", "Mixed_7c.branch_pool.bn.running_var: (191,)"):
+  for part in ("missing 1", "Mixed_6b.branch7x7_2.conv.weight", "unexpected 1", "Mixed_9z",
+               "wrong shape 1", "Mixed_7c.branch_pool.bn.running_var: (191,)"):
     assert part in message, (part, message)
 
 
