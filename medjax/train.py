@@ -101,7 +101,12 @@ def trainable_logical_axes(sd: StableDiffusion, trainable: objectives.Trainable)
 
 @dataclasses.dataclass
 class Setup:
-  """A run's pieces, built once; `step` is the jitted train step."""
+  """A run's pieces, built once; `step` is the jitted train step.
+
+  `sd.params` holds only the frozen params (`frozen`): the trained ones live in the state (their
+  initial buffers were donated to it, so a fine-tuned U-Net is never held twice). Use
+  `trained_pipeline(run, state)` for a complete model.
+  """
   sd: StableDiffusion
   trainable: objectives.Trainable
   mesh: Any
@@ -138,8 +143,10 @@ def setup(config: Any, mesh=None) -> Setup:
   opt_sh = optax_state_shardings(optimizer, train_params, param_sh, rep)
   state_sh = objectives.TrainState(step=rep, params=param_sh, opt_state=opt_sh,
                                    ema_params=param_sh if config.ema_decay > 0 else None, rng=rep)
+  sd = dataclasses.replace(sd, params=frozen)
   state = jax.jit(lambda p: objectives.init_state(p, optimizer, config.seed, config.ema_decay > 0),
-                  out_shardings=state_sh)(train_params)
+                  out_shardings=state_sh, donate_argnums=(0,))(train_params)
+  del train_params
   step_fn = objectives.make_train_step(
       sd, trainable, optimizer, loss_config(config, sd), grad_accum=config.grad_accum,
       ema_decay=float(config.ema_decay), schedule=schedule)
@@ -242,9 +249,10 @@ def rgb_in_unit_range(image: np.ndarray) -> np.ndarray:
   return np.repeat(image, 3, axis=-1) if image.shape[-1] == 1 else image[..., :3]
 
 
-def make_prior_images(config: Any, run: Setup, workdir: Path) -> PriorImages:
-  """Reads the given class images, or generates them with the frozen model (once, into the
-  workdir), and encodes them."""
+def make_prior_images(config: Any, run: Setup, state: objectives.TrainState,
+                      workdir: Path) -> PriorImages:
+  """Reads the given class images, or generates them with the model as it starts (once, into
+  the workdir: a resumed run finds them there), and encodes them."""
   from medjax import sample as sample_lib  # pylint: disable=g-import-not-at-top
   from medjax.data import pipeline as data_pipeline  # pylint: disable=g-import-not-at-top
   from medjax.data import read_image  # pylint: disable=g-import-not-at-top
@@ -255,7 +263,7 @@ def make_prior_images(config: Any, run: Setup, workdir: Path) -> PriorImages:
     logging.info("prior preservation: generating %d class images of %r", p.num_class_images,
                  p.class_prompt)
     tmp = workdir / ".class_images.tmp"
-    sample_lib.sample_to_dir(run.sd, tmp, prompt=p.class_prompt, num_images=p.num_class_images,
+    sample_lib.sample_to_dir(trained_pipeline(run, state, ema=False), tmp, prompt=p.class_prompt, num_images=p.num_class_images,
                              batch_size=min(p.num_class_images, 8),
                              steps=p.num_inference_steps, guidance=p.guidance_scale,
                              height=config.resolution, width=config.resolution, seed=config.seed)
@@ -341,6 +349,16 @@ def write_embeddings(run: Setup, state: objectives.TrainState, config: Any, work
   return paths
 
 
+def release_compiler_memory() -> None:
+  """Hands the compiler's freed heap back to the OS (glibc keeps it otherwise: ~0.9 GB of RSS
+  after compiling a mid-size U-Net step on CPU, benchmarks/train_step.py --malloc_trim)."""
+  try:
+    import ctypes  # pylint: disable=g-import-not-at-top
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+  except (OSError, AttributeError):  # not glibc
+    pass
+
+
 # -- the run ---------------------------------------------------------------------------------------
 
 def check_prompt_lengths(sd: StableDiffusion, prompts) -> None:
@@ -413,7 +431,7 @@ def train(config: ml_collections.ConfigDict, workdir) -> dict:
     data.set_state(extra["data"])
     logging.info("resumed from step %d", start)
   cache = LatentCache() if config.cache_latents else None
-  prior = make_prior_images(config, run, workdir) if config.prior.enabled else None
+  prior = make_prior_images(config, run, state, workdir) if config.prior.enabled else None
   writer = metrics_writer.create_writer(workdir / "tensorboard", just_logging=not lead)
   if start == 0:
     writer.write_hparams({k: v for k, v in json.loads(config.to_json()).items()
@@ -437,6 +455,8 @@ def train(config: ml_collections.ConfigDict, workdir) -> dict:
                         "Lower config.learning_rate or use fp32.")
     step += 1
     steps_done += 1
+    if steps_done == 1:
+      release_compiler_memory()
     last_loss = loss
     window.append(time.perf_counter())
     window = window[-20:]
