@@ -63,6 +63,21 @@ class Trainable:
       return embeddings_lib._replace_table(frozen, table)  # pylint: disable=protected-access
     return {**frozen, **trainable}
 
+  def text_inputs(self, trainable: dict, frozen: dict, input_ids: jax.Array
+                  ) -> tuple[dict, jax.Array | None]:
+    """(params, token_embeds) for the loss. Textual inversion looks the frozen table up and
+    swaps in its trainable rows where the prompt holds a placeholder id, so neither the forward
+    nor the gradient ever builds a vocabulary-sized array; the result equals `merge`'s table."""
+    if self.kind != "textual_inversion":
+      return self.merge(trainable, frozen), None
+    table = embeddings_lib.token_embedding_table(frozen["text_encoder"])
+    slots = np.full((max(table.shape[0], max(self.token_ids) + 1),), -1, np.int32)
+    slots[np.asarray(self.token_ids)] = np.arange(len(self.token_ids))
+    slot = jnp.asarray(slots)[input_ids]
+    rows = trainable["embeddings"].astype(table.dtype)[jnp.maximum(slot, 0)]
+    embeds = jnp.where((slot >= 0)[..., None], rows, jnp.take(table, input_ids, axis=0))
+    return frozen, embeds
+
   def decay_mask(self, trainable: dict) -> Any:
     """Weight decay on kernels only: never on embeddings, biases or norms."""
     def mask(path, leaf):
@@ -131,7 +146,7 @@ def example_weights(batch: dict, lc: LossConfig) -> jax.Array:
 
 
 def diffusion_loss(unet, text_encoder, alphas_cumprod, lc: LossConfig, params: dict,
-                   batch: dict) -> tuple[jax.Array, dict]:
+                   batch: dict, token_embeds: jax.Array | None = None) -> tuple[jax.Array, dict]:
   """Weighted squared error of the U-Net's prediction (epsilon or v) at the drawn timesteps.
 
   batch: moments [B, h, w, 2C] (VAE mean and logvar), input_ids [B, 77], the draws of
@@ -143,7 +158,8 @@ def diffusion_loss(unet, text_encoder, alphas_cumprod, lc: LossConfig, params: d
   noise, t = batch["noise"], batch["t"]
   acp = alphas_cumprod[t][:, None, None, None]
   noisy = jnp.sqrt(acp) * latents + jnp.sqrt(1 - acp) * noise
-  context = text_encoder.apply({"params": params["text_encoder"]}, batch["input_ids"])[0]
+  context = text_encoder.apply({"params": params["text_encoder"]}, batch["input_ids"],
+                               token_embeds)[0]
   pred = unet.apply({"params": params["unet"]}, noisy, t, context).astype(jnp.float32)
   if lc.prediction_type == "epsilon":
     target = noise
@@ -186,8 +202,9 @@ def make_train_step(sd, trainable: Trainable, optimizer: optax.GradientTransform
   alphas_cumprod = jnp.asarray(_alphas_cumprod(sd), jnp.float32)
 
   def loss_fn(params, frozen, batch):
-    full = trainable.merge(params, frozen)
-    return diffusion_loss(sd.unet, sd.text_encoder, alphas_cumprod, lc, full, batch)
+    full, token_embeds = trainable.text_inputs(params, frozen, batch["input_ids"])
+    return diffusion_loss(sd.unet, sd.text_encoder, alphas_cumprod, lc, full, batch,
+                          token_embeds)
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 

@@ -136,9 +136,10 @@ class CLIPTextEmbeddings(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, input_ids):
+  def __call__(self, input_ids, token_embeds=None):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    tokens = layers.embed(self.vocab_size, self.hidden_size, "token_embedding", **kw)(input_ids)
+    table = layers.embed(self.vocab_size, self.hidden_size, "token_embedding", **kw)
+    tokens = table(input_ids) if token_embeds is None else token_embeds.astype(self.dtype)
     positions = layers.embed(self.max_position_embeddings, self.hidden_size,
                              "position_embedding", **kw)(jnp.arange(input_ids.shape[-1]))
     return tokens + positions[None]
@@ -171,11 +172,11 @@ class CLIPTextTransformer(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, input_ids):
+  def __call__(self, input_ids, token_embeds=None):
     c = self.config
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     x = CLIPTextEmbeddings(c["vocab_size"], c["hidden_size"], c["max_position_embeddings"],
-                           name="embeddings", **kw)(input_ids)
+                           name="embeddings", **kw)(input_ids, token_embeds)
     x = CLIPEncoder(c, self.remat, self.attention, name="encoder", **kw)(x)
     x = layers.layer_norm(c["layer_norm_eps"], "final_layer_norm", **kw)(x)
     # Pooling as transformers does: configs written before transformers PR #24773 say
@@ -229,14 +230,23 @@ class CLIPTextModel(nn.Module):
                param_dtype=param_dtype)
 
   @nn.compact
-  def __call__(self, input_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
+  def __call__(self, input_ids: jax.Array,
+               token_embeds: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """`token_embeds` [B, T, D], when given, replace the table lookup of `input_ids` (which
+    still set the pooling position): textual inversion trains its rows without touching (or
+    differentiating into) the whole vocabulary table."""
     if input_ids.ndim != 2:
       raise MedjaxError(f"input_ids must be [batch, tokens], got shape {input_ids.shape}")
     if input_ids.shape[1] > self.config["max_position_embeddings"]:
       raise MedjaxError(f"{input_ids.shape[1]} tokens exceed max_position_embeddings "
                         f"{self.config['max_position_embeddings']}")
+    if token_embeds is not None and token_embeds.shape != (*input_ids.shape,
+                                                           self.config["hidden_size"]):
+      raise MedjaxError(f"token_embeds must be [batch, tokens, {self.config['hidden_size']}], "
+                        f"got shape {token_embeds.shape}")
     return CLIPTextTransformer(self.config, self.remat, self.attention, dtype=self.dtype,
-                               param_dtype=self.param_dtype, name="text_model")(input_ids)
+                               param_dtype=self.param_dtype, name="text_model")(input_ids,
+                                                                                token_embeds)
 
   def dummy_inputs(self, batch: int = 1) -> tuple[jax.Array]:
     """Positional args for `init`: one full-length row of token ids per batch element."""
