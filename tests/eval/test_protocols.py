@@ -44,19 +44,22 @@ def test_configs_are_valid(name, arg):
     assert config.fid.dims == 0 and not config.fid.random_weights
 
 
-def test_paper_a_protocol_writes_its_report(tmp_path):
-  config = tiny(load_config("eval_paper_a_mri"))
+@pytest.mark.parametrize("name,positive,negative", [
+    ("eval_paper_a_mri", "diseased", "healthy"),
+    ("eval_paper_a_cxr", "pleural_effusion", "no_finding")])
+def test_paper_a_protocol_writes_its_report(tmp_path, name, positive, negative):
+  config = tiny(load_config(name))
   results = protocols.run_protocol(config, tmp_path)
   summary = results["summary_auc"]
   assert set(summary) == {"real", "real+synthetic", "synthetic"}
   for s in summary.values():
     assert 0 <= s["mean"] <= 1 and s["n"] == 2
   assert results["sizes"] == {"real_train": 24, "synthetic": 8, "val": 16, "test": 16}
-  assert results["fid"]["all"] >= 0 and "diseased" in results["fid"]
+  assert results["fid"]["all"] >= 0 and positive in results["fid"]
   assert any("random" in n for n in results["notes"])
-  for name in ("results.json", "results.md", "roc.png", "samples_diseased.png",
-               "samples_healthy.png", "config.json"):
-    assert (tmp_path / name).exists(), name
+  for out in ("results.json", "results.md", "roc.png", f"samples_{positive}.png",
+              f"samples_{negative}.png", "config.json"):
+    assert (tmp_path / out).exists(), out
   assert "nan" not in (tmp_path / "results.md").read_text().lower()
   assert json.loads((tmp_path / "results.json").read_text())["protocol"] == "paper_a"
 
