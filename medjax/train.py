@@ -161,9 +161,8 @@ def optax_state_shardings(optimizer, params, param_sh, replicated):
   """Optimizer-state shardings: moments like their params, counters replicated."""
   import optax  # pylint: disable=g-import-not-at-top
   abstract = jax.eval_shape(optimizer.init, params)
-  out = optax.tree_map_params(optimizer, lambda _, s: s, abstract, param_sh,
-                              transform_non_params=lambda _: replicated)
-  return out
+  return optax.tree_map_params(optimizer, lambda _, s: s, abstract, param_sh,
+                               transform_non_params=lambda _: replicated)
 
 
 def vae_moments(sd: StableDiffusion, vae_params, images) -> jax.Array:
