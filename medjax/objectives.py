@@ -1,11 +1,12 @@
 """What a run trains and how: trainable/frozen param split, the diffusion loss, the train step.
 
 Two objectives share one loss and one step:
-  textual inversion  only the new token-embedding rows are trainable; they are written into the
-                     frozen table inside the step, so every other row stays bit-identical.
+  textual inversion  only the new token-embedding rows are trainable; the step swaps them into
+                     the looked-up token embeddings, so the frozen table (every other row) stays
+                     bit-identical; `merge` writes them into the table for export.
   unet               the U-Net (and optionally the text encoder) is trainable; the VAE is frozen.
-The VAE never enters the gradient: batches carry its latent moments (mean, logvar), computed
-outside the step (and cached per image when asked).
+The VAE never enters the gradient: the loss takes its latent moments (mean, logvar), computed
+under stop_gradient in the step (train.with_encoder) or beforehand and cached per image.
 """
 import dataclasses
 from collections.abc import Callable
