@@ -8,6 +8,7 @@ import dataclasses
 import json
 import logging as pylogging
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -193,6 +194,12 @@ def local_rows(array: jax.Array) -> np.ndarray:
   return np.concatenate([shards[k] for k in sorted(shards)])
 
 
+def encode_rows(run: Setup, images: np.ndarray) -> np.ndarray:
+  """This process's images [-1, 1] -> their VAE moments, encoded sharded over the mesh."""
+  return local_rows(run.encode(run.frozen["vae"],
+                               sharding.shard_batch({"x": images}, run.mesh)["x"]))
+
+
 class LatentCache:
   """VAE moments per record key, so each image is encoded once (deterministic pipelines only)."""
 
@@ -202,8 +209,7 @@ class LatentCache:
   def moments(self, run: Setup, keys, images: np.ndarray) -> np.ndarray:
     missing = [i for i, k in enumerate(keys) if k not in self.table]
     if missing:
-      out = local_rows(run.encode(run.frozen["vae"], sharding.shard_batch(
-          {"x": images}, run.mesh)["x"]))
+      out = encode_rows(run, images)
       for i in missing:
         self.table[keys[i]] = out[i]
     return np.stack([self.table[k] for k in keys])
@@ -229,8 +235,7 @@ def host_batch(run: Setup, batch: dict, *, step: int, cache: LatentCache | None,
     out["image"] = batch["image"]
   else:
     moments = (cache.moments(run, list(batch["key"]), batch["image"]) if cache is not None
-               else local_rows(run.encode(run.frozen["vae"], sharding.shard_batch(
-                   {"x": batch["image"]}, run.mesh)["x"])))
+               else encode_rows(run, batch["image"]))
     out["moments"] = moments
     if prior is not None:
       n = len(moments)
@@ -262,12 +267,15 @@ def make_prior_images(config: Any, run: Setup, state: objectives.TrainState,
     logging.info("prior preservation: generating %d class images of %r", p.num_class_images,
                  p.class_prompt)
     tmp = workdir / ".class_images.tmp"
-    sample_lib.sample_to_dir(trained_pipeline(run, state, ema=False), tmp, prompt=p.class_prompt, num_images=p.num_class_images,
+    sample_lib.sample_to_dir(trained_pipeline(run, state, ema=False), tmp,
+                             prompt=p.class_prompt, num_images=p.num_class_images,
                              batch_size=min(p.num_class_images, 8),
                              steps=p.num_inference_steps, guidance=p.guidance_scale,
                              height=config.resolution, width=config.resolution, seed=config.seed)
     (tmp / "grid.png").unlink()
-    os.replace(tmp, folder) if not folder.exists() else None
+    if folder.exists():  # too few images (some deleted): the new set replaces them whole
+      shutil.rmtree(folder)
+    os.replace(tmp, folder)
     files = sorted(folder.glob("*.png"))
   if not files:
     raise MedjaxError(f"config.prior.class_images_dir={str(folder)!r}: no PNG/JPEG images")
