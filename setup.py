@@ -14,7 +14,7 @@ setup(
     long_description=Path("README.md").read_text(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["medjax", "medjax.*"]),
-    python_requires=">=3.10",
+    python_requires=">=3.11",  # current jax needs 3.11+; CI tests 3.11 (README "Set up")
     install_requires=[
         "jax>=0.4.35",
         "flax>=0.10.0",
@@ -39,6 +39,8 @@ setup(
         # scikit-learn and scikit-image are the references.
         "test": [
             "pytest>=8.0",
+            "ftfy>=6.1",  # open_clip's SimpleTokenizer (the tokenizer oracle) imports ftfy and regex
+            "regex>=2023.0",
             "torch==2.14.1",
             "torchvision==0.29.1",
             "diffusers>=0.42",
