@@ -13,15 +13,17 @@ AUTOMATIC1111's composable prompts, "healthy:0.3 AND diseased:0.7":
 eps = uncond + scale * sum_k w_k (cond_k - uncond).
 """
 import collections
+import dataclasses
 import functools
 import re
 from collections.abc import Sequence
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from medjax import schedulers
+from medjax import schedulers, validation
 from medjax.errors import MedjaxError
 
 # Traces of the generation graph per scheduler name (tests check that nothing recompiles).
@@ -71,11 +73,70 @@ def interpolate_embeddings(e0, e1, weights: Sequence[float]) -> jax.Array:
 # -- input checking ---------------------------------------------------------------------------
 
 
+@dataclasses.dataclass(frozen=True)
+class Request:
+  """`generate`'s arguments checked and normalised on the host, before anything is encoded."""
+  scheduler: schedulers.Scheduler  # its config fixed up as diffusers' pipelines do
+  steps: int  # num_inference_steps
+  guidance_scale: float
+  parts: list[list[tuple[str, float]]]  # [B][K] (text, weight), padded with ("", 0)
+  weights: np.ndarray  # [B, K] float32, the parts' weights
+  guided: bool  # whether an unconditional pass runs
+  negative_prompts: list[str]  # B of them
+  prompt_embeds: jax.Array | None  # [B, 77, D] given instead of prompts (parts' texts are "")
+  seeds: np.ndarray  # [B] uint32
+  shape: tuple[int, int, int, int]  # latents (B, h, w, C)
+  image: np.ndarray | None  # [B, H, W, 3] in [0, 1]
+  mask: np.ndarray | None  # [B, H, W, 1] in {0, 1}, 1 = generate
+  latents: np.ndarray | None  # given initial noise `shape`; None: drawn from the seeds
+  start: int  # first scheduler step (img2img); `steps`: nothing to denoise
+  strength: float
+  mesh: jax.sharding.Mesh | None  # None: not sharded
+  data_axis: str
+
+
 def _as_list(value, name) -> list[str]:
   values = [value] if isinstance(value, str) else list(value)
   if not values or not all(isinstance(v, str) for v in values):
     raise MedjaxError(f"{name} = {value!r}: expected a string or a non-empty list of strings")
   return values
+
+
+def _check_steps_and_scale(n, guidance_scale) -> None:
+  if not validation.is_int(n) or n <= 0:
+    raise MedjaxError(f"num_inference_steps = {n!r}; expected a positive integer")
+  if not validation.is_number(guidance_scale):
+    raise MedjaxError(f"guidance_scale = {guidance_scale!r}; expected a number")
+
+
+def _prompt_parts(prompts, prompt_embeds):
+  """(parts [B][K] padded with ("", 0), weights [B, K], prompt_embeds as float32 or None)."""
+  if prompt_embeds is not None:
+    if prompts is not None:
+      raise MedjaxError("generate: pass prompts or prompt_embeds, not both")
+    prompt_embeds = jnp.asarray(prompt_embeds, jnp.float32)
+    if prompt_embeds.ndim != 3:
+      raise MedjaxError(f"prompt_embeds: shape {tuple(prompt_embeds.shape)}; expected [B, 77, D]")
+    parts = [[("", 1.0)] for _ in range(prompt_embeds.shape[0])]
+  else:
+    if prompts is None:
+      raise MedjaxError("generate: prompts = None; expected a string or a list of strings")
+    parts = [parse_prompt(p) for p in _as_list(prompts, "prompts")]
+  k = max(len(p) for p in parts)
+  parts = [p + [("", 0.0)] * (k - len(p)) for p in parts]
+  weights = np.array([[w for _, w in p] for p in parts], np.float32)
+  return parts, weights, prompt_embeds
+
+
+def _negative_prompts(negative_prompts, batch: int) -> list[str]:
+  if negative_prompts is None:
+    return [""] * batch
+  negatives = ([negative_prompts] * batch if isinstance(negative_prompts, str)
+               else _as_list(negative_prompts, "negative_prompts"))
+  if len(negatives) != batch:
+    raise MedjaxError(f"negative_prompts: {len(negatives)} given for {batch} prompts; "
+                      "expected one string or one per prompt")
+  return negatives
 
 
 def _seeds(seed, batch: int) -> np.ndarray:
@@ -105,52 +166,218 @@ def _image_batch(x, name, batch, channels, size=None) -> np.ndarray:
   return np.broadcast_to(x, (batch,) + x.shape[1:])
 
 
+def _image_size(sd, image, height, width) -> tuple[int, int]:
+  """(height, width) in pixels: the image's, else the U-Net's sample_size times the VAE factor."""
+  f = sd.vae_scale_factor
+  if image is not None:
+    for name, value, size in (("height", height, image.shape[1]),
+                              ("width", width, image.shape[2])):
+      if value is not None and value != size:
+        raise MedjaxError(f"{name} = {value!r} but the image is {image.shape[1]}x"
+                          f"{image.shape[2]}; leave it out or match the image")
+    height, width = image.shape[1:3]
+  default = int(sd.configs["unet"].get("sample_size", 64)) * f
+  height = default if height is None else height
+  width = default if width is None else width
+  for name, value in (("height", height), ("width", width)):
+    if not validation.is_int(value) or value <= 0 or value % f:
+      raise MedjaxError(f"{name} = {value!r}; expected a positive multiple of {f}")
+  return height, width
+
+
+def _mask(sd, mask, image, batch: int, size: tuple[int, int]) -> np.ndarray | None:
+  """The inpainting mask binarised at 0.5 (as diffusers), [B, H, W, 1]; None for no mask."""
+  if mask is not None and image is None:
+    raise MedjaxError("generate: mask given without image; inpainting needs both")
+  if sd.unet.in_channels == 9 and (image is None or mask is None):
+    raise MedjaxError(f"{sd.name}: the U-Net has 9 input channels (an inpainting model); "
+                      "pass image= and mask=")
+  if mask is None:
+    return None
+  return (_image_batch(mask, "mask", batch, 1, size=size) >= 0.5).astype(np.float32)
+
+
+def _start(n: int, strength, image) -> int:
+  if strength != 1 and image is None:
+    raise MedjaxError(f"strength = {strength!r} needs an image (img2img or inpainting)")
+  return schedulers.start_index_for_strength(n, strength)
+
+
+def _latents(latents, shape) -> np.ndarray | None:
+  if latents is None:
+    return None
+  latents = np.asarray(latents, np.float32)
+  if latents.shape != shape:
+    raise MedjaxError(f"latents: shape {latents.shape}; expected {shape} (NHWC noise)")
+  return latents
+
+
+def _check_mesh(mesh, data_axis: str, batch: int) -> None:
+  if mesh is not None and (data_axis not in mesh.axis_names or batch % mesh.shape[data_axis]):
+    raise MedjaxError(f"mesh axis {data_axis!r}: batch of {batch} must divide evenly over it "
+                      f"(mesh axes {dict(mesh.shape)})")
+
+
+def check_request(sd, prompts, negative_prompts, *, num_inference_steps, guidance_scale,
+                  scheduler, height, width, seed, latents, image, mask, strength, eta,
+                  prompt_embeds, mesh, data_axis) -> Request:
+  """`generate`'s arguments (see there) checked in order, as a `Request`.
+
+  Raises:
+    MedjaxError naming the first bad argument.
+  """
+  sch = schedulers.make_scheduler(scheduler, pipeline_scheduler_config(sd.scheduler_config),
+                                  eta=eta)
+  n = num_inference_steps
+  _check_steps_and_scale(n, guidance_scale)
+  parts, weights, prompt_embeds = _prompt_parts(prompts, prompt_embeds)
+  b, k = weights.shape
+  guided = guidance_scale > 1 or k > 1 or bool(np.any(weights != 1))
+  negatives = _negative_prompts(negative_prompts, b)
+  seeds = _seeds(seed, b)
+  if image is not None:
+    image = _image_batch(image, "image", b, 3)
+  height, width = _image_size(sd, image, height, width)
+  f = sd.vae_scale_factor
+  shape = (b, height // f, width // f, sd.latent_channels)
+  mask = _mask(sd, mask, image, b, (height, width))
+  start = _start(n, strength, image)
+  latents = _latents(latents, shape)
+  _check_mesh(mesh, data_axis, b)
+  return Request(scheduler=sch, steps=n, guidance_scale=guidance_scale, parts=parts,
+                 weights=weights, guided=guided, negative_prompts=negatives,
+                 prompt_embeds=prompt_embeds, seeds=seeds, shape=shape, image=image, mask=mask,
+                 latents=latents, start=start, strength=strength, mesh=mesh,
+                 data_axis=data_axis)
+
+
 # -- the compiled graph -----------------------------------------------------------------------
 
+
+@flax.struct.dataclass
+class GraphInputs:
+  """Everything the compiled graph reads besides the weights.
+
+  The arrays are traced, so a new prompt, seed, guidance scale, image or mask reuses the
+  compiled program; the static fields (with the array shapes) select the program.
+
+  Attributes:
+    state: the scheduler state from `set_timesteps`.
+    cond: [B, K, 77, D] text embeddings of each prompt's K parts.
+    uncond: [B, 77, D] the negative prompts' embeddings (cond[:, 0] when not guided).
+    weights: [B, K] the parts' weights.
+    guidance: () float32 guidance scale.
+    seeds: [B] uint32; draw 0 of image i is its initial noise, draw s + 1 step s's noise.
+    given_noise: [B, h, w, C] initial noise when `use_given` (zeros otherwise).
+    use_given: () bool, start from `given_noise` instead of the seeds' draw.
+    image_latents: [B, h, w, C] the VAE latents of the image (zeros for txt2img).
+    from_image: () bool, start from `image_latents` noised to the first step (img2img).
+    mask: [B, h, w, 1] 1 = generate, 0 = keep `image_latents` (all ones without a mask).
+    masked_latents: [B, h, w, C] latents of the masked image, the 9-channel U-Net's input.
+    scheduler, guided, mesh, data_axis: static; see `Request`.
+  """
+  state: schedulers.SchedulerState
+  cond: jax.Array
+  uncond: jax.Array
+  weights: np.ndarray
+  guidance: jax.Array
+  seeds: np.ndarray
+  given_noise: np.ndarray
+  use_given: bool
+  image_latents: jax.Array
+  from_image: bool
+  mask: np.ndarray
+  masked_latents: jax.Array
+  scheduler: schedulers.Scheduler = flax.struct.field(pytree_node=False)
+  guided: bool = flax.struct.field(pytree_node=False)
+  mesh: jax.sharding.Mesh | None = flax.struct.field(pytree_node=False)
+  data_axis: str = flax.struct.field(pytree_node=False)
+
+
+def graph_inputs(sd, req: Request, negative_prompt_embeds=None) -> GraphInputs:
+  """The request's prompts and images encoded (each encoder its own cached jit) for the graph.
+
+  Raises:
+    MedjaxError if `negative_prompt_embeds` does not match the prompts' embeddings.
+  """
+  b, k = req.weights.shape
+  shape, image, mask = req.shape, req.image, req.mask
+  state = req.scheduler.set_timesteps(req.steps, sample_shape=shape, start_index=req.start)
+  if req.prompt_embeds is not None:
+    cond = req.prompt_embeds[:, None]
+  else:
+    cond = sd.encode_prompt([t for p in req.parts for t, _ in p])
+    cond = cond.reshape((b, k) + cond.shape[1:])
+  if negative_prompt_embeds is not None:
+    uncond = jnp.asarray(negative_prompt_embeds, jnp.float32)
+    if uncond.shape != cond[:, 0].shape:
+      raise MedjaxError(f"negative_prompt_embeds: shape {tuple(uncond.shape)}; expected "
+                        f"{tuple(cond[:, 0].shape)}")
+  else:
+    uncond = sd.encode_prompt(req.negative_prompts) if req.guided else cond[:, 0]
+  zeros = np.zeros(shape, np.float32)
+  image_latents = zeros if image is None else sd.encode_images(image * 2 - 1)
+  masked_latents = np.zeros(shape, np.float32)
+  if sd.unet.in_channels == 9:
+    masked_latents = sd.encode_images((image * 2 - 1) * (mask < 0.5))
+  f = sd.vae_scale_factor
+  mask_latents = (np.ones(shape[:3] + (1,), np.float32) if mask is None
+                  else np.ascontiguousarray(mask[:, ::f, ::f]))
+  return GraphInputs(
+      state=state, cond=cond, uncond=uncond, weights=req.weights,
+      guidance=jnp.float32(req.guidance_scale), seeds=req.seeds,
+      given_noise=zeros if req.latents is None else req.latents,
+      use_given=req.latents is not None, image_latents=image_latents,
+      from_image=image is not None and not (mask is not None and req.strength == 1),
+      mask=mask_latents, masked_latents=masked_latents, scheduler=req.scheduler,
+      guided=req.guided, mesh=req.mesh, data_axis=req.data_axis)
+
+
 @functools.lru_cache(maxsize=64)
-def _graph(unet, vae, scaling_factor: float, sch, guided: bool, mesh, data_axis: str):
-  """The jitted generation function (cached by architecture; jax retraces for new shapes).
+def _graph(unet, vae, scaling_factor: float):
+  """The jitted generation function (cached by architecture; jax retraces for new shapes and
+  static `GraphInputs` fields).
 
   Keyed on the (hashable, stateless) modules rather than the model object, so the cache holds
   no params and models of one architecture share compiled programs.
   """
-  return jax.jit(functools.partial(_generate_graph, unet, vae, scaling_factor, sch, guided, mesh,
-                                   data_axis))
+  return jax.jit(functools.partial(_generate_graph, unet, vae, scaling_factor))
 
 
-def _generate_graph(unet, vae, scaling_factor, sch, guided, mesh, data_axis, params, state, cond,
-                    uncond, weights, guidance, seeds, given_noise, use_given, image_latents,
-                    from_image, mask, masked_latents):
+def _generate_graph(unet, vae, scaling_factor, params, inputs: GraphInputs):
   """Noise -> scan of (U-Net, guidance, step, blend) -> VAE decode -> images in [0, 1]."""
+  sch, guided, mesh = inputs.scheduler, inputs.guided, inputs.mesh
+  state, weights, guidance = inputs.state, inputs.weights, inputs.guidance
+  image_latents, mask = inputs.image_latents, inputs.mask
   TRACES[sch.name] += 1
   b, k = weights.shape
-  shape = given_noise.shape[1:]
+  shape = inputs.given_noise.shape[1:]
   nine = unet.in_channels == 9
 
   def shard(x):
     if mesh is None:
       return x
-    spec = jax.sharding.PartitionSpec(data_axis)
+    spec = jax.sharding.PartitionSpec(inputs.data_axis)
     return jax.lax.with_sharding_constraint(x, jax.sharding.NamedSharding(mesh, spec))
 
-  keys = jax.vmap(jax.random.key)(seeds)
+  keys = jax.vmap(jax.random.key)(inputs.seeds)
 
   def draw(i):  # standard normal per image; draw 0 is the initial noise, draw i+1 step i's
     return jax.vmap(lambda key: jax.random.normal(jax.random.fold_in(key, i), shape))(keys)
 
-  noise = shard(jnp.where(use_given, given_noise, draw(0)))
+  noise = shard(jnp.where(inputs.use_given, inputs.given_noise, draw(0)))
   image_latents, mask = shard(image_latents), shard(mask)
-  x = jnp.where(from_image, sch.add_noise_at(state, image_latents, noise, 0),
+  x = jnp.where(inputs.from_image, sch.add_noise_at(state, image_latents, noise, 0),
                 noise * sch.init_noise_sigma(state))
-  cond = cond.reshape((b * k,) + cond.shape[2:])
-  context = jnp.concatenate([uncond, cond]) if guided else cond
+  cond = inputs.cond.reshape((b * k,) + inputs.cond.shape[2:])
+  context = jnp.concatenate([inputs.uncond, cond]) if guided else cond
   n = state.num_steps
 
   def body(carry, i):
     x, st = carry
     inp = sch.scale_model_input(st, x, i)
     if nine:
-      inp = jnp.concatenate([inp, mask, masked_latents], axis=-1)
+      inp = jnp.concatenate([inp, mask, inputs.masked_latents], axis=-1)
     inp = jnp.repeat(inp, k, axis=0)
     if guided:
       inp = jnp.concatenate([inp[::k], inp])
@@ -221,108 +448,18 @@ def generate(sd, prompts: str | Sequence[str] | None = None,
   Raises:
     MedjaxError for bad input, before anything runs.
   """
-  sch = schedulers.make_scheduler(scheduler, pipeline_scheduler_config(sd.scheduler_config),
-                                  eta=eta)
-  n = num_inference_steps
-  if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n <= 0:
-    raise MedjaxError(f"num_inference_steps = {n!r}; expected a positive integer")
-  if isinstance(guidance_scale, bool) or not isinstance(guidance_scale,
-                                                       (int, float, np.integer, np.floating)):
-    raise MedjaxError(f"guidance_scale = {guidance_scale!r}; expected a number")
-
-  # Prompts -> parts [B][K] and weights [B, K].
-  if prompt_embeds is not None:
-    if prompts is not None:
-      raise MedjaxError("generate: pass prompts or prompt_embeds, not both")
-    prompt_embeds = jnp.asarray(prompt_embeds, jnp.float32)
-    if prompt_embeds.ndim != 3:
-      raise MedjaxError(f"prompt_embeds: shape {tuple(prompt_embeds.shape)}; expected [B, 77, D]")
-    parts = [[("", 1.0)] for _ in range(prompt_embeds.shape[0])]
-  else:
-    if prompts is None:
-      raise MedjaxError("generate: prompts = None; expected a string or a list of strings")
-    parts = [parse_prompt(p) for p in _as_list(prompts, "prompts")]
-  b, k = len(parts), max(len(p) for p in parts)
-  parts = [p + [("", 0.0)] * (k - len(p)) for p in parts]
-  weights = np.array([[w for _, w in p] for p in parts], np.float32)
-  guided = guidance_scale > 1 or k > 1 or bool(np.any(weights != 1))
-  if negative_prompts is None:
-    negative_prompts = [""] * b
-  negative_prompts = ([negative_prompts] * b if isinstance(negative_prompts, str)
-                      else _as_list(negative_prompts, "negative_prompts"))
-  if len(negative_prompts) != b:
-    raise MedjaxError(f"negative_prompts: {len(negative_prompts)} given for {b} prompts; "
-                      "expected one string or one per prompt")
-  seeds = _seeds(seed, b)
-
-  # Sizes, image, mask.
-  f = sd.vae_scale_factor
-  nine = sd.unet.in_channels == 9
-  if image is not None:
-    image = _image_batch(image, "image", b, 3)
-    for name, value in (("height", height), ("width", width)):
-      size = image.shape[1] if name == "height" else image.shape[2]
-      if value is not None and value != size:
-        raise MedjaxError(f"{name} = {value!r} but the image is {image.shape[1]}x"
-                          f"{image.shape[2]}; leave it out or match the image")
-    height, width = image.shape[1:3]
-  default = int(sd.configs["unet"].get("sample_size", 64)) * f
-  height = default if height is None else height
-  width = default if width is None else width
-  for name, value in (("height", height), ("width", width)):
-    if (isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0
-        or value % f):
-      raise MedjaxError(f"{name} = {value!r}; expected a positive multiple of {f}")
-  shape = (b, height // f, width // f, sd.latent_channels)
-  if mask is not None and image is None:
-    raise MedjaxError("generate: mask given without image; inpainting needs both")
-  if nine and (image is None or mask is None):
-    raise MedjaxError(f"{sd.name}: the U-Net has 9 input channels (an inpainting model); "
-                      "pass image= and mask=")
-  if mask is not None:
-    mask = (_image_batch(mask, "mask", b, 1, size=(height, width)) >= 0.5).astype(np.float32)
-  if strength != 1 and image is None:
-    raise MedjaxError(f"strength = {strength!r} needs an image (img2img or inpainting)")
-  start = schedulers.start_index_for_strength(n, strength)
-  if latents is not None:
-    latents = np.asarray(latents, np.float32)
-    if latents.shape != shape:
-      raise MedjaxError(f"latents: shape {latents.shape}; expected {shape} (NHWC noise)")
-  if mesh is not None:
-    if data_axis not in mesh.axis_names or b % mesh.shape[data_axis]:
-      raise MedjaxError(f"mesh axis {data_axis!r}: batch of {b} must divide evenly over it "
-                        f"(mesh axes {dict(mesh.shape)})")
-  if image is not None and start >= n:
-    return np.array(image, np.float32)  # strength 0: nothing to denoise
-  state = sch.set_timesteps(n, sample_shape=shape, start_index=start)
-
-  # Encoded inputs (each its own cached jit; the graph below sees arrays only).
-  if prompt_embeds is not None:
-    cond = prompt_embeds[:, None]
-  else:
-    cond = sd.encode_prompt([t for p in parts for t, _ in p])
-    cond = cond.reshape((b, k) + cond.shape[1:])
-  if negative_prompt_embeds is not None:
-    uncond = jnp.asarray(negative_prompt_embeds, jnp.float32)
-    if uncond.shape != cond[:, 0].shape:
-      raise MedjaxError(f"negative_prompt_embeds: shape {tuple(uncond.shape)}; expected "
-                        f"{tuple(cond[:, 0].shape)}")
-  else:
-    uncond = sd.encode_prompt(negative_prompts) if guided else cond[:, 0]
-  zeros = np.zeros(shape, np.float32)
-  image_latents = zeros if image is None else sd.encode_images(image * 2 - 1)
-  masked_latents = np.zeros(shape, np.float32)
-  if nine:
-    masked_latents = sd.encode_images((image * 2 - 1) * (mask < 0.5))
-  mask_latents = (np.ones(shape[:3] + (1,), np.float32) if mask is None
-                  else np.ascontiguousarray(mask[:, ::f, ::f]))
-  from_image = image is not None and not (mask is not None and strength == 1)
-  fn = _graph(sd.unet, sd.vae, sd.scaling_factor, sch, guided, mesh, data_axis)
-  images = fn({"unet": sd.params["unet"], "vae": sd.params["vae"]}, state, cond, uncond,
-              weights, jnp.float32(guidance_scale), seeds,
-              zeros if latents is None else latents, latents is not None, image_latents,
-              from_image, mask_latents, masked_latents)
+  req = check_request(sd, prompts, negative_prompts, num_inference_steps=num_inference_steps,
+                      guidance_scale=guidance_scale, scheduler=scheduler, height=height,
+                      width=width, seed=seed, latents=latents, image=image, mask=mask,
+                      strength=strength, eta=eta, prompt_embeds=prompt_embeds, mesh=mesh,
+                      data_axis=data_axis)
+  if req.image is not None and req.start >= req.steps:
+    return np.array(req.image, np.float32)  # strength 0: nothing to denoise
+  inputs = graph_inputs(sd, req, negative_prompt_embeds)
+  fn = _graph(sd.unet, sd.vae, sd.scaling_factor)
+  images = fn({"unet": sd.params["unet"], "vae": sd.params["vae"]}, inputs)
   return np.asarray(images)
+
 
 
 def interpolation_row(sd, prompt0: str, prompt1: str, weights: Sequence[float], *, seed: int = 0,

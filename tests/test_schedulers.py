@@ -265,6 +265,23 @@ def test_defaults_table_matches_diffusers_signatures():
     assert schedulers.DEFAULTS[name] == want, name
 
 
+def test_registry_lists_each_family():
+  assert schedulers.NAMES == ("ddpm", "ddim", "pndm", "euler", "euler_ancestral", "dpmsolver++")
+  assert tuple(schedulers.REGISTRY) == schedulers.NAMES
+  for name, cls in schedulers.REGISTRY.items():
+    assert cls.name == name and schedulers.CLASS_NAMES[cls.class_name] == name
+    assert cls.class_name == _DIFFUSERS[name]
+    assert type(schedulers.make_scheduler(name, SD1)) is cls
+
+
+def test_unknown_scheduler_name_is_one_line_naming_the_known_ones():
+  with pytest.raises(MedjaxError, match="scheduler name 'heun'") as e:
+    schedulers.make_scheduler("heun", SD1)
+  message = str(e.value)
+  assert "\n" not in message
+  assert all(name in message for name in schedulers.NAMES), message
+
+
 def test_class_name_and_hashable():
   sch = schedulers.make_scheduler(None, SD1)
   assert sch.name == "pndm" and sch.config["skip_prk_steps"] is True
