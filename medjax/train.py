@@ -24,10 +24,12 @@ from medjax import atomic
 from medjax import checkpoint as checkpoint_lib
 from medjax import metrics_writer
 from medjax import objectives
+from medjax import sample_files
 from medjax import sharding
 from medjax import train_config
 from medjax.convert import embeddings as embeddings_lib
 from medjax.errors import MedjaxError
+from medjax.images import grid, rgb_in_unit_range, save_png, to_uint8
 from medjax.pipeline import StableDiffusion
 
 DTYPES = {"fp32": jnp.float32, "bf16": jnp.bfloat16}
@@ -245,19 +247,10 @@ def host_batch(run: Setup, batch: dict, *, step: int, cache: LatentCache | None,
   return sharding.shard_batch(out, run.mesh)
 
 
-def rgb_in_unit_range(image: np.ndarray) -> np.ndarray:
-  """(H, W) or (H, W, 1|3) in [0, 1] -> (H, W, 3) float32."""
-  image = np.asarray(image, np.float32)
-  if image.ndim == 2:
-    image = image[..., None]
-  return np.repeat(image, 3, axis=-1) if image.shape[-1] == 1 else image[..., :3]
-
-
 def make_prior_images(config: Any, run: Setup, state: objectives.TrainState,
                       workdir: Path) -> PriorImages:
   """Reads the given class images, or generates them with the model as it starts (once, into
   the workdir: a resumed run finds them there), and encodes them."""
-  from medjax import sample as sample_lib  # pylint: disable=g-import-not-at-top
   from medjax.data import pipeline as data_pipeline  # pylint: disable=g-import-not-at-top
   from medjax.data import read_image  # pylint: disable=g-import-not-at-top
   p = config.prior
@@ -267,11 +260,11 @@ def make_prior_images(config: Any, run: Setup, state: objectives.TrainState,
     logging.info("prior preservation: generating %d class images of %r", p.num_class_images,
                  p.class_prompt)
     tmp = workdir / ".class_images.tmp"
-    sample_lib.sample_to_dir(trained_pipeline(run, state, ema=False), tmp,
-                             prompt=p.class_prompt, num_images=p.num_class_images,
-                             batch_size=min(p.num_class_images, 8),
-                             steps=p.num_inference_steps, guidance=p.guidance_scale,
-                             height=config.resolution, width=config.resolution, seed=config.seed)
+    sample_files.sample_to_dir(trained_pipeline(run, state, ema=False), tmp,
+                               prompt=p.class_prompt, num_images=p.num_class_images,
+                               batch_size=min(p.num_class_images, 8),
+                               steps=p.num_inference_steps, guidance=p.guidance_scale,
+                               height=config.resolution, width=config.resolution, seed=config.seed)
     (tmp / "grid.png").unlink()
     if folder.exists():  # too few images (some deleted): the new set replaces them whole
       shutil.rmtree(folder)
@@ -317,7 +310,6 @@ def sample_prompts(config: Any) -> list[str]:
 def write_sample_grid(config: Any, sd: StableDiffusion, workdir: Path, step: int,
                       writer) -> Path | None:
   """A grid of `sample.num_per_prompt` images per sample prompt (none when that is 0)."""
-  from medjax import sample as sample_lib  # pylint: disable=g-import-not-at-top
   s = config.sample
   if s.num_per_prompt <= 0:
     return None
@@ -326,13 +318,13 @@ def write_sample_grid(config: Any, sd: StableDiffusion, workdir: Path, step: int
                        guidance_scale=s.guidance_scale, scheduler=s.scheduler,
                        height=config.resolution, width=config.resolution,
                        seed=[s.seed + i for i in range(len(prompts))])
-  grid = sample_lib.grid(sample_lib.to_uint8(images))
+  image = grid(to_uint8(images))
   out = workdir / "samples" / f"step_{step:06d}.png"
   out.parent.mkdir(parents=True, exist_ok=True)
-  sample_lib.save_png(grid, out, {"synthetic": "true", "generator": "medjax.train",
-                                  "prompts": " | ".join(sample_prompts(config)),
-                                  "step": step, "model": sd.name})
-  writer.write_images(step, {"samples": grid[None]})
+  save_png(image, out, {"synthetic": "true", "generator": "medjax.train",
+                        "prompts": " | ".join(sample_prompts(config)), "step": step,
+                        "model": sd.name})
+  writer.write_images(step, {"samples": image[None]})
   return out
 
 

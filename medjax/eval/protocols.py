@@ -19,6 +19,7 @@ import numpy as np
 from absl import logging
 
 from medjax import atomic
+from medjax import images as images_lib
 from medjax.data.config import default_config as data_config
 from medjax.errors import MedjaxError
 
@@ -192,8 +193,6 @@ def class_prompts(config: Any, class_names) -> dict[str, str]:
 def generate_per_class(config: Any, sd, class_names, workdir: Path) -> Split:
   """`num_per_class` images per class prompt (seeded), plus a grid PNG per class."""
   import tqdm  # pylint: disable=g-import-not-at-top
-
-  from medjax import sample as sample_lib  # pylint: disable=g-import-not-at-top
   g = config.generation
   prompts = class_prompts(config, class_names)
   images, labels = [], []
@@ -212,8 +211,8 @@ def generate_per_class(config: Any, sd, class_names, workdir: Path) -> Split:
     class_images = np.concatenate(kept)
     images.append(class_images * 2 - 1)
     labels.append(np.full(len(class_images), k))
-    grid = sample_lib.grid(sample_lib.to_uint8(class_images[:16]))
-    sample_lib.save_png(grid, workdir / f"samples_{name}.png",
+    grid = images_lib.grid(images_lib.to_uint8(class_images[:16]))
+    images_lib.save_png(grid, workdir / f"samples_{name}.png",
                         {"synthetic": "true", "generator": "medjax.evaluate",
                          "prompt": prompts[name], "model": sd.name})
   bar.close()
