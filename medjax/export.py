@@ -75,8 +75,8 @@ def load_source(source: str, *, seed: int = 0, step: int | None = None,
                 ema: bool = True) -> StableDiffusion:
   """A diffusers directory / single file, a training workdir, or '' (the embedded model)."""
   if source and is_training_workdir(source):
-    from medjax import train  # pylint: disable=g-import-not-at-top
-    return train.restore_pipeline(source, step=step, ema=ema)
+    from medjax import trainer  # pylint: disable=g-import-not-at-top
+    return trainer.restore_pipeline(source, step=step, ema=ema)
   return StableDiffusion.load(source, **({} if source else {"seed": seed}))
 
 

@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 
 from medjax import checkpoint as checkpoint_lib
-from medjax import train
+from medjax import sharding
 from medjax import train_config
+from medjax import trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--config=configs/cxr_unet.py", "--config.total_steps=30",
@@ -61,8 +62,8 @@ def _wait_for_checkpoint(workdir: Path, step: int, proc, timeout=400):
 def _final_state(workdir):
   raw = json.loads((Path(workdir) / "config.json").read_text())
   config = train_config.base_config()
-  config.update_from_flattened_dict(train._flatten(raw))  # pylint: disable=protected-access
-  run = train.setup(config, mesh=train.sharding.make_mesh(1, 1))
+  config.update_from_flattened_dict(trainer._flatten(raw))  # pylint: disable=protected-access
+  run = trainer.setup(config, mesh=sharding.make_mesh(1, 1))
   ckpt = checkpoint_lib.Checkpointer(Path(workdir) / "checkpoints", keep=100)
   abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                           run.state, run.state_shardings)

@@ -168,8 +168,8 @@ def load_model(config: Any):
   from medjax.pipeline import StableDiffusion  # pylint: disable=g-import-not-at-top
   m = config.model
   if m.train_workdir:
-    from medjax import train  # pylint: disable=g-import-not-at-top
-    sd = train.restore_pipeline(m.train_workdir)
+    from medjax import trainer  # pylint: disable=g-import-not-at-top
+    sd = trainer.restore_pipeline(m.train_workdir)
   elif m.pretrained:
     sd = StableDiffusion.from_pretrained(m.pretrained)
   else:
