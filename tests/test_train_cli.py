@@ -14,9 +14,11 @@ import numpy as np
 import pytest
 
 from medjax import checkpoint as checkpoint_lib
+from medjax import exporter
 from medjax import sharding
 from medjax import train_config
 from medjax import trainer
+from medjax.pipeline import StableDiffusion
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--config=configs/cxr_unet.py", "--config.total_steps=30",
@@ -114,12 +116,10 @@ def test_killed_and_preempted_run_resumes_bit_identical(runs):
 
 def test_export_a_training_checkpoint(runs, tmp_path):
   """What `python -m medjax.export --from=<workdir> --to=DIR` runs (in-process: one compile)."""
-  from medjax import export  # pylint: disable=g-import-not-at-top
-  from medjax.pipeline import StableDiffusion  # pylint: disable=g-import-not-at-top
   a = runs[0]
   out = tmp_path / "exported"
-  trained = export.load_source(str(a))
-  assert export.export(trained, out) < 1e-5  # the written dir reloads to the same numbers
+  trained = exporter.load_source(str(a))
+  assert exporter.export(trained, out) < 1e-5  # the written dir reloads to the same numbers
   exported = StableDiffusion.from_pretrained(out)
   for x, y in zip(jax.tree.leaves(exported.params["unet"]),
                   jax.tree.leaves(trained.params["unet"])):
