@@ -1,4 +1,4 @@
-"""Training step: medjax `train.setup(...).step` vs diffusers' PyTorch training scripts, same run.
+"""Training step: medjax `trainer.setup(...).step` vs diffusers' PyTorch training scripts, same run.
 
   python benchmarks/train_step.py                        # tiny and mid: TI (8, 64 vectors), fine-tune
   python benchmarks/train_step.py --configs=mid --kinds=ft --repeats=5 --batch=2
@@ -155,7 +155,7 @@ def run_steps(step, warmup: int, repeats: int, trim: bool = False) -> dict:
 def run_jax(args) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
 
-  from medjax import sharding, train, train_config  # pylint: disable=g-import-not-at-top
+  from medjax import sharding, train_config, trainer  # pylint: disable=g-import-not-at-top
 
   kind, n = parse_kind(args.kinds)
   config = train_config.base_config()
@@ -175,7 +175,7 @@ def run_jax(args) -> dict:
   else:
     config.max_grad_norm = 1.0
   t0 = time.perf_counter()
-  run = train.setup(config)
+  run = trainer.setup(config)
   setup_s = time.perf_counter() - t0
   prompt = TI_PROMPT.format(TOKEN) if kind == "ti" else FT_PROMPT
   batch = sharding.shard_batch({"image": images(args.batch, config.resolution),

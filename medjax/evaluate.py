@@ -6,12 +6,15 @@ ROC curves and sample grids as PNGs into the workdir.
 import json
 from pathlib import Path
 
+from absl import flags
+from ml_collections import config_flags
+
+from medjax import cli
 from medjax.errors import MedjaxError
+from medjax.eval import protocols
 
 
 def define_flags():
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
   config_flags.DEFINE_config_file("config", None, "An eval config: configs/eval_<name>.py[:arg].",
                                   lock_config=True)
   flags.DEFINE_string("workdir", None, "Where results, ROC curves and samples go.")
@@ -19,9 +22,6 @@ def define_flags():
 
 
 def main(argv):
-  from absl import flags  # pylint: disable=g-import-not-at-top
-
-  from medjax.eval import protocols  # pylint: disable=g-import-not-at-top
   if len(argv) > 1:
     raise MedjaxError(f"unexpected arguments {argv[1:]}")
   results = protocols.run_protocol(flags.FLAGS.config, flags.FLAGS.workdir)
@@ -30,7 +30,6 @@ def main(argv):
 
 
 def run():
-  from medjax import cli  # pylint: disable=g-import-not-at-top
   cli.run_with_config(main, define_flags)
 
 

@@ -6,7 +6,7 @@ Two objectives share one loss and one step:
                      bit-identical; `merge` writes them into the table for export.
   unet               the U-Net (and optionally the text encoder) is trainable; the VAE is frozen.
 The VAE never enters the gradient: the loss takes its latent moments (mean, logvar), computed
-under stop_gradient in the step (train.with_encoder) or beforehand and cached per image.
+under stop_gradient in the step (trainer.with_encoder) or beforehand and cached per image.
 """
 import dataclasses
 from collections.abc import Callable
@@ -195,7 +195,7 @@ def init_state(trainable_params: dict, optimizer: optax.GradientTransformation, 
 def make_train_step(sd, trainable: Trainable, optimizer: optax.GradientTransformation,
                     lc: LossConfig, *, grad_accum: int = 1, ema_decay: float = 0.0,
                     schedule: optax.Schedule | None = None) -> Callable:
-  """A pure `(state, frozen, batch) -> (state, metrics)`; jit it with shardings (train.py).
+  """A pure `(state, frozen, batch) -> (state, metrics)`; jit it with shardings (trainer.py).
 
   `grad_accum` > 1 splits the batch into that many micro-batches (a `lax.scan`) and sums their
   weighted gradients: one optimizer update per call, the same as one big batch.

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from medjax import StableDiffusion
-from medjax import export as export_lib
+from medjax import exporter
 from medjax.convert import diffusers as diffusers_io
 from medjax.convert.weights import read_safetensors
 from medjax.errors import MedjaxError
@@ -19,7 +19,7 @@ def test_embedded_export_loads_in_diffusers(embedded, tmp_path):
   import torch  # pylint: disable=g-import-not-at-top
   from diffusers import StableDiffusionPipeline  # pylint: disable=g-import-not-at-top
   tiny_diffusers.torch_threads()
-  error = export_lib.export(embedded, tmp_path / "out")
+  error = exporter.export(embedded, tmp_path / "out")
   assert error == 0.0  # a reload computes exactly the same forward pass
   pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "out")
   for name in ("unet", "vae", "text_encoder"):
@@ -45,7 +45,7 @@ def test_embedded_export_loads_in_diffusers(embedded, tmp_path):
 def test_round_trip_of_a_diffusers_dir_is_bit_exact(tmp_path):
   tiny_diffusers.make_pipeline_dir(tmp_path / "src", style="sd2")
   sd = StableDiffusion.from_pretrained(tmp_path / "src")
-  export_lib.export(sd, tmp_path / "dst")
+  exporter.export(sd, tmp_path / "dst")
   for name, stem in [("unet", "diffusion_pytorch_model"), ("vae", "diffusion_pytorch_model"),
                      ("text_encoder", "model")]:
     a = read_safetensors(tmp_path / "src" / name / f"{stem}.safetensors")
@@ -60,11 +60,11 @@ def test_round_trip_of_a_diffusers_dir_is_bit_exact(tmp_path):
 def test_refuses_existing_target_and_leaves_nothing_half_written(embedded, tmp_path, monkeypatch):
   (tmp_path / "taken").mkdir()
   with pytest.raises(MedjaxError, match="already exists"):
-    export_lib.export(embedded, tmp_path / "taken")
+    exporter.export(embedded, tmp_path / "taken")
 
   def crash(*args, **kwargs):
     raise RuntimeError("disk full")
   monkeypatch.setattr(diffusers_io, "write_safetensors", crash)
   with pytest.raises(RuntimeError, match="disk full"):
-    export_lib.export(embedded, tmp_path / "new")
+    exporter.export(embedded, tmp_path / "new")
   assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]

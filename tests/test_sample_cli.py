@@ -7,7 +7,6 @@ import sys
 import numpy as np
 from PIL import Image
 
-from medjax import sample
 from medjax.convert.embeddings import write_diffusers_embeddings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,10 +53,3 @@ def test_cli_bad_input_writes_nothing(tmp_path):
       "dpmsolver++"]
   assert not out.exists()
 
-
-def test_grid_layout():
-  images = np.arange(5 * 2 * 2 * 3, dtype=np.uint8).reshape(5, 2, 2, 3)
-  g = sample.grid(images)
-  assert g.shape == (4, 6, 3)
-  np.testing.assert_array_equal(g[2:, 2:4], images[4])
-  assert not g[2:, 4:].any()

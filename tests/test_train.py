@@ -9,8 +9,8 @@ import pytest
 
 from medjax import objectives
 from medjax import sharding
-from medjax import train
 from medjax import train_config
+from medjax import trainer
 from medjax.convert import embeddings as embeddings_lib
 from medjax.errors import MedjaxError
 from tests.train_support import run_steps
@@ -27,7 +27,7 @@ def test_textual_inversion_changes_only_new_rows(ti_run):
   run, state, losses = ti_run
   assert all(np.isfinite(losses))
   before = run.sd.params
-  after = train.trained_pipeline(run, state).params
+  after = trainer.trained_pipeline(run, state).params
   ids = np.asarray(run.trainable.token_ids)
   assert len(ids) == 8  # two tokens x 4 vectors
   t0 = np.asarray(embeddings_lib.token_embedding_table(before["text_encoder"]))
@@ -165,18 +165,18 @@ def test_bad_inputs():
   with pytest.raises(MedjaxError, match="only 1 are available"):
     sharding.make_mesh(16, 1)
   with pytest.raises(MedjaxError, match="not divisible"):
-    train.setup(tiny_config(batch_size=3), mesh=_fake_two_device_mesh())
-  sd, _ = train.build_model(tiny_config())
+    trainer.setup(tiny_config(batch_size=3), mesh=_fake_two_device_mesh())
+  sd, _ = trainer.build_model(tiny_config())
   in_vocab = next(k for k in sd.tokenizer.get_vocab() if k.isalpha() and len(k) > 3)
   with pytest.raises(MedjaxError, match="already in the tokenizer vocabulary"):
-    train.build_model(tiny_config("textual_inversion",
-                                  **{"textual_inversion.tokens": f"{in_vocab}=chest"}))
+    trainer.build_model(tiny_config("textual_inversion",
+                                    **{"textual_inversion.tokens": f"{in_vocab}=chest"}))
   with pytest.raises(MedjaxError, match="given twice"):
-    train.parse_tokens("<a>=chest; <a>=lung")
+    trainer.parse_tokens("<a>=chest; <a>=lung")
   with pytest.raises(MedjaxError, match="'<token>=init words'"):
-    train.parse_tokens("<x>")
+    trainer.parse_tokens("<x>")
   with pytest.raises(MedjaxError, match="mixed_precision"):
-    train.build_model(tiny_config(mixed_precision="fp8"))
+    trainer.build_model(tiny_config(mixed_precision="fp8"))
 
 
 def _with_extra_key():
@@ -198,19 +198,19 @@ def test_workdir_with_another_config_is_refused(tmp_path):
   other = tiny_config(learning_rate=0.5)
   (tmp_path / "config.json").write_text(other.to_json())
   with pytest.raises(MedjaxError, match="differs in learning_rate"):
-    train.check_workdir(config, tmp_path)
+    trainer.check_workdir(config, tmp_path)
   config.allow_config_change = True
-  train.check_workdir(config, tmp_path)
+  trainer.check_workdir(config, tmp_path)
   # Changing only resumable keys (a longer run) is fine.
   (tmp_path / "config.json").write_text(tiny_config(total_steps=100).to_json())
-  train.check_workdir(tiny_config(), tmp_path)
+  trainer.check_workdir(tiny_config(), tmp_path)
   assert json.loads((tmp_path / "config.json").read_text())["total_steps"] == 100
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
   config = tiny_config(learning_rate=1e30, total_steps=6, max_grad_norm=0.0)
   with pytest.raises(MedjaxError, match="non-finite loss .* Last good checkpoint: step"):
-    train.train(config, tmp_path)
+    trainer.train(config, tmp_path)
   steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
   assert steps and max(steps) < 6
 
@@ -219,7 +219,7 @@ def test_prior_preservation_with_generated_class_images_and_cached_latents(tmp_p
   config = tiny_config(total_steps=2, cache_latents=True,
                        **{"prior.enabled": True, "prior.num_class_images": 2,
                           "prior.num_inference_steps": 2, "prior.weight": 0.5})
-  summary = train.train(config, tmp_path)
+  summary = trainer.train(config, tmp_path)
   assert summary["step"] == 2 and np.isfinite(summary["loss"])
   class_images = sorted((tmp_path / "class_images").glob("*.png"))
   assert len(class_images) == 2

@@ -14,8 +14,11 @@ import numpy as np
 import pytest
 
 from medjax import checkpoint as checkpoint_lib
-from medjax import train
+from medjax import exporter
+from medjax import sharding
 from medjax import train_config
+from medjax import trainer
+from medjax.pipeline import StableDiffusion
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--config=configs/cxr_unet.py", "--config.total_steps=30",
@@ -61,8 +64,8 @@ def _wait_for_checkpoint(workdir: Path, step: int, proc, timeout=400):
 def _final_state(workdir):
   raw = json.loads((Path(workdir) / "config.json").read_text())
   config = train_config.base_config()
-  config.update_from_flattened_dict(train._flatten(raw))  # pylint: disable=protected-access
-  run = train.setup(config, mesh=train.sharding.make_mesh(1, 1))
+  config.update_from_flattened_dict(trainer._flatten(raw))  # pylint: disable=protected-access
+  run = trainer.setup(config, mesh=sharding.make_mesh(1, 1))
   ckpt = checkpoint_lib.Checkpointer(Path(workdir) / "checkpoints", keep=100)
   abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                           run.state, run.state_shardings)
@@ -113,12 +116,10 @@ def test_killed_and_preempted_run_resumes_bit_identical(runs):
 
 def test_export_a_training_checkpoint(runs, tmp_path):
   """What `python -m medjax.export --from=<workdir> --to=DIR` runs (in-process: one compile)."""
-  from medjax import export  # pylint: disable=g-import-not-at-top
-  from medjax.pipeline import StableDiffusion  # pylint: disable=g-import-not-at-top
   a = runs[0]
   out = tmp_path / "exported"
-  trained = export.load_source(str(a))
-  assert export.export(trained, out) < 1e-5  # the written dir reloads to the same numbers
+  trained = exporter.load_source(str(a))
+  assert exporter.export(trained, out) < 1e-5  # the written dir reloads to the same numbers
   exported = StableDiffusion.from_pretrained(out)
   for x, y in zip(jax.tree.leaves(exported.params["unet"]),
                   jax.tree.leaves(trained.params["unet"])):

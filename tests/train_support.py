@@ -1,6 +1,7 @@
 """Tiny train configs for tests: the embedded model on a small phantom pool, no sample grids."""
-from medjax import train
+from medjax import batches
 from medjax import train_config
+from medjax import trainer
 from medjax.data import make_dataset
 
 
@@ -34,12 +35,12 @@ def tiny_config(objective: str = "unet", **overrides):
 
 def run_steps(config, n, mesh=None):
   """`n` train steps in-process (no checkpoints): (Setup, state, losses)."""
-  run = train.setup(config, mesh=mesh)
+  run = trainer.setup(config, mesh=mesh)
   data = make_dataset(config.data, "train", config.batch_size, seed=config.seed,
                       resolution=config.resolution)
   state, losses = run.state, []
   for i in range(n):
-    batch = train.host_batch(run, next(data), step=i, cache=None, prior=None)
+    batch = batches.host_batch(run, next(data), step=i, cache=None, prior=None)
     state, metrics = run.step(state, run.frozen, batch)
     losses.append(float(metrics["loss"]))
   return run, state, losses

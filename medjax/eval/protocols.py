@@ -16,11 +16,22 @@ from typing import Any
 
 import ml_collections
 import numpy as np
+import tqdm
 from absl import logging
 
 from medjax import atomic
+from medjax import images as images_lib
+from medjax import trainer
+from medjax.convert import inception
+from medjax.data import make_dataset
 from medjax.data.config import default_config as data_config
 from medjax.errors import MedjaxError
+from medjax.eval import auc as auc_lib
+from medjax.eval import classifier_train
+from medjax.eval import fid as fid_lib
+from medjax.eval import recon
+from medjax.pipeline import StableDiffusion
+from medjax.train_config import check_config
 
 PROTOCOLS: dict[str, Callable] = {}
 
@@ -34,7 +45,6 @@ def register(name: str):
 
 def base_config() -> ml_collections.ConfigDict:
   """Every evaluation key with defaults sized for the embedded tiny model (minutes on a CPU)."""
-  from medjax.eval import classifier_train  # pylint: disable=g-import-not-at-top
   c = ml_collections.ConfigDict()
   c.protocol = "paper_a"  # a key of PROTOCOLS
   c.seed = 0
@@ -138,7 +148,6 @@ class Split:
 
 def load_split(config: Any, split: str) -> Split:
   """All images of one split, in order, as arrays."""
-  from medjax.data import make_dataset  # pylint: disable=g-import-not-at-top
   data = make_dataset(config.data, split, batch_size=8, seed=config.seed,
                       resolution=config.resolution, num_epochs=1, shuffle=False,
                       drop_remainder=False)
@@ -164,11 +173,9 @@ def binary(split: Split, pos: int) -> np.ndarray:
 
 def load_model(config: Any):
   """The pipeline to generate with: a training workdir, or base weights + embedding files."""
-  from medjax.pipeline import StableDiffusion  # pylint: disable=g-import-not-at-top
   m = config.model
   if m.train_workdir:
-    from medjax import train  # pylint: disable=g-import-not-at-top
-    sd = train.restore_pipeline(m.train_workdir)
+    sd = trainer.restore_pipeline(m.train_workdir)
   elif m.pretrained:
     sd = StableDiffusion.from_pretrained(m.pretrained)
   else:
@@ -191,9 +198,6 @@ def class_prompts(config: Any, class_names) -> dict[str, str]:
 
 def generate_per_class(config: Any, sd, class_names, workdir: Path) -> Split:
   """`num_per_class` images per class prompt (seeded), plus a grid PNG per class."""
-  import tqdm  # pylint: disable=g-import-not-at-top
-
-  from medjax import sample as sample_lib  # pylint: disable=g-import-not-at-top
   g = config.generation
   prompts = class_prompts(config, class_names)
   images, labels = [], []
@@ -212,8 +216,8 @@ def generate_per_class(config: Any, sd, class_names, workdir: Path) -> Split:
     class_images = np.concatenate(kept)
     images.append(class_images * 2 - 1)
     labels.append(np.full(len(class_images), k))
-    grid = sample_lib.grid(sample_lib.to_uint8(class_images[:16]))
-    sample_lib.save_png(grid, workdir / f"samples_{name}.png",
+    grid = images_lib.grid(images_lib.to_uint8(class_images[:16]))
+    images_lib.save_png(grid, workdir / f"samples_{name}.png",
                         {"synthetic": "true", "generator": "medjax.evaluate",
                          "prompt": prompts[name], "model": sd.name})
   bar.close()
@@ -222,7 +226,6 @@ def generate_per_class(config: Any, sd, class_names, workdir: Path) -> Split:
 
 def inception_params(config: Any):
   """pytorch-fid's weights, or (when allowed) random ones with a warning in the results."""
-  from medjax.convert import inception  # pylint: disable=g-import-not-at-top
   try:
     return inception.load_inception(config.fid.weights or None,
                                     allow_pickle=config.fid.allow_pickle), None
@@ -246,7 +249,6 @@ def fid_notes(config: Any, weights_note: str | None) -> list[str]:
 
 def fid_between(config: Any, params, a: np.ndarray, b: np.ndarray) -> float:
   """FID between two image sets in [-1, 1] (the first `fid.max_images` of each)."""
-  from medjax.eval import fid as fid_lib  # pylint: disable=g-import-not-at-top
   cap = config.fid.max_images or None
   a, b = a[:cap], b[:cap]
   for name, x in (("first", a), ("second", b)):
@@ -262,8 +264,6 @@ def fid_between(config: Any, params, a: np.ndarray, b: np.ndarray) -> float:
 
 def train_and_score(config: Any, train: Split, val: Split, test: Split, pos: int, seed: int):
   """Trains the configured classifier; returns (scores on test, metrics dict, state)."""
-  from medjax.eval import auc as auc_lib  # pylint: disable=g-import-not-at-top
-  from medjax.eval import classifier_train  # pylint: disable=g-import-not-at-top
   cfg = ml_collections.ConfigDict(config.classifier.to_dict())
   cfg.seed = seed
   cfg.task = "binary"
@@ -307,7 +307,6 @@ def fmt(x: float, digits: int = 3) -> str:
 @register("paper_a")
 def paper_a(config: Any, workdir: Path) -> dict:
   """Real vs real + synthetic vs synthetic-only classifiers; FID of generated vs training."""
-  from medjax.eval import auc as auc_lib  # pylint: disable=g-import-not-at-top
   train, val, test = (load_split(config, s) for s in ("train", "val", "test"))
   pos = positive_index(config, train.class_names)
   for name, split in (("train", train), ("val", val), ("test", test)):
@@ -371,11 +370,6 @@ def _mean_std(values) -> dict:
 @register("paper_b")
 def paper_b(config: Any, workdir: Path) -> dict:
   """VAE reconstruction table; a real-trained classifier scoring generated images per class."""
-  from medjax.eval import auc as auc_lib  # pylint: disable=g-import-not-at-top
-  from medjax.eval import (
-    classifier_train,  # pylint: disable=g-import-not-at-top
-    recon,  # pylint: disable=g-import-not-at-top
-  )
   train, val, test = (load_split(config, s) for s in ("train", "val", "test"))
   pos = positive_index(config, train.class_names)
   sd = load_model(config)
@@ -420,7 +414,6 @@ def paper_b(config: Any, workdir: Path) -> dict:
 
 
 def run_protocol(config: Any, workdir) -> dict:
-  from medjax.train_config import check_config  # pylint: disable=g-import-not-at-top
   check_config(config, base_config(),
                free_maps=("data.prompt.class_prompts", "data.prompt.label_texts",
                           "generation.prompts"))

@@ -1,0 +1,423 @@
+"""Training as a library: config -> mesh -> model (+ placeholder tokens) -> sharded train state
+(restored if the workdir has checkpoints) -> loop of one jitted, donated step -> checkpoints,
+metrics, sample grids, learned embeddings. `python -m medjax.train` is its command line.
+"""
+import ctypes
+import dataclasses
+import functools
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import tqdm
+from absl import logging
+from jax.sharding import PartitionSpec as P
+
+from medjax import atomic
+from medjax import batches
+from medjax import checkpoint as checkpoint_lib
+from medjax import images as images_lib
+from medjax import metrics_writer
+from medjax import objectives
+from medjax import sharding
+from medjax import train_config
+from medjax.convert import embeddings as embeddings_lib
+from medjax.data import make_dataset
+from medjax.errors import MedjaxError
+from medjax.pipeline import StableDiffusion
+
+DTYPES = {"fp32": jnp.float32, "bf16": jnp.bfloat16}
+
+
+# -- building blocks -------------------------------------------------------------------------------
+
+def parse_tokens(spec: str) -> list[tuple[str, str]]:
+  """'<a>=words a; <b>=words b' -> [('<a>', 'words a'), ('<b>', 'words b')]."""
+  out = []
+  for part in filter(None, (p.strip() for p in str(spec).split(";"))):
+    token, sep, words = part.partition("=")
+    if not sep or not token.strip() or not words.strip():
+      raise MedjaxError(f"config.textual_inversion.tokens: {part!r} is not '<token>=init words'")
+    if token.strip() in [t for t, _ in out]:
+      raise MedjaxError(f"config.textual_inversion.tokens: {token.strip()!r} is given twice")
+    out.append((token.strip(), words.strip()))
+  if not out:
+    raise MedjaxError("config.textual_inversion.tokens is empty: give '<token>=init words'")
+  return out
+
+
+def initial_vectors(sd: StableDiffusion, words: str, num_vectors: int) -> np.ndarray:
+  """[num_vectors, dim] rows copied from the embeddings of `words`' tokens (cycled)."""
+  tok = embeddings_lib._base_tokenizer(sd.tokenizer)  # pylint: disable=protected-access
+  ids = tok(words, add_special_tokens=False)["input_ids"]
+  if not ids:
+    raise MedjaxError(f"textual inversion: initializer {words!r} has no tokens")
+  table = np.asarray(embeddings_lib.token_embedding_table(sd.params["text_encoder"]))
+  return np.stack([table[ids[i % len(ids)]] for i in range(num_vectors)])
+
+
+def build_model(config: Any) -> tuple[StableDiffusion, objectives.Trainable]:
+  """The pipeline (with placeholder tokens for textual inversion) and what it trains."""
+  dtype = DTYPES.get(config.mixed_precision)
+  if dtype is None:
+    raise MedjaxError(f"config.mixed_precision={config.mixed_precision!r}: expected fp32 or bf16")
+  kw = {"dtype": dtype, "remat": config.remat}
+  if config.model.pretrained:
+    sd = StableDiffusion.from_pretrained(config.model.pretrained,
+                                         variant=config.model.variant or None, **kw)
+  else:
+    sd = StableDiffusion.embedded(seed=config.model.embedded_seed, **kw)
+  if config.objective == "textual_inversion":
+    tokens = parse_tokens(config.textual_inversion.tokens)
+    n = int(config.textual_inversion.num_vectors)
+    if n < 1:
+      raise MedjaxError(f"config.textual_inversion.num_vectors={n}: expected >= 1")
+    sd = embeddings_lib.add_tokens(sd, {t: initial_vectors(sd, w, n) for t, w in tokens})
+    base = embeddings_lib._base_tokenizer(sd.tokenizer)  # pylint: disable=protected-access
+    names = [name for t, _ in tokens for name in [t] + [f"{t}_{i}" for i in range(1, n)]]
+    ids = tuple(int(base.convert_tokens_to_ids(name)) for name in names)
+    return sd, objectives.Trainable("textual_inversion", token_ids=ids)
+  return sd, objectives.Trainable(config.objective,
+                                  train_text_encoder=config.unet.train_text_encoder)
+
+
+def loss_config(config: Any, sd: StableDiffusion) -> objectives.LossConfig:
+  return objectives.LossConfig(
+      prediction_type=sd.scheduler_config.get("prediction_type", "epsilon"),
+      min_snr_gamma=float(config.min_snr_gamma), prior_loss_weight=float(config.prior.weight),
+      scaling_factor=sd.scaling_factor, noise_offset=float(config.noise_offset))
+
+
+def trainable_logical_axes(sd: StableDiffusion, trainable: objectives.Trainable) -> dict:
+  axes = sd.logical_axes()
+  if trainable.kind == "textual_inversion":
+    return {"embeddings": P(None, "embed")}
+  return {k: axes[k] for k in (("unet", "text_encoder") if trainable.train_text_encoder
+                               else ("unet",))}
+
+
+@dataclasses.dataclass
+class Setup:
+  """A run's pieces, built once; `step` is the jitted train step.
+
+  `sd.params` holds only the frozen params (`frozen`): the trained ones live in the state (their
+  initial buffers were donated to it, so a fine-tuned U-Net is never held twice). Use
+  `trained_pipeline(run, state)` for a complete model.
+  """
+  sd: StableDiffusion
+  trainable: objectives.Trainable
+  mesh: Any
+  frozen: dict
+  state: objectives.TrainState
+  state_shardings: Any
+  step: Any
+  encode: Any
+  schedule: Any
+
+
+def setup(config: Any, mesh=None) -> Setup:
+  """Builds model, mesh, sharded state and the jitted step (no data, no checkpoint I/O)."""
+  mesh = mesh or sharding.mesh_from_config(config.mesh)
+  sharding.check_batch_size(config.batch_size, mesh)
+  if config.grad_accum < 1 or config.batch_size % config.grad_accum or (
+      (config.batch_size // config.grad_accum) % sharding.data_parallel_size(mesh)):
+    raise MedjaxError(f"config.grad_accum={config.grad_accum}: batch_size={config.batch_size} "
+                      "must split into grad_accum micro-batches that each divide over the "
+                      f"{sharding.data_parallel_size(mesh)} data-parallel devices")
+  rules = sharding.rules_tuple(config.mesh.rules)
+  sd, trainable = build_model(config)
+  train_params, frozen = trainable.split(sd.params)
+  all_axes = sd.logical_axes()
+  frozen_axes = {k: all_axes[k] for k in frozen}
+  frozen_sh = sharding.param_shardings(frozen_axes, frozen, mesh, rules)
+  frozen = jax.device_put(frozen, frozen_sh)
+  param_sh = sharding.param_shardings(trainable_logical_axes(sd, trainable), train_params, mesh,
+                                      rules)
+  train_params = jax.device_put(train_params, param_sh)
+  optimizer = objectives.make_optimizer(config, trainable, train_params)
+  schedule = objectives.learning_rate_schedule(config)
+  rep = sharding.replicated(mesh)
+  opt_sh = optax_state_shardings(optimizer, train_params, param_sh, rep)
+  state_sh = objectives.TrainState(step=rep, params=param_sh, opt_state=opt_sh,
+                                   ema_params=param_sh if config.ema_decay > 0 else None, rng=rep)
+  sd = dataclasses.replace(sd, params=frozen)
+  state = jax.jit(lambda p: objectives.init_state(p, optimizer, config.seed, config.ema_decay > 0),
+                  out_shardings=state_sh, donate_argnums=(0,))(train_params)
+  del train_params
+  step_fn = objectives.make_train_step(
+      sd, trainable, optimizer, loss_config(config, sd), grad_accum=config.grad_accum,
+      ema_decay=float(config.ema_decay), schedule=schedule)
+  step = jax.jit(with_encoder(step_fn, sd), in_shardings=(state_sh, frozen_sh, None),
+                 out_shardings=(state_sh, rep), donate_argnums=(0,))
+  batch_sh = sharding.batch_sharding(mesh)
+  encode = jax.jit(lambda vae_p, x: vae_moments(sd, vae_p, x), out_shardings=batch_sh)
+  return Setup(sd, trainable, mesh, frozen, state, state_sh, step, encode, schedule)
+
+
+def optax_state_shardings(optimizer, params, param_sh, replicated):
+  """Optimizer-state shardings: moments like their params, counters replicated."""
+  abstract = jax.eval_shape(optimizer.init, params)
+  return optax.tree_map_params(optimizer, lambda _, s: s, abstract, param_sh,
+                               transform_non_params=lambda _: replicated)
+
+
+def vae_moments(sd: StableDiffusion, vae_params, images) -> jax.Array:
+  """Images [-1, 1] NHWC -> the VAE posterior's (mean, logvar) concatenated on channels."""
+  mean, logvar = sd.vae.apply({"params": vae_params}, images, method="encode")
+  return jnp.concatenate([mean, logvar], axis=-1).astype(jnp.float32)
+
+
+def with_encoder(step_fn, sd: StableDiffusion):
+  """Lets a batch carry images instead of moments: the frozen VAE runs in the step, outside the
+  gradient."""
+  def step(state, frozen, batch):
+    if "image" in batch:
+      batch = dict(batch)
+      batch["moments"] = jax.lax.stop_gradient(vae_moments(sd, frozen["vae"], batch.pop("image")))
+    return step_fn(state, frozen, batch)
+  return step
+
+
+# -- outputs ---------------------------------------------------------------------------------------
+
+def trained_pipeline(run: Setup, state: objectives.TrainState, *, ema: bool = True
+                     ) -> StableDiffusion:
+  """The pipeline with the trained params merged in (EMA params when kept and asked)."""
+  params = state.ema_params if ema and state.ema_params is not None else state.params
+  return dataclasses.replace(run.sd, params=run.trainable.merge(params, run.frozen))
+
+
+def sample_prompts(config: Any) -> list[str]:
+  if config.sample.prompts:
+    return [p.strip() for p in config.sample.prompts.split(";") if p.strip()]
+  prompts = config.data.prompt
+  if prompts.kind == "class" or config.objective == "textual_inversion":
+    texts = list(dict(prompts.class_prompts).values())
+    if prompts.kind == "token":
+      texts = [prompts.token_template.format(token=prompts.token, modality="", class_text="",
+                                             class_name="", labels="", text="")]
+    return texts
+  return ["a chest x-ray with pleural effusion", "a chest x-ray with no finding"]
+
+
+def write_sample_grid(config: Any, sd: StableDiffusion, workdir: Path, step: int,
+                      writer) -> Path | None:
+  """A grid of `sample.num_per_prompt` images per sample prompt (none when that is 0)."""
+  s = config.sample
+  if s.num_per_prompt <= 0:
+    return None
+  prompts = [p for p in sample_prompts(config) for _ in range(s.num_per_prompt)]
+  images = sd.generate(prompts, num_inference_steps=s.num_inference_steps,
+                       guidance_scale=s.guidance_scale, scheduler=s.scheduler,
+                       height=config.resolution, width=config.resolution,
+                       seed=[s.seed + i for i in range(len(prompts))])
+  grid = images_lib.grid(images_lib.to_uint8(images))
+  out = workdir / "samples" / f"step_{step:06d}.png"
+  out.parent.mkdir(parents=True, exist_ok=True)
+  images_lib.save_png(grid, out, {"synthetic": "true", "generator": "medjax.train",
+                                  "prompts": " | ".join(sample_prompts(config)),
+                                  "step": step, "model": sd.name})
+  writer.write_images(step, {"samples": grid[None]})
+  return out
+
+
+def write_embeddings(run: Setup, state: objectives.TrainState, config: Any, workdir: Path,
+                     step: int) -> list[Path]:
+  """Each learned token as diffusers `learned_embeds` (embeddings/diffusers/<token>.safetensors,
+  for `load_textual_inversion`) and AUTOMATIC1111 (embeddings/a1111/<token>.safetensors)."""
+  params = state.ema_params if state.ema_params is not None else state.params
+  rows = np.asarray(jax.device_get(params["embeddings"]), np.float32)
+  n = int(config.textual_inversion.num_vectors)
+  paths = []
+  for i, (token, _) in enumerate(parse_tokens(config.textual_inversion.tokens)):
+    emb = rows[i * n:(i + 1) * n]
+    name = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in token).strip("_") or "token"
+    for kind in ("diffusers", "a1111"):
+      (workdir / "embeddings" / kind).mkdir(parents=True, exist_ok=True)
+    paths.append(embeddings_lib.write_diffusers_embeddings(
+        workdir / "embeddings" / "diffusers" / f"{name}.safetensors", {token: emb}))
+    paths.append(embeddings_lib.write_a1111_embeddings(
+        workdir / "embeddings" / "a1111" / f"{name}.safetensors", token, emb, step=step))
+  return paths
+
+
+def release_compiler_memory() -> None:
+  """Hands the compiler's freed heap back to the OS (glibc keeps it otherwise: ~0.9 GB of RSS
+  after compiling a mid-size U-Net step on CPU, benchmarks/train_step.py --malloc_trim)."""
+  try:
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+  except (OSError, AttributeError):  # not glibc
+    pass
+
+
+# -- the run ---------------------------------------------------------------------------------------
+
+def check_prompt_lengths(sd: StableDiffusion, prompts) -> None:
+  """Prompts longer than the text encoder's context lose their tail, which for textual
+  inversion would silently drop learned vectors: refuse them."""
+  limit = int(getattr(sd.tokenizer, "model_max_length", 77))
+  for prompt in prompts:
+    n = len(sd.tokenizer(prompt)["input_ids"])
+    if n > limit:
+      raise MedjaxError(f"prompt {prompt!r} is {n} tokens after expanding placeholder tokens; "
+                        f"the text encoder takes {limit}. Use fewer vectors per token "
+                        "(config.textual_inversion.num_vectors) or a shorter prompt")
+
+
+def check_workdir(config: Any, workdir: Path) -> None:
+  """Refuses a workdir whose checkpoints came from another config (unless allowed)."""
+  old = checkpoint_lib.read_run_config(workdir)
+  has_ckpt = (workdir / "checkpoints").exists() and any((workdir / "checkpoints").iterdir())
+  if old is None or not has_ckpt:
+    return
+  new = json.loads(config.to_json())
+  changed = [k for k in train_config.config_diff(old, new)
+             if k.split(".")[0] not in train_config.RESUMABLE_KEYS]
+  if changed and not config.allow_config_change:
+    raise MedjaxError(f"{workdir} holds checkpoints of another config (differs in "
+                      f"{', '.join(changed[:8])}{' ...' if len(changed) > 8 else ''}); use another "
+                      "--workdir or set --config.allow_config_change=True to resume anyway")
+
+
+def write_config(config: Any, workdir: Path) -> None:
+  atomic.write_text(workdir / "config.json", config.to_json(indent=1) + "\n")
+
+
+def check_run_config(config: Any) -> None:
+  train_config.check_config(config)
+  if config.cache_latents and (config.data.pipeline.flip or config.data.pipeline.crop != "center"):
+    raise MedjaxError("config.cache_latents needs a deterministic pipeline: set "
+                      "data.pipeline.flip=False and data.pipeline.crop='center'")
+  if config.total_steps < 1:
+    raise MedjaxError(f"config.total_steps={config.total_steps}: expected a positive integer")
+
+
+def train(config: ml_collections.ConfigDict, workdir) -> dict:
+  """Runs (or resumes) a training run; returns a summary dict (also written to the workdir)."""
+  check_run_config(config)
+  sharding.maybe_initialize_distributed()
+  workdir = Path(workdir).absolute()
+  workdir.mkdir(parents=True, exist_ok=True)
+  check_workdir(config, workdir)
+  run = setup(config)
+  if run.trainable.kind == "textual_inversion":
+    check_prompt_lengths(run.sd, list(dict(config.data.prompt.class_prompts).values())
+                         + sample_prompts(config))
+  lead = jax.process_index() == 0
+  if lead:
+    write_config(config, workdir)
+  ckpt = checkpoint_lib.Checkpointer(workdir / "checkpoints", keep=config.keep_checkpoints,
+                                     every=config.checkpoint_every_steps)
+  per_process = config.batch_size // jax.process_count()
+  data = make_dataset(config.data, "train", per_process, seed=config.seed,
+                      resolution=config.resolution)
+  state, start = run.state, 0
+  if ckpt.latest_step() is not None:
+    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                            run.state, run.state_shardings)
+    state, extra, start = ckpt.restore(abstract)
+    data.set_state(extra["data"])
+    logging.info("resumed from step %d", start)
+  cache = batches.LatentCache() if config.cache_latents else None
+  generator = functools.partial(trained_pipeline, run, state, ema=False)
+  prior = (batches.make_prior_images(config, run, generator, workdir) if config.prior.enabled
+           else None)
+  writer = metrics_writer.create_writer(workdir / "tensorboard", just_logging=not lead)
+  if start == 0:
+    writer.write_hparams({k: v for k, v in json.loads(config.to_json()).items()
+                          if not isinstance(v, dict)})
+  ckpt.watch_preemption()
+  save = lambda s, st, force=False: ckpt.save(s, st, {"data": data.get_state()}, force=force)
+
+  images_per_step = config.batch_size * (2 if prior else 1)
+  bar = tqdm.tqdm(total=config.total_steps, initial=start, desc="train", unit="step",
+                  disable=not (lead and config.progress_bar), dynamic_ncols=True)
+  step, last_loss, t0, steps_done, stopped = start, float("nan"), time.perf_counter(), 0, ""
+  window = []
+  while step < config.total_steps:
+    batch = batches.host_batch(run, next(data), step=step, cache=cache, prior=prior)
+    state, metrics = run.step(state, run.frozen, batch)
+    loss = float(metrics["loss"])
+    if not np.isfinite(loss):
+      ckpt.wait()
+      raise MedjaxError(f"non-finite loss ({loss}) at step {step + 1}; stopped without saving. "
+                        f"Last good checkpoint: step {ckpt.latest_step()} in {ckpt.directory}. "
+                        "Lower config.learning_rate or use fp32.")
+    step += 1
+    steps_done += 1
+    if steps_done == 1:
+      release_compiler_memory()
+    last_loss = loss
+    window.append(time.perf_counter())
+    window = window[-20:]
+    rate = (len(window) - 1) / (window[-1] - window[0]) if len(window) > 1 else 0.0
+    bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{rate * images_per_step:.1f}")
+    bar.update(1)
+    if step % config.log_every_steps == 0 or step == config.total_steps:
+      writer.write_scalars(step, {**{k: float(v) for k, v in metrics.items()},
+                                  "steps_per_s": rate, "images_per_s": rate * images_per_step})
+    save(step, state)
+    if config.sample_every_steps and step % config.sample_every_steps == 0 and lead:
+      write_sample_grid(config, trained_pipeline(run, state), workdir, step, writer)
+    if ckpt.preempted(step):
+      stopped = "preempted (SIGTERM)"
+      break
+    if config.stop_after_steps and steps_done >= config.stop_after_steps:
+      stopped = f"stop_after_steps={config.stop_after_steps}"
+      break
+  bar.close()
+  save(step, state, force=True)
+  ckpt.wait()
+  outputs = {}
+  if not stopped and lead:
+    grid = write_sample_grid(config, trained_pipeline(run, state), workdir, step, writer)
+    if grid is not None:
+      outputs["samples"] = str(grid)
+    if run.trainable.kind == "textual_inversion":
+      outputs["embeddings"] = [str(p) for p in write_embeddings(run, state, config, workdir,
+                                                                step)]
+  writer.flush()
+  writer.close()
+  ckpt.close()
+  summary = {"step": step, "loss": last_loss, "stopped": stopped or None,
+             "seconds": time.perf_counter() - t0, "checkpoints": ckpt.all_steps(), **outputs}
+  if lead:
+    atomic.write_text(workdir / "summary.json", json.dumps(summary, indent=1) + "\n")
+  return summary
+
+
+def restore_pipeline(workdir, *, step: int | None = None, ema: bool = True) -> StableDiffusion:
+  """A workdir's trained pipeline (base model + checkpointed params), e.g. for export."""
+  workdir = Path(workdir)
+  raw = checkpoint_lib.read_run_config(workdir)
+  if raw is None:
+    raise MedjaxError(f"{workdir}: no config.json; not a medjax training workdir")
+  config = train_config.base_config()
+  config.update_from_flattened_dict(_flatten(raw))
+  mesh = sharding.make_mesh(1, 1, devices=jax.devices()[:1])
+  config.mesh.data, config.mesh.fsdp = 1, 1
+  config.batch_size, config.grad_accum = 1, 1
+  run = setup(config, mesh=mesh)
+  ckpt = checkpoint_lib.Checkpointer(workdir / "checkpoints", keep=10 ** 6)
+  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                          run.state, run.state_shardings)
+  state, _, _ = ckpt.restore(abstract, step)
+  ckpt.close()
+  return trained_pipeline(run, state, ema=ema)
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict) and f"{prefix}{k}" not in train_config.FREE_MAPS:
+      out.update(_flatten(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = tuple(tuple(x) if isinstance(x, list) else x for x in v) \
+          if isinstance(v, list) else v
+  return out
