@@ -12,7 +12,7 @@ import jax.numpy as jnp
 
 from medjax.errors import MedjaxError
 from medjax.models import layers
-from medjax.models.config import ANY, check_config
+from medjax.validation import ANY, check_config, int_at_least, is_int, positive_number
 
 Dtype = Any
 
@@ -22,33 +22,16 @@ _ACTIVATIONS = {
 }
 
 
-def _positive_int(v) -> bool:
-  """a positive int"""
-  return isinstance(v, int) and not isinstance(v, bool) and v > 0
-
-
-def _int(v) -> bool:
-  """an int"""
-  return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _zero(v) -> bool:
-  """0 (medjax has no dropout)"""
-  return v in (0, 0.0, None)
-
-
-def _positive_float(v) -> bool:
-  """a positive number"""
-  return isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
-
+_POSITIVE_INT = int_at_least(1)
+_NO_DROPOUT = (0, 0.0, None)  # medjax has no dropout
 
 # Keys that change the forward pass, each checked.
 _ARCH_KEYS = {
-    "vocab_size": _positive_int, "hidden_size": _positive_int,
-    "intermediate_size": _positive_int, "num_hidden_layers": _positive_int,
-    "num_attention_heads": _positive_int, "max_position_embeddings": _positive_int,
-    "hidden_act": tuple(_ACTIVATIONS), "layer_norm_eps": _positive_float,
-    "eos_token_id": _int, "attention_dropout": _zero, "dropout": _zero,
+    "vocab_size": _POSITIVE_INT, "hidden_size": _POSITIVE_INT,
+    "intermediate_size": _POSITIVE_INT, "num_hidden_layers": _POSITIVE_INT,
+    "num_attention_heads": _POSITIVE_INT, "max_position_embeddings": _POSITIVE_INT,
+    "hidden_act": tuple(_ACTIVATIONS), "layer_norm_eps": positive_number,
+    "eos_token_id": is_int, "attention_dropout": _NO_DROPOUT, "dropout": _NO_DROPOUT,
     "pruned_heads": lambda v: not v, "model_type": ("clip_text_model",),
 }
 # Keys transformers writes into config.json that do not affect this module's forward pass
