@@ -21,6 +21,7 @@ from absl import logging
 from medjax import atomic
 from medjax.data.config import default_config as data_config
 from medjax.errors import MedjaxError
+from medjax.eval import inception_weights
 
 PROTOCOLS: dict[str, Callable] = {}
 
@@ -222,17 +223,16 @@ def generate_per_class(config: Any, sd, class_names, workdir: Path) -> Split:
 
 def inception_params(config: Any):
   """pytorch-fid's weights, or (when allowed) random ones with a warning in the results."""
-  from medjax.convert import inception  # pylint: disable=g-import-not-at-top
   try:
-    return inception.load_inception(config.fid.weights or None,
-                                    allow_pickle=config.fid.allow_pickle), None
+    return inception_weights.load_inception(config.fid.weights or None,
+                                            allow_pickle=config.fid.allow_pickle), None
   except MedjaxError as e:
     if not config.fid.random_weights:
       raise
     note = ("FID computed with a randomly initialised Inception (no pytorch-fid weights "
             "found): compare these numbers only with each other. " + str(e).split(";")[0])
     logging.warning(note)
-    return inception.random_inception(config.seed), note
+    return inception_weights.random_inception(config.seed), note
 
 
 def fid_notes(config: Any, weights_note: str | None) -> list[str]:
