@@ -27,6 +27,7 @@ import numpy as np
 import optax
 from flax import struct
 from flax.training import train_state
+from tqdm.auto import tqdm
 
 from medjax import sharding
 from medjax.errors import MedjaxError
@@ -357,7 +358,6 @@ def train_classifier(config, train_data, val_data=None, mesh=None,
       best = jax.device_get((state.params, state.batch_stats))
     return metrics
 
-  from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
   bar = tqdm(total=cfg.num_steps, unit="step", disable=not cfg.progress, desc=cfg.model)
   losses, start = [], None
   for step in range(1, cfg.num_steps + 1):

@@ -1,4 +1,5 @@
 """Classifiers vs torchvision (random weights, random BN statistics, eval mode) and training."""
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -117,7 +118,6 @@ def test_make_classifier_and_logical_axes():
 
 
 def nn_partition_specs(tree):
-  import flax.linen as nn  # pylint: disable=g-import-not-at-top
   return jax.tree.map(lambda p: tuple(p.names), tree,
                       is_leaf=lambda p: isinstance(p, nn.Partitioned))
 

@@ -6,6 +6,7 @@ statistics included) is then randomised with a seed, and the weights travel thro
 `.pth` (torch.save) and `.safetensors` file into `medjax.eval.inception_weights`. The Inception
 network is compiled once for this module: every feature call below uses the same batch shape.
 """
+import jax
 import numpy as np
 import pytest
 import pytorch_fid.inception as pfi
@@ -19,6 +20,7 @@ from medjax.errors import MedjaxError
 from medjax.eval import fid
 from medjax.eval import inception_weights as iw
 from medjax.eval.inception import resize_bilinear
+from medjax.sharding import make_mesh
 
 torch.set_num_threads(2)
 
@@ -158,7 +160,6 @@ def test_uint8_and_list_inputs(ref):
 
 @pytest.mark.slow(reason="sharded inputs compile the network a second time (~6-11 s)")
 def test_mesh_data_parallel(ref):
-  from medjax.sharding import make_mesh  # pylint: disable=g-import-not-at-top
   features = fid.inception_features(ref["variables"], ref["images_a"], mesh=make_mesh(data=-1))
   np.testing.assert_allclose(features, ref["ours_a"], rtol=0, atol=1e-5)
 
@@ -175,7 +176,6 @@ def test_safetensors_and_wrapper_state_dict_convert_the_same(ref):
 
 
 def _flat(tree):
-  import jax  # pylint: disable=g-import-not-at-top
   return [(jax.tree_util.keystr(p), np.asarray(v))
           for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
