@@ -4,11 +4,13 @@ Submodules are named like transformers' (`text_model.encoder.layers_0.self_attn.
 so `medjax.convert.diffusers` maps weights 1:1. SD2's OpenCLIP ViT-H text tower, converted to
 CLIP layout by diffusers, is the same module with `hidden_act='gelu'` and 23 layers.
 """
-from typing import Any, Mapping
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from medjax.errors import MedjaxError
 from medjax.models import layers
@@ -234,3 +236,32 @@ class CLIPTextModel(nn.Module):
   def dummy_inputs(self, batch: int = 1) -> tuple[jax.Array]:
     """Positional args for `init`: one full-length row of token ids per batch element."""
     return (jnp.zeros((batch, self.config["max_position_embeddings"]), jnp.int32),)
+
+
+# -- the token-embedding table (textual inversion edits its rows) ----------------------------------
+
+def token_embedding_table(params: Mapping[str, Any]) -> jax.Array:
+  """The [vocab, dim] token-embedding table of `CLIPTextModel` params."""
+  return params["text_model"]["embeddings"]["token_embedding"]["embedding"]
+
+
+def replace_token_embedding_table(params: Mapping[str, Any], table) -> dict:
+  """New params dicts along the token-embedding path holding `table`; other leaves are shared."""
+  emb = params["text_model"]["embeddings"]
+  new_emb = {**emb, "token_embedding": {**emb["token_embedding"], "embedding": table}}
+  return {**params, "text_model": {**params["text_model"], "embeddings": new_emb}}
+
+
+def set_token_embeddings(params: Mapping[str, Any], ids: Sequence[int], rows) -> dict:
+  """New params whose table holds `rows` ([len(ids), dim]) at `ids`, in the table's dtype.
+
+  The table grows with zero rows when an id is past its end (the vocabulary grew); the caller
+  sets the text encoder's `vocab_size` to the new row count.
+  """
+  table = token_embedding_table(params)
+  old_vocab, dim = (int(n) for n in table.shape)
+  new_vocab = max(old_vocab, max(ids) + 1)
+  new_table = np.array(table, dtype=table.dtype) if new_vocab == old_vocab else np.concatenate(
+      [np.asarray(table), np.zeros((new_vocab - old_vocab, dim), table.dtype)])
+  new_table[list(ids)] = np.stack([np.asarray(r, np.float32) for r in rows]).astype(table.dtype)
+  return replace_token_embedding_table(params, jnp.asarray(new_table))
