@@ -17,9 +17,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from medjax import embedded as embedded_lib
+from medjax import sampling
 from medjax import tokenizer as tokenizer_lib
 from medjax.convert import diffusers as diffusers_io
 from medjax.convert import embeddings as embeddings_io
+from medjax.convert import single_file
 from medjax.errors import MedjaxError
 from medjax.models import AutoencoderKL, CLIPTextModel, UNet2DConditionModel, clip
 
@@ -141,8 +144,6 @@ class StableDiffusion:
         for SD2 768-v checkpoints.
       ema: take the EMA weights of the U-Net when the checkpoint has them.
     """
-    from medjax import embedded  # pylint: disable=g-import-not-at-top
-    from medjax.convert import single_file  # pylint: disable=g-import-not-at-top
     state_dicts, configs = single_file.load_single_file(
         path, allow_pickle=allow_pickle, configs=configs, ema=ema)
     tokenizer_dir = Path(tokenizer) if tokenizer else tokenizer_lib.default_clip_tokenizer_dir(
@@ -150,7 +151,7 @@ class StableDiffusion:
     read = lambda name, shapes: diffusers_io.state_dict_to_params(
         state_dicts[name], shapes, source=str(path), dtype=np.dtype(param_dtype))
     return cls._assemble(configs, read, tokenizer_dir,
-                         scheduler_config or dict(embedded.SD_SCHEDULER_CONFIG), str(path),
+                         scheduler_config or dict(embedded_lib.SD_SCHEDULER_CONFIG), str(path),
                          dtype=dtype, param_dtype=param_dtype, remat=remat, attention=attention)
 
   @classmethod
@@ -167,10 +168,21 @@ class StableDiffusion:
                name=name)
 
   @classmethod
-  def embedded(cls, seed: int = 0, dtype=jnp.float32, **kwargs) -> "StableDiffusion":
-    """The embedded default: a tiny Stable Diffusion with seeded random weights (no download)."""
-    from medjax import embedded  # pylint: disable=g-import-not-at-top
-    return embedded.tiny_stable_diffusion(seed=seed, dtype=dtype, **kwargs)
+  def embedded(cls, seed: int = 0, dtype=jnp.float32, *, param_dtype=jnp.float32,
+               remat: bool = False, attention: str = "auto",
+               tokenizer_dir=None) -> "StableDiffusion":
+    """The embedded default: a tiny Stable Diffusion with seeded random weights (no download).
+
+    The same seed gives the same weights; see `medjax.embedded`.
+    """
+    tiny = embedded_lib.tiny_parts(seed, tokenizer_dir)
+    models = build_models(tiny.configs, dtype=dtype, param_dtype=param_dtype, remat=remat,
+                          attention=attention)
+    params = {name: init_params(m, tiny.param_seeds[name], dtype=param_dtype)
+              for name, m in models.items()}
+    return cls(**models, params=params, tokenizer=tiny.tokenizer,
+               tokenizer_dir=tiny.tokenizer_dir, configs=tiny.configs,
+               scheduler_config=tiny.scheduler_config, name=tiny.name)
 
   @classmethod
   def load(cls, pretrained: str | None, **kwargs) -> "StableDiffusion":
@@ -256,7 +268,6 @@ class StableDiffusion:
                height: int | None = None, width: int | None = None, seed=0, latents=None,
                **kwargs) -> np.ndarray:
     """Images NHWC in [0, 1] from prompts, one compiled graph; see `medjax.sampling.generate`."""
-    from medjax import sampling  # pylint: disable=g-import-not-at-top
     return sampling.generate(self, prompts, negative_prompts,
                              num_inference_steps=num_inference_steps,
                              guidance_scale=guidance_scale, scheduler=scheduler, height=height,
