@@ -6,9 +6,9 @@ machine can exercise the whole toolkit in minutes. It has SD's structure (a VAE 
 vocabulary) at a size that trains on phantoms in seconds; its images mean nothing until trained.
 """
 import copy
+import dataclasses
 from pathlib import Path
-
-import jax.numpy as jnp
+from typing import Any
 
 from medjax import tokenizer as tokenizer_lib
 
@@ -94,22 +94,29 @@ def tiny_configs(tokenizer) -> dict:
           "text_encoder": text}
 
 
-def _tiny_tokenizer_dir() -> Path:
+def tiny_tokenizer_dir() -> Path:
+  """The tiny CLIP tokenizer's folder, written once per machine (and tokenizer version)."""
   return tokenizer_lib.cached_tokenizer_dir(f"tiny-tokenizer-v{TINY_TOKENIZER_VERSION}",
                                             tokenizer_lib.write_tiny_clip_tokenizer)
 
 
-def tiny_stable_diffusion(seed: int = 0, dtype=jnp.float32, param_dtype=jnp.float32,
-                          remat: bool = False, attention: str = "auto", tokenizer_dir=None):
-  """Builds the tiny SD with params drawn from `seed` (the same seed gives the same weights)."""
-  from medjax import pipeline  # pylint: disable=g-import-not-at-top
-  tokenizer_dir = Path(tokenizer_dir) if tokenizer_dir else _tiny_tokenizer_dir()
+@dataclasses.dataclass(frozen=True)
+class TinyParts:
+  """What `StableDiffusion.embedded` builds the tiny model from (modules and params it makes)."""
+  tokenizer: Any
+  tokenizer_dir: Path
+  configs: dict  # component -> config dict
+  scheduler_config: dict
+  name: str
+  param_seeds: dict  # component -> the seed its random params are drawn from
+
+
+def tiny_parts(seed: int = 0, tokenizer_dir=None) -> TinyParts:
+  """The tiny model's tokenizer, configs and per-component param seeds for `seed`."""
+  tokenizer_dir = Path(tokenizer_dir) if tokenizer_dir else tiny_tokenizer_dir()
   tok = tokenizer_lib.load_tokenizer(tokenizer_dir)
   configs = tiny_configs(tok)
-  models = pipeline.build_models(configs, dtype=dtype, param_dtype=param_dtype, remat=remat,
-                                 attention=attention)
-  params = {name: pipeline.init_params(m, seed * 1000 + i, dtype=param_dtype)
-            for i, (name, m) in enumerate(models.items())}
-  return pipeline.StableDiffusion(
-      **models, params=params, tokenizer=tok, tokenizer_dir=Path(tokenizer_dir), configs=configs,
-      scheduler_config=copy.deepcopy(SD_SCHEDULER_CONFIG), name=f"embedded-tiny-seed{seed}")
+  return TinyParts(tokenizer=tok, tokenizer_dir=tokenizer_dir, configs=configs,
+                   scheduler_config=copy.deepcopy(SD_SCHEDULER_CONFIG),
+                   name=f"embedded-tiny-seed{seed}",
+                   param_seeds={name: seed * 1000 + i for i, name in enumerate(configs)})

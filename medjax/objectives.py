@@ -18,8 +18,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from medjax.convert import embeddings as embeddings_lib
+from medjax import schedulers
 from medjax.errors import MedjaxError
+from medjax.models import clip
 
 KINDS = ("textual_inversion", "unet")
 
@@ -50,7 +51,7 @@ class Trainable:
   def split(self, params: dict) -> tuple[dict, dict]:
     """Full params {'unet', 'vae', 'text_encoder'} -> (trainable, frozen)."""
     if self.kind == "textual_inversion":
-      table = embeddings_lib.token_embedding_table(params["text_encoder"])
+      table = clip.token_embedding_table(params["text_encoder"])
       rows = jnp.asarray(table)[np.asarray(self.token_ids)]
       return {"embeddings": rows}, dict(params)
     names = ("unet", "text_encoder") if self.train_text_encoder else ("unet",)
@@ -58,10 +59,11 @@ class Trainable:
 
   def merge(self, trainable: dict, frozen: dict) -> dict:
     if self.kind == "textual_inversion":
-      table = embeddings_lib.token_embedding_table(frozen["text_encoder"])
+      table = clip.token_embedding_table(frozen["text_encoder"])
       rows = trainable["embeddings"].astype(table.dtype)
       table = table.at[np.asarray(self.token_ids)].set(rows)
-      return embeddings_lib._replace_table(frozen, table)  # pylint: disable=protected-access
+      text_encoder = clip.replace_token_embedding_table(frozen["text_encoder"], table)
+      return {**frozen, "text_encoder": text_encoder}
     return {**frozen, **trainable}
 
   def text_inputs(self, trainable: dict, frozen: dict, input_ids: jax.Array
@@ -71,7 +73,7 @@ class Trainable:
     nor the gradient ever builds a vocabulary-sized array; the result equals `merge`'s table."""
     if self.kind != "textual_inversion":
       return self.merge(trainable, frozen), None
-    table = embeddings_lib.token_embedding_table(frozen["text_encoder"])
+    table = clip.token_embedding_table(frozen["text_encoder"])
     slots = np.full((max(table.shape[0], max(self.token_ids) + 1),), -1, np.int32)
     slots[np.asarray(self.token_ids)] = np.arange(len(self.token_ids))
     slot = jnp.asarray(slots)[input_ids]
@@ -243,5 +245,4 @@ def make_train_step(sd, trainable: Trainable, optimizer: optax.GradientTransform
 
 
 def _alphas_cumprod(sd) -> np.ndarray:
-  from medjax import schedulers  # pylint: disable=g-import-not-at-top
   return schedulers.make_scheduler("ddpm", sd.scheduler_config).alphas_cumprod

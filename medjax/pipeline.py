@@ -6,8 +6,10 @@ Params are a plain pytree `{'unet': ..., 'vae': ..., 'text_encoder': ...}` kept 
 """
 import dataclasses
 import functools
+import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import flax
 import flax.linen as nn
@@ -15,10 +17,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from medjax import embedded as embedded_lib
+from medjax import sampling
 from medjax import tokenizer as tokenizer_lib
 from medjax.convert import diffusers as diffusers_io
+from medjax.convert import embeddings as embeddings_io
+from medjax.convert import single_file
 from medjax.errors import MedjaxError
-from medjax.models import AutoencoderKL, CLIPTextModel, UNet2DConditionModel
+from medjax.models import AutoencoderKL, CLIPTextModel, UNet2DConditionModel, clip
 
 MODEL_CLASSES = {"unet": UNet2DConditionModel, "vae": AutoencoderKL,
                  "text_encoder": CLIPTextModel}
@@ -138,8 +144,6 @@ class StableDiffusion:
         for SD2 768-v checkpoints.
       ema: take the EMA weights of the U-Net when the checkpoint has them.
     """
-    from medjax import embedded  # pylint: disable=g-import-not-at-top
-    from medjax.convert import single_file  # pylint: disable=g-import-not-at-top
     state_dicts, configs = single_file.load_single_file(
         path, allow_pickle=allow_pickle, configs=configs, ema=ema)
     tokenizer_dir = Path(tokenizer) if tokenizer else tokenizer_lib.default_clip_tokenizer_dir(
@@ -147,7 +151,7 @@ class StableDiffusion:
     read = lambda name, shapes: diffusers_io.state_dict_to_params(
         state_dicts[name], shapes, source=str(path), dtype=np.dtype(param_dtype))
     return cls._assemble(configs, read, tokenizer_dir,
-                         scheduler_config or dict(embedded.SD_SCHEDULER_CONFIG), str(path),
+                         scheduler_config or dict(embedded_lib.SD_SCHEDULER_CONFIG), str(path),
                          dtype=dtype, param_dtype=param_dtype, remat=remat, attention=attention)
 
   @classmethod
@@ -157,18 +161,28 @@ class StableDiffusion:
     models = build_models(configs, sources=sources, **model_kwargs)
     params = {n: jax.tree.map(jnp.asarray, read_params(n, param_shapes(m)))
               for n, m in models.items()}
-    from medjax.convert import embeddings  # pylint: disable=g-import-not-at-top
-    tok = embeddings.expanding_if_multi_vector(tokenizer_lib.load_tokenizer(tokenizer_dir))
+    tok = tokenizer_lib.expanding_if_multi_vector(tokenizer_lib.load_tokenizer(tokenizer_dir))
     _check_vocab(tok, configs["text_encoder"], tokenizer_dir)
     return cls(**models, params=params, tokenizer=tok, tokenizer_dir=Path(tokenizer_dir),
                configs={n: configs[n] for n in MODEL_CLASSES}, scheduler_config=scheduler_config,
                name=name)
 
   @classmethod
-  def embedded(cls, seed: int = 0, dtype=jnp.float32, **kwargs) -> "StableDiffusion":
-    """The embedded default: a tiny Stable Diffusion with seeded random weights (no download)."""
-    from medjax import embedded  # pylint: disable=g-import-not-at-top
-    return embedded.tiny_stable_diffusion(seed=seed, dtype=dtype, **kwargs)
+  def embedded(cls, seed: int = 0, dtype=jnp.float32, *, param_dtype=jnp.float32,
+               remat: bool = False, attention: str = "auto",
+               tokenizer_dir=None) -> "StableDiffusion":
+    """The embedded default: a tiny Stable Diffusion with seeded random weights (no download).
+
+    The same seed gives the same weights; see `medjax.embedded`.
+    """
+    tiny = embedded_lib.tiny_parts(seed, tokenizer_dir)
+    models = build_models(tiny.configs, dtype=dtype, param_dtype=param_dtype, remat=remat,
+                          attention=attention)
+    params = {name: init_params(m, tiny.param_seeds[name], dtype=param_dtype)
+              for name, m in models.items()}
+    return cls(**models, params=params, tokenizer=tiny.tokenizer,
+               tokenizer_dir=tiny.tokenizer_dir, configs=tiny.configs,
+               scheduler_config=tiny.scheduler_config, name=tiny.name)
 
   @classmethod
   def load(cls, pretrained: str | None, **kwargs) -> "StableDiffusion":
@@ -212,7 +226,8 @@ class StableDiffusion:
     return tokenizer_lib.tokenize(self.tokenizer, list(prompts))
 
   def encode_prompt(self, prompts: Sequence[str] | np.ndarray) -> jax.Array:
-    """Prompts (or token ids) -> text embeddings [B, 77, D] (the text encoder's last hidden state)."""
+    """Prompts (or token ids) -> text embeddings [B, 77, D] (the text encoder's last hidden
+    state)."""
     ids = prompts if isinstance(prompts, (np.ndarray, jax.Array)) else self.tokenize(prompts)
     return self._text_fn(self.params["text_encoder"], jnp.asarray(ids, jnp.int32))
 
@@ -224,7 +239,8 @@ class StableDiffusion:
       raise MedjaxError(f"predict_noise: latents must be NHWC [B, h, w, {channels}], "
                         f"got shape {tuple(latents.shape)}")
     timesteps = jnp.broadcast_to(jnp.asarray(timesteps), (latents.shape[0],))
-    return self._unet_fn(self.params["unet"], latents, timesteps, jnp.asarray(encoder_hidden_states))
+    return self._unet_fn(self.params["unet"], latents, timesteps,
+                         jnp.asarray(encoder_hidden_states))
 
   def encode_images(self, images, key: jax.Array | None = None) -> jax.Array:
     """Images NHWC in [-1, 1] -> scaled latents: the posterior mean (or a sample given `key`)."""
@@ -252,21 +268,85 @@ class StableDiffusion:
                height: int | None = None, width: int | None = None, seed=0, latents=None,
                **kwargs) -> np.ndarray:
     """Images NHWC in [0, 1] from prompts, one compiled graph; see `medjax.sampling.generate`."""
-    from medjax import sampling  # pylint: disable=g-import-not-at-top
     return sampling.generate(self, prompts, negative_prompts,
                              num_inference_steps=num_inference_steps,
                              guidance_scale=guidance_scale, scheduler=scheduler, height=height,
                              width=width, seed=seed, latents=latents, **kwargs)
 
-  def load_embeddings(self, paths_or_dict, tokens=None,
+  def load_embeddings(self, paths_or_dict, tokens: str | Sequence[str | None] | None = None,
                       allow_pickle: bool = False) -> "StableDiffusion":
     """A new model with textual-inversion tokens added (as diffusers' `load_textual_inversion`).
 
-    `self` stays valid; see `medjax.convert.embeddings.load_embeddings`.
+    Reads embedding files (see `medjax.convert.embeddings`) or takes {token: array}, and returns
+    `add_tokens(...)`; `self` stays valid.
+
+    Args:
+      paths_or_dict: a path, a list of paths, or {token: [n, dim]}.
+      tokens: token names, one per path (None keeps the file's own name).
+      allow_pickle: read `.pt`/`.bin` files (torch.load with weights_only=True).
     """
-    from medjax.convert import embeddings  # pylint: disable=g-import-not-at-top
-    return embeddings.load_embeddings(self, paths_or_dict, tokens=tokens,
-                                      allow_pickle=allow_pickle)
+    if isinstance(paths_or_dict, Mapping):
+      if tokens is not None:
+        raise MedjaxError("load_embeddings: `tokens` names files' embeddings; a dict already "
+                          "names its tokens")
+      return self.add_tokens(paths_or_dict)
+    paths = ([paths_or_dict] if isinstance(paths_or_dict, (str, os.PathLike))
+             else list(paths_or_dict))
+    names = [tokens] if tokens is None or isinstance(tokens, str) else list(tokens)
+    if len(names) == 1 and len(paths) > 1 and names[0] is None:
+      names = names * len(paths)
+    if len(names) != len(paths):
+      raise MedjaxError(f"load_embeddings: {len(paths)} files but {len(names)} tokens")
+    merged, sources = {}, {}
+    for path, name in zip(paths, names):
+      found = embeddings_io.read_embeddings(path, token=name, allow_pickle=allow_pickle)
+      for token, emb in found.items():
+        if token in merged:
+          raise MedjaxError(f"{path}: token {token!r} is also in {sources[token]}")
+        merged[token], sources[token] = emb, str(path)
+    return self.add_tokens(merged, sources=sources)
+
+  def add_tokens(self, embeddings: Mapping[str, Any], *,
+                 sources: Mapping[str, Any] | None = None) -> "StableDiffusion":
+    """A new model with `embeddings` ({token: [n, dim]}) added; `self` stays valid.
+
+    Tokens are added as diffusers' `load_textual_inversion` adds them (`tok`, `tok_1`, ...), the
+    token-embedding table grows if needed, and the tokenizer is saved to a new folder so that
+    `save_pretrained` exports the added tokens too. `sources` ({token: file}) names the files
+    in error messages.
+    """
+    sources = sources or {}
+    where = lambda t: f"{sources[t]}: embedding {t!r}" if t in sources else f"embedding {t!r}"
+    if not embeddings:
+      raise MedjaxError("add_tokens: no embeddings given")
+    vocab = tokenizer_lib.base_tokenizer(self.tokenizer).get_vocab()
+    dim = int(clip.token_embedding_table(self.params["text_encoder"]).shape[-1])
+    names, rows = [], []
+    for token, emb in embeddings.items():
+      embeddings_io.check_token(token, "add_tokens")
+      emb = embeddings_io.as_vectors(emb, where(token))
+      if emb.shape[1] != dim:
+        raise MedjaxError(f"{where(token)} has width {emb.shape[1]}, but the text encoder's "
+                          f"token embeddings are {dim} wide (trained for another base model?)")
+      if not np.all(np.isfinite(np.asarray(emb, np.float32))):
+        raise MedjaxError(f"{where(token)} holds NaN or infinite values")
+      expanded = [token] + [f"{token}_{i}" for i in range(1, emb.shape[0])]
+      for name in expanded + [f"{token}_1"]:
+        if name in vocab or name in names:
+          raise MedjaxError(f"token {name!r} is already in the tokenizer vocabulary; choose "
+                            "another token name")
+      names += expanded
+      rows += list(emb)
+    tok, ids, tokenizer_dir = tokenizer_lib.add_tokens(self.tokenizer, names)
+    text_params = clip.set_token_embeddings(self.params["text_encoder"], ids, rows)
+    new_vocab = int(clip.token_embedding_table(text_params).shape[0])
+    configs = dict(self.configs)
+    configs["text_encoder"] = {**self.configs["text_encoder"], "vocab_size": new_vocab}
+    text_encoder = self.text_encoder.clone(config={**self.text_encoder.config,
+                                                   "vocab_size": new_vocab})
+    return dataclasses.replace(self, text_encoder=text_encoder,
+                               params={**self.params, "text_encoder": text_params},
+                               tokenizer=tok, tokenizer_dir=tokenizer_dir, configs=configs)
 
   # -- jitted pure functions (built once per instance; one compile per input shape) -----------
 

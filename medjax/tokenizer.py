@@ -4,8 +4,14 @@ Stable Diffusion tokenizes prompts with `transformers.CLIPTokenizer` (byte-level
 the tokenizer folder itself, in the layout of the hub's `openai/clip-vit-large-patch14/`, either
 from the real BPE merges that ship with OpenAI CLIP / open_clip (`bpe_simple_vocab_16e6.txt.gz`)
 or from a tiny deterministic BPE learned from medical prompt words, for tests and tiny models.
+
+Tokens added for textual inversion follow diffusers' `load_textual_inversion`, so prompts encode
+to the same ids: an n-vector token `tok` becomes tokens `tok, tok_1, ..., tok_{n-1}`, and prompts
+are expanded (`tok` -> `tok tok_1 ... tok_{n-1}`) before tokenizing, as `maybe_convert_prompt`
+does (`ExpandingTokenizer`).
 """
 import collections
+import copy
 import functools
 import gzip
 import importlib.util
@@ -235,3 +241,77 @@ def default_clip_tokenizer_dir(pad_token: str = EOS, **kw) -> Path:
   key = "clip-tokenizer-" + ("pad-bang" if pad_token == "!" else "pad-eos")
   return cached_tokenizer_dir(
       key, lambda d: write_clip_tokenizer_from_bpe(bpe, d, pad_token=pad_token, **kw))
+
+
+# -- added (textual-inversion) tokens --------------------------------------------------------------
+
+class ExpandingTokenizer:
+  """A CLIP tokenizer that expands multi-vector tokens in prompts before tokenizing.
+
+  `tok` -> `tok tok_1 ... tok_{n-1}`, exactly as diffusers' `maybe_convert_prompt` does, so
+  medjax and diffusers give the same ids. Everything else is delegated to the wrapped tokenizer.
+  """
+
+  def __init__(self, tokenizer):
+    self._tokenizer = tokenizer
+
+  @property
+  def base(self):
+    return self._tokenizer
+
+  def expand_prompt(self, prompt: str) -> str:
+    """diffusers' `_maybe_convert_prompt` (longest tokens first, so it is deterministic)."""
+    added = self._tokenizer.added_tokens_encoder
+    for token in sorted(set(self._tokenizer.tokenize(prompt)), key=lambda t: (-len(t), t)):
+      if token in added and f"{token}_1" in added:
+        replacement, i = token, 1
+        while f"{token}_{i}" in added:
+          replacement += f" {token}_{i}"
+          i += 1
+        prompt = prompt.replace(token, replacement)
+    return prompt
+
+  def __call__(self, text, *args, **kwargs):
+    if isinstance(text, str):
+      text = self.expand_prompt(text)
+    elif isinstance(text, (list, tuple)) and all(isinstance(t, str) for t in text):
+      text = [self.expand_prompt(t) for t in text]
+    return self._tokenizer(text, *args, **kwargs)
+
+  def __len__(self):
+    return len(self._tokenizer)
+
+  def __getattr__(self, name):
+    if name == "_tokenizer":  # not set yet (copy/pickle): avoid recursing
+      raise AttributeError(name)
+    return getattr(self._tokenizer, name)
+
+
+def expanding_if_multi_vector(tokenizer):
+  """Wraps a tokenizer holding multi-vector tokens (`tok`, `tok_1`, ...) so prompts expand them,
+  as diffusers does for a pipeline saved after `load_textual_inversion`."""
+  added = getattr(tokenizer, "added_tokens_encoder", {}) or {}
+  if any(f"{t}_1" in added for t in added):
+    return ExpandingTokenizer(tokenizer)
+  return tokenizer
+
+
+def base_tokenizer(tokenizer):
+  """The `transformers.CLIPTokenizer` itself, unwrapped from an `ExpandingTokenizer`."""
+  return tokenizer.base if isinstance(tokenizer, ExpandingTokenizer) else tokenizer
+
+
+def add_tokens(tokenizer, names: Sequence[str]) -> tuple[ExpandingTokenizer, list[int], Path]:
+  """A copy of `tokenizer` with `names` added (in order), their ids, and its saved folder.
+
+  `tokenizer` stays unchanged. The copy is saved to a new folder so that an export carries the
+  added tokens too.
+  """
+  tok = copy.deepcopy(base_tokenizer(tokenizer))
+  ids = []
+  for name in names:
+    tok.add_tokens(name)
+    ids.append(int(tok.convert_tokens_to_ids(name)))
+  folder = Path(tempfile.mkdtemp(prefix="medjax-tokenizer-"))
+  tok.save_pretrained(str(folder))
+  return ExpandingTokenizer(tok), ids, folder

@@ -26,10 +26,12 @@ from medjax import images as images_lib
 from medjax import metrics_writer
 from medjax import objectives
 from medjax import sharding
+from medjax import tokenizer as tokenizer_lib
 from medjax import train_config
 from medjax.convert import embeddings as embeddings_lib
 from medjax.data import make_dataset
 from medjax.errors import MedjaxError
+from medjax.models import clip
 from medjax.pipeline import StableDiffusion
 
 DTYPES = {"fp32": jnp.float32, "bf16": jnp.bfloat16}
@@ -54,11 +56,11 @@ def parse_tokens(spec: str) -> list[tuple[str, str]]:
 
 def initial_vectors(sd: StableDiffusion, words: str, num_vectors: int) -> np.ndarray:
   """[num_vectors, dim] rows copied from the embeddings of `words`' tokens (cycled)."""
-  tok = embeddings_lib._base_tokenizer(sd.tokenizer)  # pylint: disable=protected-access
+  tok = tokenizer_lib.base_tokenizer(sd.tokenizer)
   ids = tok(words, add_special_tokens=False)["input_ids"]
   if not ids:
     raise MedjaxError(f"textual inversion: initializer {words!r} has no tokens")
-  table = np.asarray(embeddings_lib.token_embedding_table(sd.params["text_encoder"]))
+  table = np.asarray(clip.token_embedding_table(sd.params["text_encoder"]))
   return np.stack([table[ids[i % len(ids)]] for i in range(num_vectors)])
 
 
@@ -78,8 +80,8 @@ def build_model(config: Any) -> tuple[StableDiffusion, objectives.Trainable]:
     n = int(config.textual_inversion.num_vectors)
     if n < 1:
       raise MedjaxError(f"config.textual_inversion.num_vectors={n}: expected >= 1")
-    sd = embeddings_lib.add_tokens(sd, {t: initial_vectors(sd, w, n) for t, w in tokens})
-    base = embeddings_lib._base_tokenizer(sd.tokenizer)  # pylint: disable=protected-access
+    sd = sd.add_tokens({t: initial_vectors(sd, w, n) for t, w in tokens})
+    base = tokenizer_lib.base_tokenizer(sd.tokenizer)
     names = [name for t, _ in tokens for name in [t] + [f"{t}_{i}" for i in range(1, n)]]
     ids = tuple(int(base.convert_tokens_to_ids(name)) for name in names)
     return sd, objectives.Trainable("textual_inversion", token_ids=ids)

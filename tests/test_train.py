@@ -9,10 +9,11 @@ import pytest
 
 from medjax import objectives
 from medjax import sharding
+from medjax import tokenizer as tokenizer_lib
 from medjax import train_config
 from medjax import trainer
-from medjax.convert import embeddings as embeddings_lib
 from medjax.errors import MedjaxError
+from medjax.models import clip
 from tests.train_support import run_steps
 from tests.train_support import tiny_config
 
@@ -30,8 +31,8 @@ def test_textual_inversion_changes_only_new_rows(ti_run):
   after = trainer.trained_pipeline(run, state).params
   ids = np.asarray(run.trainable.token_ids)
   assert len(ids) == 8  # two tokens x 4 vectors
-  t0 = np.asarray(embeddings_lib.token_embedding_table(before["text_encoder"]))
-  t1 = np.asarray(embeddings_lib.token_embedding_table(after["text_encoder"]))
+  t0 = np.asarray(clip.token_embedding_table(before["text_encoder"]))
+  t1 = np.asarray(clip.token_embedding_table(after["text_encoder"]))
   others = np.setdiff1d(np.arange(t0.shape[0]), ids)
   np.testing.assert_array_equal(t1[others], t0[others])  # bit-identical
   assert np.all(np.abs(t1[ids] - t0[ids]).max(axis=1) > 0)  # every new row moved
@@ -51,7 +52,7 @@ def test_placeholder_embeddings_equal_the_merged_table(ti_run):
   ids = jnp.asarray(run.sd.tokenize(["a chest x-ray with <effusion>", "<healthy-cxr> lung"]))
   params, embeds = run.trainable.text_inputs(state.params, run.frozen, ids)
   merged = run.trainable.merge(state.params, run.frozen)
-  table = np.asarray(embeddings_lib.token_embedding_table(merged["text_encoder"]))
+  table = np.asarray(clip.token_embedding_table(merged["text_encoder"]))
   np.testing.assert_array_equal(np.asarray(embeds), table[np.asarray(ids)])
   te = run.sd.text_encoder
   via_ids = te.apply({"params": merged["text_encoder"]}, ids)
@@ -62,9 +63,9 @@ def test_placeholder_embeddings_equal_the_merged_table(ti_run):
 
 def test_initial_vectors_copy_initializer_words(ti_run):
   run = ti_run[0]
-  tok = embeddings_lib._base_tokenizer(run.sd.tokenizer)  # pylint: disable=protected-access
+  tok = tokenizer_lib.base_tokenizer(run.sd.tokenizer)
   ids = tok("pleural effusion", add_special_tokens=False)["input_ids"]
-  table = np.asarray(embeddings_lib.token_embedding_table(run.sd.params["text_encoder"]))
+  table = np.asarray(clip.token_embedding_table(run.sd.params["text_encoder"]))
   rows = table[np.asarray(run.trainable.token_ids[:4])]
   np.testing.assert_array_equal(rows, table[[ids[i % len(ids)] for i in range(4)]])
 
@@ -148,7 +149,7 @@ def test_ema_in_train_step(ti_run):
   # Update 1 has decay 0 (EMA = params p1); update 2 has decay 2/11: ema = 2/11 p1 + 9/11 p2.
   ema, p2 = np.asarray(state.ema_params["embeddings"]), np.asarray(state.params["embeddings"])
   assert not np.array_equal(ema, p2)
-  init = np.asarray(embeddings_lib.token_embedding_table(run.sd.params["text_encoder"]))[
+  init = np.asarray(clip.token_embedding_table(run.sd.params["text_encoder"]))[
       np.asarray(run.trainable.token_ids)]
   assert np.abs(ema - p2).max() < np.abs(init - p2).max()
 

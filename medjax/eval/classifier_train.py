@@ -27,6 +27,7 @@ import numpy as np
 import optax
 from flax import struct
 from flax.training import train_state
+from tqdm.auto import tqdm
 
 from medjax import sharding
 from medjax.errors import MedjaxError
@@ -76,7 +77,7 @@ def create_state(model: nn.Module, key: jax.Array, input_shape, optimizer:
   """Initialises `model` for inputs [.., H, W, C] = `input_shape` (H == W = model input size).
 
   The init is torchvision's, drawn from `key` (`classifiers.init_variables`); `variables`
-  ({'params', 'batch_stats'}, e.g. from `medjax.convert.torchvision`) replaces it.
+  ({'params', 'batch_stats'}, e.g. from `medjax.eval.classifier_weights`) replaces it.
   """
   if task not in TASKS:
     raise MedjaxError(f"task must be one of {TASKS}, got {task!r}")
@@ -297,7 +298,8 @@ def train_classifier(config, train_data, val_data=None, mesh=None,
     train_data, val_data: (images, labels) or {'image', 'label'} (see the module docstring).
     mesh: a `jax.sharding.Mesh` (e.g. `medjax.sharding.make_mesh()`): batches are split over its
       data axes, params replicated. None: default device.
-    variables: initial {'params', 'batch_stats'} (e.g. ImageNet via `medjax.convert.torchvision`).
+    variables: initial {'params', 'batch_stats'} (e.g. ImageNet via
+      `medjax.eval.classifier_weights`).
 
   With val data and `select='best'`, the state with the best validation AUC (checked every
   `eval_every` steps and at the end) is returned (its params and BatchNorm statistics; the
@@ -356,7 +358,6 @@ def train_classifier(config, train_data, val_data=None, mesh=None,
       best = jax.device_get((state.params, state.batch_stats))
     return metrics
 
-  from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
   bar = tqdm(total=cfg.num_steps, unit="step", disable=not cfg.progress, desc=cfg.model)
   losses, start = [], None
   for step in range(1, cfg.num_steps + 1):

@@ -1,7 +1,7 @@
 """Image classifiers for the downstream evaluation: ResNet-18/50 and DenseNet-121 (Flax Linen).
 
 NHWC; the architectures are torchvision's (ResNet v1.5: stride in the 3x3 conv of bottlenecks;
-DenseNet-BC with growth 32) so `medjax.convert.torchvision` maps ImageNet weights 1:1.
+DenseNet-BC with growth 32) so `medjax.eval.classifier_weights` maps ImageNet weights 1:1.
 Submodule names follow torchvision's state-dict names (`layer1.0.conv1` -> `layer1_0/conv1`,
 `features.denseblock1.denselayer1.norm1` -> `denseblock1_denselayer1/norm1`,
 `features.transition1.conv` -> `transition1_conv`). Every param carries logical axis names as in
@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from medjax.errors import MedjaxError
 from medjax.models.layers import CONV_H, CONV_IN, CONV_OUT, CONV_W, EMBED, MLP, NORM
 
 Dtype = Any
@@ -173,7 +174,6 @@ def make_classifier(name: str, num_classes: int, dtype: Dtype = jnp.float32) -> 
 
   Params are created in fp32 whatever `dtype` is; logits are returned in fp32.
   """
-  from medjax.errors import MedjaxError  # pylint: disable=g-import-not-at-top
   if name not in CLASSIFIERS:
     raise MedjaxError(f"unknown classifier {name!r}; choose one of {sorted(CLASSIFIERS)}")
   if num_classes < 1:

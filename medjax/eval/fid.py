@@ -23,7 +23,9 @@ import numpy as np
 from PIL import Image
 from scipy import linalg
 
+from medjax import sharding
 from medjax.errors import MedjaxError
+from medjax.eval import inception_weights
 from medjax.eval.inception import FEATURE_DIM, INPUT_SIZE, InceptionV3
 
 RESIZE_MODES = ("pytorch-fid", "clean")
@@ -134,7 +136,6 @@ def inception_features(params, images, batch_size: int = 50, mesh: jax.sharding.
   if mesh is None:
     params = jax.device_put(params)  # once, not with every batch (NumPy trees)
   else:
-    from medjax import sharding  # pylint: disable=g-import-not-at-top
     if not set(sharding.BATCH_AXES) <= set(mesh.axis_names):
       raise MedjaxError(f"mesh axes {mesh.axis_names}: expected {sharding.BATCH_AXES} "
                         "(medjax.sharding.make_mesh)")
@@ -255,14 +256,13 @@ def compute_fid(images_a, images_b, params: Any = None, batch_size: int = 50,
                 allow_pickle: bool = False) -> float:
   """FID between two image sets (see the module docstring for the image format).
 
-  `params` None loads pytorch-fid's weights with `medjax.convert.inception.load_inception`
+  `params` None loads pytorch-fid's weights with `medjax.eval.inception_weights.load_inception`
   ($MEDJAX_INCEPTION_WEIGHTS or torch hub's cache; a `.pth` needs `allow_pickle=True`).
   Each set needs at least 2 images; FID is biased (and its covariance singular) far below
   2048 images, so compare numbers only at equal set sizes.
   """
   if params is None:
-    from medjax.convert.inception import load_inception  # pylint: disable=g-import-not-at-top
-    params = load_inception(allow_pickle=allow_pickle)
+    params = inception_weights.load_inception(allow_pickle=allow_pickle)
   for name, images in (("images_a", images_a), ("images_b", images_b)):
     if _num_images(images) < 2:
       raise MedjaxError(f"compute_fid: {name} has {_num_images(images)} image(s), need >= 2")

@@ -10,7 +10,7 @@ Input is NHWC float in [0, 1]. Grayscale images ([..., 1]) are repeated to 3 cha
 is what pytorch-fid sees when a grayscale PNG is opened with `.convert('RGB')`.
 
 Submodule names follow torchvision/pytorch-fid (`Mixed_5b/branch5x5_1/conv`), so
-`medjax.convert.inception` maps the state dict 1:1. BatchNorm running statistics live in the
+`medjax.eval.inception_weights` maps the state dict 1:1. BatchNorm running statistics live in the
 `batch_stats` collection (not folded into the convs), so the arithmetic follows PyTorch's.
 """
 from collections.abc import Sequence

@@ -22,13 +22,13 @@ from absl import logging
 from medjax import atomic
 from medjax import images as images_lib
 from medjax import trainer
-from medjax.convert import inception
 from medjax.data import make_dataset
 from medjax.data.config import default_config as data_config
 from medjax.errors import MedjaxError
 from medjax.eval import auc as auc_lib
 from medjax.eval import classifier_train
 from medjax.eval import fid as fid_lib
+from medjax.eval import inception_weights
 from medjax.eval import recon
 from medjax.pipeline import StableDiffusion
 from medjax.train_config import check_config
@@ -227,15 +227,15 @@ def generate_per_class(config: Any, sd, class_names, workdir: Path) -> Split:
 def inception_params(config: Any):
   """pytorch-fid's weights, or (when allowed) random ones with a warning in the results."""
   try:
-    return inception.load_inception(config.fid.weights or None,
-                                    allow_pickle=config.fid.allow_pickle), None
+    return inception_weights.load_inception(config.fid.weights or None,
+                                            allow_pickle=config.fid.allow_pickle), None
   except MedjaxError as e:
     if not config.fid.random_weights:
       raise
     note = ("FID computed with a randomly initialised Inception (no pytorch-fid weights "
             "found): compare these numbers only with each other. " + str(e).split(";")[0])
     logging.warning(note)
-    return inception.random_inception(config.seed), note
+    return inception_weights.random_inception(config.seed), note
 
 
 def fid_notes(config: Any, weights_note: str | None) -> list[str]:

@@ -4,15 +4,17 @@ Submodules are named like transformers' (`text_model.encoder.layers_0.self_attn.
 so `medjax.convert.diffusers` maps weights 1:1. SD2's OpenCLIP ViT-H text tower, converted to
 CLIP layout by diffusers, is the same module with `hidden_act='gelu'` and 23 layers.
 """
-from typing import Any, Mapping
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from medjax.errors import MedjaxError
 from medjax.models import layers
-from medjax.models.config import ANY, check_config
+from medjax.validation import ANY, check_config, int_at_least, is_int, positive_number
 
 Dtype = Any
 
@@ -22,33 +24,16 @@ _ACTIVATIONS = {
 }
 
 
-def _positive_int(v) -> bool:
-  """a positive int"""
-  return isinstance(v, int) and not isinstance(v, bool) and v > 0
-
-
-def _int(v) -> bool:
-  """an int"""
-  return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _zero(v) -> bool:
-  """0 (medjax has no dropout)"""
-  return v in (0, 0.0, None)
-
-
-def _positive_float(v) -> bool:
-  """a positive number"""
-  return isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
-
+_POSITIVE_INT = int_at_least(1)
+_NO_DROPOUT = (0, 0.0, None)  # medjax has no dropout
 
 # Keys that change the forward pass, each checked.
 _ARCH_KEYS = {
-    "vocab_size": _positive_int, "hidden_size": _positive_int,
-    "intermediate_size": _positive_int, "num_hidden_layers": _positive_int,
-    "num_attention_heads": _positive_int, "max_position_embeddings": _positive_int,
-    "hidden_act": tuple(_ACTIVATIONS), "layer_norm_eps": _positive_float,
-    "eos_token_id": _int, "attention_dropout": _zero, "dropout": _zero,
+    "vocab_size": _POSITIVE_INT, "hidden_size": _POSITIVE_INT,
+    "intermediate_size": _POSITIVE_INT, "num_hidden_layers": _POSITIVE_INT,
+    "num_attention_heads": _POSITIVE_INT, "max_position_embeddings": _POSITIVE_INT,
+    "hidden_act": tuple(_ACTIVATIONS), "layer_norm_eps": positive_number,
+    "eos_token_id": is_int, "attention_dropout": _NO_DROPOUT, "dropout": _NO_DROPOUT,
     "pruned_heads": lambda v: not v, "model_type": ("clip_text_model",),
 }
 # Keys transformers writes into config.json that do not affect this module's forward pass
@@ -251,3 +236,32 @@ class CLIPTextModel(nn.Module):
   def dummy_inputs(self, batch: int = 1) -> tuple[jax.Array]:
     """Positional args for `init`: one full-length row of token ids per batch element."""
     return (jnp.zeros((batch, self.config["max_position_embeddings"]), jnp.int32),)
+
+
+# -- the token-embedding table (textual inversion edits its rows) ----------------------------------
+
+def token_embedding_table(params: Mapping[str, Any]) -> jax.Array:
+  """The [vocab, dim] token-embedding table of `CLIPTextModel` params."""
+  return params["text_model"]["embeddings"]["token_embedding"]["embedding"]
+
+
+def replace_token_embedding_table(params: Mapping[str, Any], table) -> dict:
+  """New params dicts along the token-embedding path holding `table`; other leaves are shared."""
+  emb = params["text_model"]["embeddings"]
+  new_emb = {**emb, "token_embedding": {**emb["token_embedding"], "embedding": table}}
+  return {**params, "text_model": {**params["text_model"], "embeddings": new_emb}}
+
+
+def set_token_embeddings(params: Mapping[str, Any], ids: Sequence[int], rows) -> dict:
+  """New params whose table holds `rows` ([len(ids), dim]) at `ids`, in the table's dtype.
+
+  The table grows with zero rows when an id is past its end (the vocabulary grew); the caller
+  sets the text encoder's `vocab_size` to the new row count.
+  """
+  table = token_embedding_table(params)
+  old_vocab, dim = (int(n) for n in table.shape)
+  new_vocab = max(old_vocab, max(ids) + 1)
+  new_table = np.array(table, dtype=table.dtype) if new_vocab == old_vocab else np.concatenate(
+      [np.asarray(table), np.zeros((new_vocab - old_vocab, dim), table.dtype)])
+  new_table[list(ids)] = np.stack([np.asarray(r, np.float32) for r in rows]).astype(table.dtype)
+  return replace_token_embedding_table(params, jnp.asarray(new_table))

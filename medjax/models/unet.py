@@ -14,7 +14,8 @@ import jax.numpy as jnp
 
 from medjax.errors import MedjaxError
 from medjax.models import layers
-from medjax.models.config import ANY, check_config, one_of
+from medjax.validation import (ANY, check_config, is_bool, is_int, is_number, item_or_list, list_of,
+                               positive_number)
 
 Dtype = Any
 
@@ -113,54 +114,32 @@ class UpBlock2D(_Block):
     return x
 
 
-def _is_int(v):
-  """an int"""
-  return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _int_or_ints(v):
-  """an int or a list of ints"""
-  return _is_int(v) or (isinstance(v, (list, tuple)) and all(_is_int(x) for x in v))
-
-
-def _bool_or_bools(v):
-  """a bool or a list of bools"""
-  return isinstance(v, bool) or (isinstance(v, (list, tuple)) and all(isinstance(x, bool) for x in v))
-
-
-def _block_types(allowed):
-  def rule(v):
-    return isinstance(v, (list, tuple)) and len(v) > 0 and all(t in allowed for t in v)
-  rule.__doc__ = f"a list of {' / '.join(allowed)}"
-  return rule
-
-
 # diffusers 0.42 UNet2DConditionModel keys -> what medjax implements (other values: defaults).
 SUPPORTED_CONFIG = {
     "sample_size": ANY,
-    "in_channels": _is_int,
-    "out_channels": _is_int,
+    "in_channels": is_int,
+    "out_channels": is_int,
     "center_input_sample": (False, True),
     "flip_sin_to_cos": (False, True),
-    "freq_shift": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
-    "down_block_types": _block_types((CROSS_ATTN_DOWN, DOWN)),
+    "freq_shift": is_number,
+    "down_block_types": list_of((CROSS_ATTN_DOWN, DOWN)),
     "mid_block_type": (MID,),
-    "up_block_types": _block_types((CROSS_ATTN_UP, UP)),
-    "only_cross_attention": _bool_or_bools,
-    "block_out_channels": _int_or_ints,
-    "layers_per_block": _int_or_ints,
+    "up_block_types": list_of((CROSS_ATTN_UP, UP)),
+    "only_cross_attention": item_or_list(is_bool),
+    "block_out_channels": item_or_list(is_int),
+    "layers_per_block": item_or_list(is_int),
     "downsample_padding": (1,),
     "mid_block_scale_factor": (1,),
     "dropout": (0,),
     "act_fn": ("silu", "swish"),
-    "norm_num_groups": _is_int,
-    "norm_eps": lambda v: isinstance(v, (int, float)) and v > 0,
-    "cross_attention_dim": _int_or_ints,
-    "transformer_layers_per_block": _int_or_ints,
+    "norm_num_groups": is_int,
+    "norm_eps": positive_number,
+    "cross_attention_dim": item_or_list(is_int),
+    "transformer_layers_per_block": item_or_list(is_int),
     "reverse_transformer_layers_per_block": (None,),
     "encoder_hid_dim": (None,),
     "encoder_hid_dim_type": (None,),
-    "attention_head_dim": _int_or_ints,
+    "attention_head_dim": item_or_list(is_int),
     "num_attention_heads": (None,),
     "dual_cross_attention": (False,),
     "use_linear_projection": (False, True),

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 
 from medjax.errors import MedjaxError
 from medjax.models import layers
-from medjax.models.config import ANY, check_config
+from medjax.validation import ANY, check_config, is_int, is_number, list_of
 
 Dtype = Any
 
@@ -141,37 +141,19 @@ class Decoder(_Coder):
     return self.conv(self.out_channels, "conv_out")(self.norm_act(x))
 
 
-def _is_int(v):
-  """an int"""
-  return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _list_of(allowed):
-  def rule(v):
-    return isinstance(v, (list, tuple)) and len(v) > 0 and all(t in allowed for t in v)
-  rule.__doc__ = f"a list of {' / '.join(allowed)}"
-  return rule
-
-
-def _number(v):
-  """a number"""
-  return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
 # diffusers 0.42 AutoencoderKL keys -> what medjax implements.
 SUPPORTED_CONFIG = {
-    "in_channels": _is_int,
-    "out_channels": _is_int,
-    "down_block_types": _list_of(("DownEncoderBlock2D",)),
-    "up_block_types": _list_of(("UpDecoderBlock2D",)),
-    "block_out_channels": lambda v: isinstance(v, (list, tuple)) and len(v) > 0
-                                    and all(_is_int(c) for c in v),
-    "layers_per_block": _is_int,
+    "in_channels": is_int,
+    "out_channels": is_int,
+    "down_block_types": list_of(("DownEncoderBlock2D",)),
+    "up_block_types": list_of(("UpDecoderBlock2D",)),
+    "block_out_channels": list_of(is_int),
+    "layers_per_block": is_int,
     "act_fn": ("silu", "swish"),
-    "latent_channels": _is_int,
-    "norm_num_groups": _is_int,
+    "latent_channels": is_int,
+    "norm_num_groups": is_int,
     "sample_size": ANY,
-    "scaling_factor": _number,
+    "scaling_factor": is_number,
     "shift_factor": (None,),
     "latents_mean": (None,),
     "latents_std": (None,),

@@ -1,4 +1,5 @@
 """Classifiers vs torchvision (random weights, random BN statistics, eval mode) and training."""
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,10 +9,10 @@ import torch
 import torchvision
 
 from medjax import sharding
-from medjax.convert import torchvision as tv_convert
 from medjax.convert.weights import write_safetensors
 from medjax.errors import MedjaxError
 from medjax.eval import classifier_train as ct
+from medjax.eval import classifier_weights
 from medjax.eval import classifiers
 
 torch.set_num_threads(1)
@@ -30,7 +31,7 @@ def _random_torchvision(name: str, num_classes: int, seed: int) -> torch.nn.Modu
   with torch.no_grad():
     for pname, p in model.named_parameters():
       if p.ndim == 1:  # BN scale/bias and head bias
-        one = pname.endswith("weight") and not pname.startswith(tv_convert.HEAD_NAMES)
+        one = pname.endswith("weight") and not pname.startswith(classifier_weights.HEAD_NAMES)
         p.copy_(torch.randn(p.shape, generator=gen) * 0.1 + float(one))
     for m in model.modules():
       if isinstance(m, torch.nn.BatchNorm2d):
@@ -49,7 +50,7 @@ def _parity(name, tmp_path, size=64):
   path = tmp_path / f"{name}.safetensors"
   write_safetensors({k: v.numpy() for k, v in tmodel.state_dict().items()}, path)
   model = classifiers.make_classifier(name, 5)
-  variables = tv_convert.load_torchvision(path, model, (1, size, size, 3))
+  variables = classifier_weights.load_torchvision(path, model, (1, size, size, 3))
   x = np.random.default_rng(1).standard_normal((2, size, size, 3)).astype(np.float32)
   got = np.asarray(jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, x))
   xt = torch.from_numpy(x).permute(0, 3, 1, 2)
@@ -87,21 +88,22 @@ def test_converter_errors_and_head_skip(tmp_path):
   shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), x)
   with pytest.raises(MedjaxError,
                      match=r"wrong shape 2 \(fc.bias: got \(1000,\) for Flax \(2,\), fc.weight"):
-    tv_convert.state_dict_to_variables(sd, shapes)
+    classifier_weights.state_dict_to_variables(sd, shapes)
   broken = {k: v for k, v in sd.items() if k != "layer1.0.bn1.running_var"}
   broken["extra.weight"] = torch.zeros(3)
   with pytest.raises(MedjaxError, match=r"missing 1 \(layer1.0.bn1.running_var\); unexpected 1"):
-    tv_convert.state_dict_to_variables(broken, shapes, skip_head=True)
+    classifier_weights.state_dict_to_variables(broken, shapes, skip_head=True)
   init = classifiers.init_variables(model, (32, 32, 3))
-  got = tv_convert.state_dict_to_variables(sd, init, skip_head=True)  # ImageNet body, new head
+  # ImageNet body, new head
+  got = classifier_weights.state_dict_to_variables(sd, init, skip_head=True)
   np.testing.assert_array_equal(got["params"]["fc"]["kernel"], init["params"]["fc"]["kernel"])
   np.testing.assert_array_equal(got["params"]["conv1"]["kernel"],
                                 sd["conv1.weight"].numpy().transpose(2, 3, 1, 0))
   pth = tmp_path / "resnet18.pth"
   torch.save(sd, pth)
   with pytest.raises(MedjaxError, match="allow_pickle=True"):
-    tv_convert.load_torchvision(pth, model)
-  assert tv_convert.read_torchvision_weights(pth, allow_pickle=True).keys() == sd.keys()
+    classifier_weights.load_torchvision(pth, model)
+  assert classifier_weights.read_torchvision_weights(pth, allow_pickle=True).keys() == sd.keys()
 
 
 def test_make_classifier_and_logical_axes():
@@ -116,7 +118,6 @@ def test_make_classifier_and_logical_axes():
 
 
 def nn_partition_specs(tree):
-  import flax.linen as nn  # pylint: disable=g-import-not-at-top
   return jax.tree.map(lambda p: tuple(p.names), tree,
                       is_leaf=lambda p: isinstance(p, nn.Partitioned))
 

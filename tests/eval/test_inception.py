@@ -3,9 +3,10 @@
 pytorch-fid's `fid_inception_v3()` downloads its weights; here `load_state_dict_from_url` is
 patched to hand it a state dict of the same architecture, every tensor (BatchNorm running
 statistics included) is then randomised with a seed, and the weights travel through a real
-`.pth` (torch.save) and `.safetensors` file into `medjax.convert.inception`. The Inception
+`.pth` (torch.save) and `.safetensors` file into `medjax.eval.inception_weights`. The Inception
 network is compiled once for this module: every feature call below uses the same batch shape.
 """
+import jax
 import numpy as np
 import pytest
 import pytorch_fid.inception as pfi
@@ -14,11 +15,12 @@ import torch.nn.functional as F
 import torchvision
 from pytorch_fid.fid_score import calculate_frechet_distance
 
-from medjax.convert import inception as conv
 from medjax.convert.weights import write_safetensors
 from medjax.errors import MedjaxError
 from medjax.eval import fid
+from medjax.eval import inception_weights as iw
 from medjax.eval.inception import resize_bilinear
+from medjax.sharding import make_mesh
 
 torch.set_num_threads(2)
 
@@ -84,7 +86,7 @@ def torch_features(model, images: np.ndarray) -> np.ndarray:
 def ref(tmp_path_factory):
   folder = tmp_path_factory.mktemp("inception")
   state_dict = random_fid_inception(seed=0).state_dict()
-  pth = folder / conv.WEIGHTS_FILE
+  pth = folder / iw.WEIGHTS_FILE
   torch.save(state_dict, pth)
   safetensors = folder / "inception.safetensors"
   write_safetensors({k: v.numpy() for k, v in state_dict.items()}, safetensors)
@@ -93,7 +95,7 @@ def ref(tmp_path_factory):
   # Set a: 8-bit RGB values (so uint8 input can be checked against it); set b: gray in RGB.
   images_a = rng.integers(0, 256, (N_IMAGES, HEIGHT, WIDTH, 3)).astype(np.float32) / np.float32(255)
   images_b = np.repeat(rng.beta(2, 5, (N_IMAGES, HEIGHT, WIDTH, 1)).astype(np.float32), 3, -1)
-  variables = conv.load_inception(pth, allow_pickle=True)
+  variables = iw.load_inception(pth, allow_pickle=True)
   return {
       "state_dict": state_dict, "pth": pth, "safetensors": safetensors, "model": model,
       "variables": variables, "images_a": images_a, "images_b": images_b,
@@ -158,67 +160,65 @@ def test_uint8_and_list_inputs(ref):
 
 @pytest.mark.slow(reason="sharded inputs compile the network a second time (~6-11 s)")
 def test_mesh_data_parallel(ref):
-  from medjax.sharding import make_mesh  # pylint: disable=g-import-not-at-top
   features = fid.inception_features(ref["variables"], ref["images_a"], mesh=make_mesh(data=-1))
   np.testing.assert_allclose(features, ref["ours_a"], rtol=0, atol=1e-5)
 
 
 def test_safetensors_and_wrapper_state_dict_convert_the_same(ref):
-  from_safetensors = conv.load_inception(ref["safetensors"])
-  wrapper = conv.state_dict_to_variables(ref["model"].state_dict(), source="wrapper")
+  from_safetensors = iw.load_inception(ref["safetensors"])
+  wrapper = iw.state_dict_to_variables(ref["model"].state_dict(), source="wrapper")
   for other in (from_safetensors, wrapper):
     for (path, a), (_, b) in zip(_flat(ref["variables"]), _flat(other), strict=True):
       np.testing.assert_array_equal(a, b, err_msg=path)
-  roundtrip = conv.variables_to_state_dict(ref["variables"])
+  roundtrip = iw.variables_to_state_dict(ref["variables"])
   for key, value in roundtrip.items():
     np.testing.assert_array_equal(value, ref["state_dict"][key].numpy(), err_msg=key)
 
 
 def _flat(tree):
-  import jax  # pylint: disable=g-import-not-at-top
   return [(jax.tree_util.keystr(p), np.asarray(v))
           for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 
 def test_cli_writes_a_pickle_free_copy(ref, tmp_path):
   out = tmp_path / "inception.safetensors"
-  assert conv.main([str(ref["pth"]), str(out)]) == 0
-  for (path, a), (_, b) in zip(_flat(ref["variables"]), _flat(conv.load_inception(out)),
+  assert iw.main([str(ref["pth"]), str(out)]) == 0
+  for (path, a), (_, b) in zip(_flat(ref["variables"]), _flat(iw.load_inception(out)),
                                strict=True):
     np.testing.assert_array_equal(a, b, err_msg=path)
-  assert conv.main([str(tmp_path / "missing.pth"), str(out)]) == 1
+  assert iw.main([str(tmp_path / "missing.pth"), str(out)]) == 1
 
 
 def test_pth_needs_allow_pickle(ref):
   with pytest.raises(MedjaxError, match="allow_pickle=True"):
-    conv.load_inception(ref["pth"])
+    iw.load_inception(ref["pth"])
 
 
 def test_weights_found_via_env_var_and_torch_home(ref, tmp_path, monkeypatch):
-  monkeypatch.setenv(conv.ENV_VAR, str(ref["safetensors"]))
-  assert conv.find_weights() == ref["safetensors"]
-  conv.load_inception()  # safetensors: no pickle opt-in needed
-  monkeypatch.delenv(conv.ENV_VAR)
+  monkeypatch.setenv(iw.ENV_VAR, str(ref["safetensors"]))
+  assert iw.find_weights() == ref["safetensors"]
+  iw.load_inception()  # safetensors: no pickle opt-in needed
+  monkeypatch.delenv(iw.ENV_VAR)
   monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-  hub = tmp_path / "hub" / "checkpoints" / conv.WEIGHTS_FILE
+  hub = tmp_path / "hub" / "checkpoints" / iw.WEIGHTS_FILE
   hub.parent.mkdir(parents=True)
   hub.write_bytes(ref["pth"].read_bytes())
-  assert conv.find_weights() == hub
-  conv.load_inception(allow_pickle=True)
+  assert iw.find_weights() == hub
+  iw.load_inception(allow_pickle=True)
 
 
 def test_missing_weights_message(tmp_path, monkeypatch):
-  monkeypatch.delenv(conv.ENV_VAR, raising=False)
+  monkeypatch.delenv(iw.ENV_VAR, raising=False)
   monkeypatch.setenv("TORCH_HOME", str(tmp_path))
   with pytest.raises(MedjaxError) as e:
-    conv.load_inception()
+    iw.load_inception()
   message = str(e.value)
-  assert conv.WEIGHTS_FILE in message and conv.WEIGHTS_URL in message
-  assert str(tmp_path / "hub" / "checkpoints" / conv.WEIGHTS_FILE) in message
-  assert conv.ENV_VAR in message and "\n" not in message
-  monkeypatch.setenv(conv.ENV_VAR, str(tmp_path / "nowhere.pth"))
-  with pytest.raises(MedjaxError, match=f"{conv.ENV_VAR}=.*nowhere.pth: file not found"):
-    conv.load_inception()
+  assert iw.WEIGHTS_FILE in message and iw.WEIGHTS_URL in message
+  assert str(tmp_path / "hub" / "checkpoints" / iw.WEIGHTS_FILE) in message
+  assert iw.ENV_VAR in message and "\n" not in message
+  monkeypatch.setenv(iw.ENV_VAR, str(tmp_path / "nowhere.pth"))
+  with pytest.raises(MedjaxError, match=f"{iw.ENV_VAR}=.*nowhere.pth: file not found"):
+    iw.load_inception()
   with pytest.raises(MedjaxError, match="Inception weights not found|file not found"):
     fid.compute_fid(np.zeros((2, 8, 8, 3)), np.zeros((2, 8, 8, 3)))
 
@@ -229,7 +229,7 @@ def test_converter_reports_every_problem(ref):
   sd["Mixed_9z.conv.weight"] = np.zeros((1,), np.float32)
   sd["Mixed_7c.branch_pool.bn.running_var"] = np.ones((191,), np.float32)
   with pytest.raises(MedjaxError) as e:
-    conv.state_dict_to_variables(sd, source="bad.pth")
+    iw.state_dict_to_variables(sd, source="bad.pth")
   message = str(e.value)
   assert message.startswith("bad.pth:")
   for part in ("missing 1", "Mixed_6b.branch7x7_2.conv.weight", "unexpected 1", "Mixed_9z",
@@ -255,8 +255,8 @@ def test_resize_matches_torch_interpolate(in_size, out_size):
 
 
 def test_random_inception_is_seeded():
-  a, b = conv.random_inception(0), conv.random_inception(0)
+  a, b = iw.random_inception(0), iw.random_inception(0)
   for (path, x), (_, y) in zip(_flat(a), _flat(b), strict=True):
     np.testing.assert_array_equal(x, y, err_msg=path)
   assert set(a) == {"params", "batch_stats"}
-  conv.state_dict_to_variables(conv.variables_to_state_dict(a))  # same names and shapes
+  iw.state_dict_to_variables(iw.variables_to_state_dict(a))  # same names and shapes

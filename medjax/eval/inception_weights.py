@@ -11,7 +11,8 @@ dict of pytorch-fid's `InceptionV3` wrapper (`blocks.2.4.branch1x1...`) is accep
 medjax never downloads the file. pytorch-fid keeps it in torch hub's cache; a `.pth` is read
 with `torch.load(weights_only=True)` and only when the caller passes `allow_pickle=True`
 (`medjax.convert.weights.torch_load`). Convert it once to `.safetensors` to avoid pickles:
-`python -m medjax.convert.inception pt_inception-2015-12-05-6726825d.pth inception.safetensors`.
+`python -m medjax.eval.inception_weights pt_inception-2015-12-05-6726825d.pth
+inception.safetensors`.
 """
 import functools
 import os
@@ -187,17 +188,19 @@ def random_inception(seed: int = 0) -> dict:
   def draw(path, s):
     leaf = path[-1].key
     if leaf == "kernel":  # HWIO: fan_in = H * W * I
-      return rng.standard_normal(s.shape, np.float32) * np.float32(np.sqrt(2 / np.prod(s.shape[:3])))
-    return np.ones(s.shape, np.float32) if leaf in ("scale", "var") else np.zeros(s.shape, np.float32)
+      std = np.float32(np.sqrt(2 / np.prod(s.shape[:3])))
+      return rng.standard_normal(s.shape, np.float32) * std
+    fill = np.ones if leaf in ("scale", "var") else np.zeros
+    return fill(s.shape, np.float32)
 
   return jax.tree.map(jnp.asarray, jax.tree_util.tree_map_with_path(draw, shapes))
 
 
 def main(argv=None) -> int:
-  """python -m medjax.convert.inception IN.pth OUT.safetensors: a pickle-free copy, once."""
+  """python -m medjax.eval.inception_weights IN.pth OUT.safetensors: a pickle-free copy, once."""
   argv = sys.argv[1:] if argv is None else argv
   if len(argv) != 2:
-    print(f"usage: python -m medjax.convert.inception {WEIGHTS_FILE} OUT.safetensors",
+    print(f"usage: python -m medjax.eval.inception_weights {WEIGHTS_FILE} OUT.safetensors",
           file=sys.stderr)
     return 2
   try:
