@@ -258,7 +258,7 @@ def make_prior_images(config: Any, run: Setup, state: objectives.TrainState,
   """Reads the given class images, or generates them with the model as it starts (once, into
   the workdir: a resumed run finds them there), and encodes them."""
   from medjax import sample as sample_lib  # pylint: disable=g-import-not-at-top
-  from medjax.data import pipeline as data_pipeline  # pylint: disable=g-import-not-at-top
+  from medjax.data import loader as data_loader  # pylint: disable=g-import-not-at-top
   from medjax.data import read_image  # pylint: disable=g-import-not-at-top
   p = config.prior
   folder = Path(p.class_images_dir) if p.class_images_dir else workdir / "class_images"
@@ -279,7 +279,7 @@ def make_prior_images(config: Any, run: Setup, state: objectives.TrainState,
     files = sorted(folder.glob("*.png"))
   if not files:
     raise MedjaxError(f"config.prior.class_images_dir={str(folder)!r}: no PNG/JPEG images")
-  images = np.stack([data_pipeline.resize_to(rgb_in_unit_range(read_image(f)), config.resolution)
+  images = np.stack([data_loader.resize_to(rgb_in_unit_range(read_image(f)), config.resolution)
                      for f in files]) * 2 - 1
   moments = []
   n = sharding.data_parallel_size(run.mesh)
@@ -400,7 +400,7 @@ def write_config(config: Any, workdir: Path) -> None:
 
 
 def check_run_config(config: Any) -> None:
-  train_config.check_config(config)
+  train_config.check_train_config(config)
   if config.cache_latents and (config.data.pipeline.flip or config.data.pipeline.crop != "center"):
     raise MedjaxError("config.cache_latents needs a deterministic pipeline: set "
                       "data.pipeline.flip=False and data.pipeline.crop='center'")

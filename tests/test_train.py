@@ -161,7 +161,7 @@ def test_fsdp_rules_shard_and_fall_back():
 
 def test_bad_inputs():
   with pytest.raises(MedjaxError, match="unknown key 'learning_rat'"):
-    train_config.check_config(_with_extra_key())
+    train_config.check_train_config(_with_extra_key())
   with pytest.raises(MedjaxError, match="only 1 are available"):
     sharding.make_mesh(16, 1)
   with pytest.raises(MedjaxError, match="not divisible"):
@@ -245,7 +245,7 @@ def test_configs_load_and_validate(name, arg):
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   config = module.get_config(arg)
-  train_config.check_config(config)
+  train_config.check_train_config(config)
   if "paper" in arg:
     assert config.resolution == 512
   if name.endswith("_ti"):

@@ -30,16 +30,16 @@ Lower-level pieces: `read_image(path)` (DICOM, PNG/JPEG 8/16 bit, NIfTI, MHA/MHD
 `python -m medjax.data.make_phantoms --kind=cxr|mri --num=N --out=DIR`.
 """
 from medjax.data.chexpert import load_chexpert
-from medjax.data.config import default_config
+from medjax.data.defaults import default_config
 from medjax.data.folder import load_folder
 from medjax.data.labels import CHEXPERT_LABELS
 from medjax.data.mimic import load_mimic
 from medjax.data.phantoms import chest_xray
 from medjax.data.phantoms import prostate_mri
 from medjax.data.picai import load_picai
-from medjax.data.pipeline import DataIterator
-from medjax.data.pipeline import make_dataset
-from medjax.data.pipeline import select_records
+from medjax.data.loader import DataIterator
+from medjax.data.loader import make_dataset
+from medjax.data.loader import select_records
 from medjax.data.prompts import make_prompt
 from medjax.data.read_image import read_image
 from medjax.data.read_image import read_volume

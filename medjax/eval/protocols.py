@@ -19,7 +19,7 @@ import numpy as np
 from absl import logging
 
 from medjax import atomic
-from medjax.data.config import default_config as data_config
+from medjax.data.defaults import default_config as data_config
 from medjax.errors import MedjaxError
 
 PROTOCOLS: dict[str, Callable] = {}
@@ -420,10 +420,10 @@ def paper_b(config: Any, workdir: Path) -> dict:
 
 
 def run_protocol(config: Any, workdir) -> dict:
-  from medjax.train_config import check_config  # pylint: disable=g-import-not-at-top
-  check_config(config, base_config(),
-               free_maps=("data.prompt.class_prompts", "data.prompt.label_texts",
-                          "generation.prompts"))
+  from medjax.train_config import check_train_config  # pylint: disable=g-import-not-at-top
+  check_train_config(config, base_config(),
+                     free_maps=("data.prompt.class_prompts", "data.prompt.label_texts",
+                                "generation.prompts"))
   if config.protocol not in PROTOCOLS:
     raise MedjaxError(f"config.protocol={config.protocol!r}: expected one of {list(PROTOCOLS)}")
   workdir = Path(workdir)
