@@ -8,16 +8,22 @@ r"""Paper B's chest X-ray evaluation: VAE reconstruction table and a classifier 
   FID of the VAE's reconstructions; a DenseNet-121 trained on real images scores generated
   images per prompt class (paper: ~95% accuracy, AUC ~0.98 for pleural effusion with the best
   fine-tuned U-Net); sampling as RoentGen: 75 PNDM steps, guidance 4.
+  Arg options: paper (the protocol at the papers' scale).
 """
+from medjax.config_args import ArgSpec
 from medjax.eval.protocols import paper_scale
 from medjax.eval.protocols import protocol_config
 
 
+ARG = ArgSpec(flags=("paper",))
+
+
 def get_config(arg: str = ""):
+  paper = ARG.parse(arg, __file__).paper
   c = protocol_config("paper_b", "cxr", {
       "pleural_effusion": "a chest x-ray with pleural effusion",
       "no_finding": "a chest x-ray with no finding"})
-  if "paper" not in (arg or ""):
+  if not paper:
     return c
   c = paper_scale(c, "chexpert")
   c.data.split.mode = "source"
