@@ -23,10 +23,12 @@ def get_config(arg: str = ""):
   opts = ARG.parse(arg, __file__)
   c = base_config()
   c.objective = "textual_inversion"
-  c.textual_inversion.tokens = "<effusion>=pleural effusion; <healthy-cxr>=normal chest"
+  c.textual_inversion.tokens = (("<effusion>", "pleural effusion"),
+                                ("<healthy-cxr>", "normal chest"))
   c.textual_inversion.num_vectors = opts.vectors
   c.data.phantoms.kind = "cxr"
-  c.data.classes = "pleural_effusion: Pleural Effusion=1; no_finding: No Finding=1"
+  c.data.classes = (("pleural_effusion", {"Pleural Effusion": 1}),
+                   ("no_finding", {"No Finding": 1}))
   c.data.prompt.kind = "class"
   c.data.prompt.class_prompts = {"pleural_effusion": "a chest x-ray with <effusion>",
                                  "no_finding": "a chest x-ray with <healthy-cxr>"}

@@ -24,9 +24,10 @@ def get_config(arg: str = ""):
   c = base_config()
   c.objective = "unet"
   c.data.phantoms.kind = "cxr"
-  c.data.classes = "pleural_effusion: Pleural Effusion=1; no_finding: No Finding=1"
+  c.data.classes = (("pleural_effusion", {"Pleural Effusion": 1}),
+                   ("no_finding", {"No Finding": 1}))
   c.data.prompt.kind = "labels"  # 'a chest x-ray with pleural effusion' / '... with no finding'
-  c.sample.prompts = "a chest x-ray with pleural effusion; a chest x-ray with no finding"
+  c.sample.prompts = ("a chest x-ray with pleural effusion", "a chest x-ray with no finding")
   c.learning_rate = 1e-4  # tiny random model: learns visibly in 60 steps
   if opts.paper:
     unet_paper_scale(c, "chexpert")

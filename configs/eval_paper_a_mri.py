@@ -4,7 +4,8 @@ r"""Paper A's prostate MRI protocol: ResNet-18 on N real vs N real + M synthetic
       The embedded default: tiny random SD, MRI phantoms, small sizes (minutes on a CPU).
   python -m medjax.evaluate --config=configs/eval_paper_a_mri.py:paper --workdir=... \
       --config.model.pretrained=/path/to/stable-diffusion-2-base \
-      --config.model.embeddings='/runs/mri_ti/embeddings/diffusers/cspca.safetensors;/runs/mri_ti/embeddings/diffusers/healthy-prostate.safetensors' \
+      --config.model.embeddings='("/runs/mri_ti/embeddings/diffusers/cspca.safetensors",
+          "/runs/mri_ti/embeddings/diffusers/healthy-prostate.safetensors")' \
       --config.data.root=/path/to/picai --config.data.picai.cache_dir=/path/to/cache \
       --config.fid.weights=/path/to/pt_inception-2015-12-05-6726825d.pth --config.fid.allow_pickle=True
       The protocol: 200/200/200 real slices (train/val/test), 2,000 synthetic (1,000 per class,

@@ -22,14 +22,14 @@ def get_config(arg: str = ""):
   opts = ARG.parse(arg, __file__)
   c = base_config()
   c.objective = "textual_inversion"
-  c.textual_inversion.tokens = "<cspca>=prostate cancer; <healthy-prostate>=prostate"
+  c.textual_inversion.tokens = (("<cspca>", "prostate cancer"), ("<healthy-prostate>", "prostate"))
   c.textual_inversion.num_vectors = opts.vectors
   c.data.phantoms.kind = "mri"
-  c.data.classes = "diseased: csPCa=1; healthy: csPCa=0"
+  c.data.classes = (("diseased", {"csPCa": 1}), ("healthy", {"csPCa": 0}))
   c.data.prompt.kind = "class"
   c.data.prompt.class_prompts = {"diseased": "a prostate mri with <cspca>",
                                  "healthy": "a prostate mri with <healthy-prostate>"}
-  c.sample.prompts = "a prostate mri with <cspca>; a prostate mri with <healthy-prostate>"
+  c.sample.prompts = ("a prostate mri with <cspca>", "a prostate mri with <healthy-prostate>")
   c.learning_rate = 5e-3
   c.weight_decay = 0.0
   c.max_grad_norm = 0.0

@@ -22,12 +22,12 @@ def get_config(arg: str = ""):
   c = base_config()
   c.objective = "unet"
   c.data.phantoms.kind = "mri"
-  c.data.classes = "diseased: csPCa=1; healthy: csPCa=0"
+  c.data.classes = (("diseased", {"csPCa": 1}), ("healthy", {"csPCa": 0}))
   c.data.prompt.kind = "class"
   c.data.prompt.class_prompts = {
       "diseased": "a prostate mri with clinically significant prostate cancer",
       "healthy": "a prostate mri with no lesion"}
-  c.sample.prompts = ("a prostate mri with clinically significant prostate cancer; "
+  c.sample.prompts = ("a prostate mri with clinically significant prostate cancer",
                       "a prostate mri with no lesion")
   c.learning_rate = 1e-4
   if opts.paper:

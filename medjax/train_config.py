@@ -55,7 +55,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.allow_config_change = False  # resume a workdir whose checkpoints came from another config
 
   c.sample = ml_collections.ConfigDict()
-  c.sample.prompts = ""  # ';'-separated; '' = one per class prompt of the data config
+  c.sample.prompts = ()  # a tuple of prompts; () = one per class prompt of the data config
   c.sample.num_per_prompt = 2
   c.sample.num_inference_steps = 20
   c.sample.guidance_scale = 7.5
@@ -73,9 +73,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.embedded_seed = 0  # seed of the embedded tiny model's random weights
 
   c.textual_inversion = ml_collections.ConfigDict()
-  # '<token>=initializer words; <token2>=...': each token gets num_vectors rows, initialised
+  # (('<token>', 'initializer words'), ...): each token gets num_vectors rows, initialised
   # from the embeddings of the words' tokens (cycled).
-  c.textual_inversion.tokens = ""
+  c.textual_inversion.tokens = ()
   c.textual_inversion.num_vectors = 64
 
   c.unet = ml_collections.ConfigDict()

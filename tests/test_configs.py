@@ -1,8 +1,13 @@
 """configs/*.py: every config loads with each arg it documents, refuses any other arg in one line,
 and its keys take overrides from the command line as ml_collections parses them."""
+import importlib.util
+import sys
 from pathlib import Path
+from unittest import mock
 
 import pytest
+from absl import flags
+from ml_collections import config_flags
 
 from medjax import config_args
 from medjax import train_config
@@ -73,3 +78,50 @@ def test_arg_spec_values():
     spec.parse("vectors", "c.py")
   with pytest.raises(MedjaxError, match="c.py: unknown arg 'x' in 'x'; accepted: no arg"):
     config_args.ArgSpec().parse("x", "c.py")
+
+
+def _parse_command_line(*args):
+  """The config as `python -m medjax.train --config=... <args>` builds it (fresh flags)."""
+  values = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "a config file", flag_values=values)
+  argv = ["train", *args]
+  with mock.patch.object(sys, "argv", argv):  # config_flags reads the overrides from sys.argv
+    values(argv)
+  return values.config
+
+
+def test_list_keys_take_tuples_from_the_command_line():
+  config = _parse_command_line(
+      "--config=configs/cxr_ti.py", "--config.sample.prompts=('a chest x-ray', 'a <lung>')",
+      "--config.textual_inversion.tokens=(('<lung>', 'lung'),)",
+      """--config.data.classes=(("effusion", {"Pleural Effusion": 1}), ("rest", {"No Finding": 1}))""",
+      "--config.data.per_class_splits=val", "--config.data.pipeline.shuffle_splits=train",
+      "--config.data.pipeline.shuffle_splits=val", "--config.data.mimic.views=()")
+  assert config.sample.prompts == ("a chest x-ray", "a <lung>")
+  assert config.textual_inversion.tokens == (("<lung>", "lung"),)
+  assert config.data.classes == (("effusion", {"Pleural Effusion": 1}), ("rest", {"No Finding": 1}))
+  assert config.data.per_class_splits == ("val",)  # one value: no tuple syntax needed
+  assert config.data.pipeline.shuffle_splits == ("train", "val")  # a repeated flag
+  assert config.data.mimic.views == ()
+  train_config.check_train_config(config)
+  with pytest.raises(flags.Error, match="as tuple"):  # the old ';' form is refused, not split
+    _parse_command_line("--config=configs/cxr_unet.py", "--config.sample.prompts=a x-ray; b")
+  config = _parse_command_line("--config=configs/eval_paper_a_mri.py",
+                               "--config.model.embeddings=/runs/cspca.safetensors",
+                               "--config.settings=('real', 'synthetic')")
+  assert config.model.embeddings == ("/runs/cspca.safetensors",)
+  assert config.settings == ("real", "synthetic")
+
+
+def test_sweep_tuple_values_reach_the_config():
+  """launch/sweep.py writes a tuple value as its repr; ml_collections reads it back as the tuple."""
+  spec = importlib.util.spec_from_file_location("launch_sweep", ROOT / "launch" / "sweep.py")
+  sweep = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(sweep)
+  runs = sweep.plan("/r", sweep.parse_grid("sample.prompts=('a x-ray', 'b; c'),('d',)"),
+                    sweep.parse_sets(["data.classes=(('e', {'Pleural Effusion': 1}),)"]))
+  for run, prompts in zip(runs, [("a x-ray", "b; c"), ("d",)], strict=True):
+    args = [a for a in run.args("configs/cxr_unet.py") if not a.startswith("--workdir=")]
+    config = _parse_command_line(*args)
+    assert config.sample.prompts == prompts
+    assert config.data.classes == (("e", {"Pleural Effusion": 1}),)

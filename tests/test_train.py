@@ -170,11 +170,13 @@ def test_bad_inputs():
   in_vocab = next(k for k in sd.tokenizer.get_vocab() if k.isalpha() and len(k) > 3)
   with pytest.raises(MedjaxError, match="already in the tokenizer vocabulary"):
     train.build_model(tiny_config("textual_inversion",
-                                  **{"textual_inversion.tokens": f"{in_vocab}=chest"}))
+                                  **{"textual_inversion.tokens": ((in_vocab, "chest"),)}))
   with pytest.raises(MedjaxError, match="given twice"):
-    train.parse_tokens("<a>=chest; <a>=lung")
-  with pytest.raises(MedjaxError, match="'<token>=init words'"):
-    train.parse_tokens("<x>")
+    train.parse_tokens((("<a>", "chest"), ("<a>", "lung")))
+  with pytest.raises(MedjaxError, match=r"is not a \('<token>', 'init words'\) pair"):
+    train.parse_tokens((("<x>",),))
+  with pytest.raises(MedjaxError, match="is empty"):
+    train.parse_tokens(())
   with pytest.raises(MedjaxError, match="mixed_precision"):
     train.build_model(tiny_config(mixed_precision="fp8"))
 

@@ -19,8 +19,8 @@ Sources (`config.data.source`, root in `config.data.root`):
             masks -> axial slices (R=T2W, G=ADC, B=HBV), labelled by csPCa lesion voxels.
   folder    root/<class>/*.{png,jpg,dcm,nii.gz,mha} (+ optional <name>.txt captions).
 
-Selection: `classes` ('pleural_effusion: Pleural Effusion=1; no_finding: No Finding=1'),
-`per_class` (paper A: 100), patient-level `split` (mode 'random' fractions, 'sizes' e.g.
+Selection: `classes` ((('pleural_effusion', {'Pleural Effusion': 1}), ('no_finding',
+{'No Finding': 1}))), `per_class` (paper A: 100), patient-level `split` (mode 'random' fractions, 'sizes' e.g.
 200/200/200, or the dataset's own 'source' split). Bad files: `on_bad_file` 'error' raises
 MedjaxError naming the file; 'skip' drops it, counts it (`it.num_skipped`, `it.skip_report()`).
 

@@ -62,10 +62,10 @@ def _csv_directory(root: str) -> str:
   raise MedjaxError(f"{root}: no CheXpert train.csv or valid.csv in this directory")
 
 
-def parse_views(views) -> tuple:
-  """'AP,PA' or ('AP', 'PA') -> ('AP', 'PA'); '' -> () meaning any view."""
+def parse_views(views: Sequence[str]) -> tuple:
+  """('ap', 'PA') -> ('AP', 'PA'); () means any view."""
   if isinstance(views, str):
-    views = views.split(",")
+    raise MedjaxError(f"views={views!r}: give a tuple of view names, e.g. ('AP', 'PA')")
   return tuple(v.strip().upper() for v in views if v and v.strip())
 
 

@@ -26,10 +26,12 @@ CROP_MODES = ("center", "random")
 _AUTO = "auto"
 
 
-def _names(value: Any) -> List[str]:
-  if isinstance(value, str):
-    return [v.strip() for v in value.split(",") if v.strip()]
-  return [str(v) for v in value]
+def _splits(names: Any, key: str) -> tuple[str, ...]:
+  """`config.data.<key>`: a tuple of split names, each checked."""
+  if isinstance(names, str) or any(n not in splits_lib.SPLITS for n in names):
+    raise MedjaxError(f"config.data.{key}={names!r}: expected a tuple of split names from "
+                      f"{splits_lib.SPLITS}")
+  return tuple(names)
 
 
 def select_records(config: Any, split: str) -> records_lib.DataIndex:
@@ -56,7 +58,7 @@ def select_records(config: Any, split: str) -> records_lib.DataIndex:
   s = config.split
   records = splits_lib.split_records(records, split, mode=s.mode, fractions=s.fractions,
                                      sizes=s.sizes, seed=s.seed, class_names=class_names)
-  if split in _names(config.per_class_splits):
+  if split in _splits(config.per_class_splits, "per_class_splits"):
     records = selection.per_class(records, int(config.per_class), s.seed, class_names,
                                   f"{where}, split {split!r}")
   if not records:
@@ -293,7 +295,8 @@ def make_dataset(config: Any, split: str, batch_size: int, seed: int = 0, resolu
   process_index, process_count = _process(process_index, process_count)
   index = select_records(config, split)
   p = config.pipeline
-  shuffle = split in _names(p.shuffle_splits) if shuffle is None else shuffle
+  if shuffle is None:
+    shuffle = split in _splits(p.shuffle_splits, "pipeline.shuffle_splits")
   num_epochs = (None if shuffle else 1) if num_epochs == _AUTO else num_epochs
   drop_remainder = shuffle if drop_remainder is None else drop_remainder
 

@@ -44,7 +44,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.pretrained = ""  # diffusers dir; '' = embedded tiny SD
   c.model.embedded_seed = 0
   c.model.train_workdir = ""  # a medjax training workdir: use its trained pipeline instead
-  c.model.embeddings = ""  # ';'-separated textual-inversion files to load (diffusers or A1111)
+  c.model.embeddings = ()  # textual-inversion files to load (diffusers or A1111)
 
   c.data = data_config()
   c.positive_class = "pleural_effusion"  # the class scored as positive in AUCs
@@ -63,7 +63,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.classifier.batch_size = 8
   c.classifier.progress = False
   c.repeats = 2  # paper A: 5
-  c.settings = "real,real+synthetic,synthetic"  # paper A's three training sets
+  c.settings = ("real", "real+synthetic", "synthetic")  # paper A's three training sets
 
   c.fid = ml_collections.ConfigDict()
   c.fid.weights = ""  # pytorch-fid's pt_inception-2015-12-05-*.pth; '' = the usual places
@@ -86,8 +86,9 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 CLASSES = {
-    "cxr": ("pleural_effusion", "pleural_effusion: Pleural Effusion=1; no_finding: No Finding=1"),
-    "mri": ("diseased", "diseased: csPCa=1; healthy: csPCa=0"),
+    "cxr": ("pleural_effusion", (("pleural_effusion", {"Pleural Effusion": 1}),
+                                 ("no_finding", {"No Finding": 1}))),
+    "mri": ("diseased", (("diseased", {"csPCa": 1}), ("healthy", {"csPCa": 0}))),
 }
 
 
@@ -173,8 +174,7 @@ def load_model(config: Any):
     sd = StableDiffusion.from_pretrained(m.pretrained)
   else:
     sd = StableDiffusion.embedded(seed=m.embedded_seed)
-  files = [p.strip() for p in m.embeddings.split(";") if p.strip()]
-  return sd.load_embeddings(files) if files else sd
+  return sd.load_embeddings(list(m.embeddings)) if m.embeddings else sd
 
 
 def class_prompts(config: Any, class_names) -> dict[str, str]:
@@ -320,7 +320,7 @@ def paper_a(config: Any, workdir: Path) -> dict:
           "real+synthetic": Split(np.concatenate([train.images, synth.images]),
                                   np.concatenate([train.labels, synth.labels]),
                                   train.class_names)}
-  settings = [s.strip() for s in config.settings.split(",") if s.strip()]
+  settings = list(config.settings)
   unknown = [s for s in settings if s not in sets]
   if unknown:
     raise MedjaxError(f"config.settings: unknown {unknown}; expected {list(sets)}")

@@ -50,7 +50,7 @@ def folder_root(tmp_path):
 def test_batch_format_and_values(folder_root):
   config = phantom_config()
   config.source, config.root = "folder", str(folder_root)
-  config.classes = "clear: clear=1; effusion: effusion=1"
+  config.classes = (("clear", {"clear": 1}), ("effusion", {"effusion": 1}))
   config.prompt.kind = "class"
   batches = list(dataset(config, "train", 3, shuffle=False, num_epochs=1, drop_remainder=False))
   assert [len(b["key"]) for b in batches] == [3, 3, 3, 1]

@@ -86,7 +86,7 @@ def test_bad_protocol_inputs(tmp_path):
   with pytest.raises(MedjaxError, match="paper_c"):
     protocols.run_protocol(config, tmp_path)
   config = load_config("eval_paper_a_mri")
-  config.settings = "real,imaginary"
+  config.settings = ("real", "imaginary")
   config.data.split.sizes = (2, 2, 2)
   with pytest.raises(MedjaxError, match="one class only|imaginary"):
     protocols.run_protocol(tiny(config), tmp_path)
