@@ -39,6 +39,7 @@ setup(
         # scikit-learn and scikit-image are the references.
         "test": [
             "pytest>=8.0",
+            "ruff>=0.6",  # lint: ruff check medjax configs launch (ruff.toml)
             "torch==2.14.1",
             "torchvision==0.29.1",
             "diffusers>=0.42",

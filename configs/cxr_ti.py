@@ -15,7 +15,6 @@ from medjax.config_args import ArgSpec
 from medjax.train_config import base_config
 from medjax.train_config import ti_paper_scale
 
-
 ARG = ArgSpec(flags=("paper",), settings={"vectors": 64})  # paper A: 64 vectors were needed
 
 

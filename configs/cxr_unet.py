@@ -15,7 +15,6 @@ from medjax.train_config import base_config
 from medjax.train_config import prior_preservation
 from medjax.train_config import unet_paper_scale
 
-
 ARG = ArgSpec(flags=("paper", "prior", "mimic", "text_encoder"))
 
 

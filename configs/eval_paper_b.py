@@ -3,7 +3,8 @@ r"""Paper B's chest X-ray evaluation: VAE reconstruction table and a classifier 
   python -m medjax.evaluate --config=configs/eval_paper_b.py --workdir=/tmp/eval_b
   python -m medjax.evaluate --config=configs/eval_paper_b.py:paper --workdir=... \
       --config.model.train_workdir=/runs/cxr_unet   (a fine-tuned U-Net; or model.pretrained) \
-      --config.data.root=/path/to/CheXpert-v1.0 --config.fid.weights=... --config.fid.allow_pickle=True
+      --config.data.root=/path/to/CheXpert-v1.0 --config.fid.weights=... \
+      --config.fid.allow_pickle=True
   The protocol: 512 x 512 frontal CXRs in CheXpert's own splits; RMSE / PSNR / SSIM / MS-SSIM and
   FID of the VAE's reconstructions; a DenseNet-121 trained on real images scores generated
   images per prompt class (paper: ~95% accuracy, AUC ~0.98 for pleural effusion with the best
@@ -13,7 +14,6 @@ r"""Paper B's chest X-ray evaluation: VAE reconstruction table and a classifier 
 from medjax.config_args import ArgSpec
 from medjax.eval.protocols import paper_scale
 from medjax.eval.protocols import protocol_config
-
 
 ARG = ArgSpec(flags=("paper",))
 

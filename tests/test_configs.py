@@ -94,12 +94,12 @@ def test_list_keys_take_tuples_from_the_command_line():
   config = _parse_command_line(
       "--config=configs/cxr_ti.py", "--config.sample.prompts=('a chest x-ray', 'a <lung>')",
       "--config.textual_inversion.tokens=(('<lung>', 'lung'),)",
-      """--config.data.classes=(("effusion", {"Pleural Effusion": 1}), ("rest", {"No Finding": 1}))""",
+      """--config.data.classes=(("pe", {"Pleural Effusion": 1}), ("no", {"No Finding": 1}))""",
       "--config.data.per_class_splits=val", "--config.data.pipeline.shuffle_splits=train",
       "--config.data.pipeline.shuffle_splits=val", "--config.data.mimic.views=()")
   assert config.sample.prompts == ("a chest x-ray", "a <lung>")
   assert config.textual_inversion.tokens == (("<lung>", "lung"),)
-  assert config.data.classes == (("effusion", {"Pleural Effusion": 1}), ("rest", {"No Finding": 1}))
+  assert config.data.classes == (("pe", {"Pleural Effusion": 1}), ("no", {"No Finding": 1}))
   assert config.data.per_class_splits == ("val",)  # one value: no tuple syntax needed
   assert config.data.pipeline.shuffle_splits == ("train", "val")  # a repeated flag
   assert config.data.mimic.views == ()
