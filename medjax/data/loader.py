@@ -5,11 +5,14 @@ crops use grain's per-index RNG. The returned iterator's `get_state()` / `set_st
 exactly where it stopped, including inside an epoch and with worker processes.
 """
 import dataclasses
-import logging
-from typing import Any, Dict, List, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import grain
 import numpy as np
+from absl import flags
+from absl import logging
+from PIL import Image
 
 from medjax.data import phantoms
 from medjax.data import picai
@@ -75,7 +78,6 @@ class BadFile:
 
 
 def _lanczos(image: np.ndarray, height: int, width: int) -> np.ndarray:
-  from PIL import Image  # pylint: disable=import-outside-toplevel
   if image.shape[:2] == (height, width):
     return image
   channels = [
@@ -85,7 +87,7 @@ def _lanczos(image: np.ndarray, height: int, width: int) -> np.ndarray:
 
 
 def resize_to(image: np.ndarray, resolution: int, *, mode: str = "crop", crop: str = "center",
-              rng: Optional[np.random.Generator] = None) -> np.ndarray:
+              rng: np.random.Generator | None = None) -> np.ndarray:
   """(H, W, C) in [0, 1] -> (resolution, resolution, C) with Lanczos resampling.
 
   'crop' scales the shorter side to `resolution` and crops the longer one (centre or random),
@@ -116,7 +118,7 @@ class LoadExample:
   """record -> example dict (or BadFile); runs in grain's threads / worker processes."""
 
   def __init__(self, *, resolution: int, label_names: Sequence[str], class_names: Sequence[str],
-               prompt_config: Dict[str, Any], resize: str, crop: str, flip: bool,
+               prompt_config: dict[str, Any], resize: str, crop: str, flip: bool,
                cache_dir: str = ""):
     if resize not in RESIZE_MODES:
       raise MedjaxError(f"config.data.pipeline.resize={resize!r}: expected one of {RESIZE_MODES}")
@@ -173,7 +175,7 @@ class LoadExample:
     }
 
 
-def _stack(elements: List[Dict[str, Any]]) -> Dict[str, np.ndarray]:
+def _stack(elements: list[dict[str, Any]]) -> dict[str, np.ndarray]:
   return {
       "image": np.stack([e["image"] for e in elements]),
       "prompt": np.array([e["prompt"] for e in elements], dtype=np.str_),
@@ -214,7 +216,7 @@ class DataIterator(grain.DatasetIterator):
     more = f"\n  ... and {len(self.skipped) - 20} more" if len(self.skipped) > 20 else ""
     return f"skipped {self.num_skipped} bad file(s):\n  {lines}{more}"
 
-  def __next__(self) -> Dict[str, np.ndarray]:
+  def __next__(self) -> dict[str, np.ndarray]:
     elements = []
     while len(elements) < self.batch_size:
       try:
@@ -236,10 +238,10 @@ class DataIterator(grain.DatasetIterator):
       elements.append(element)
     return _stack(elements)
 
-  def get_state(self) -> Dict[str, Any]:
+  def get_state(self) -> dict[str, Any]:
     return {"parent": self._parent.get_state(), "read_skips": self._read_skips}
 
-  def set_state(self, state: Dict[str, Any]) -> None:
+  def set_state(self, state: dict[str, Any]) -> None:
     self._parent.set_state(state["parent"])
     self._read_skips = int(state.get("read_skips", 0))
 
@@ -254,8 +256,9 @@ class _BatchDataset(grain.IterDataset):
     return DataIterator(iter(self._parent), **self.options)
 
 
-def _process(process_index: Optional[int], process_count: Optional[int]):
+def _process(process_index: int | None, process_count: int | None):
   if process_index is None or process_count is None:
+    # Here, not at the top: `import medjax.data` (and grain's workers) stay free of jax.
     import jax  # pylint: disable=import-outside-toplevel
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
@@ -265,9 +268,9 @@ def _process(process_index: Optional[int], process_count: Optional[int]):
 
 
 def make_dataset(config: Any, split: str, batch_size: int, seed: int = 0, resolution: int = 512,
-                 process_index: Optional[int] = None, process_count: Optional[int] = None, *,
-                 num_epochs: Any = _AUTO, shuffle: Optional[bool] = None,
-                 drop_remainder: Optional[bool] = None) -> DataIterator:
+                 process_index: int | None = None, process_count: int | None = None, *,
+                 num_epochs: Any = _AUTO, shuffle: bool | None = None,
+                 drop_remainder: bool | None = None) -> DataIterator:
   """A checkpointable iterator of batches for this process.
 
   Args:
@@ -327,7 +330,6 @@ def make_dataset(config: Any, split: str, batch_size: int, seed: int = 0, resolu
   iter_dataset = dataset.to_iter_dataset(grain.ReadOptions(
       num_threads=int(p.read_threads), prefetch_buffer_size=int(p.prefetch)))
   if int(p.worker_count) > 0:
-    from absl import flags  # pylint: disable=import-outside-toplevel
     if not flags.FLAGS.is_parsed():
       # grain's workers read its absl flags; outside absl.app (scripts, notebooks, pytest)
       # nothing parsed them, so use their defaults instead of failing in the worker.

@@ -7,14 +7,15 @@ A record belongs to the first class whose conditions its labels meet (an unknown
 meets none); records of no class are dropped when classes are configured.
 """
 import dataclasses
-from typing import Any, Dict, List, Mapping, Sequence, Tuple
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
 from medjax.data.records import Record
 from medjax.errors import MedjaxError
 
-ClassSpec = List[Tuple[str, List[Tuple[str, float]]]]
+ClassSpec = list[tuple[str, list[tuple[str, float]]]]
 
 
 def _conditions(name: str, conditions: Any) -> list[tuple[str, float]]:
@@ -48,7 +49,7 @@ def parse_classes(spec: Any) -> ClassSpec:
 
 
 def assign_classes(records: Sequence[Record], classes: ClassSpec,
-                   label_names: Sequence[str]) -> List[Record]:
+                   label_names: Sequence[str]) -> list[Record]:
   """Sets `class_index` on matching records and drops the rest (no-op without classes)."""
   if not classes:
     return list(records)
@@ -67,7 +68,7 @@ def assign_classes(records: Sequence[Record], classes: ClassSpec,
 
 
 def per_class(records: Sequence[Record], count: int, seed: int, class_names: Sequence[str],
-              where: str) -> List[Record]:
+              where: str) -> list[Record]:
   """A seeded choice of exactly `count` records per class, in a stable order.
 
   Raises:
@@ -75,7 +76,7 @@ def per_class(records: Sequence[Record], count: int, seed: int, class_names: Seq
   """
   if count <= 0:
     return list(records)
-  groups: Dict[int, List[Record]] = {}
+  groups: dict[int, list[Record]] = {}
   for record in sorted(records, key=lambda r: r.key):
     groups.setdefault(record.class_index, []).append(record)
   out = []
@@ -93,7 +94,7 @@ def per_class(records: Sequence[Record], count: int, seed: int, class_names: Seq
 
 
 def class_counts(records: Sequence[Record], class_names: Sequence[str]) -> Mapping[str, int]:
-  counts: Dict[str, int] = {}
+  counts: dict[str, int] = {}
   for record in records:
     name = class_names[record.class_index] if record.class_index >= 0 else "(all)"
     counts[name] = counts.get(name, 0) + 1
