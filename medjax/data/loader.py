@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import grain
+import jax
 import numpy as np
 from absl import flags
 from absl import logging
@@ -258,8 +259,6 @@ class _BatchDataset(grain.IterDataset):
 
 def _process(process_index: int | None, process_count: int | None):
   if process_index is None or process_count is None:
-    # Here, not at the top: `import medjax.data` (and grain's workers) stay free of jax.
-    import jax  # pylint: disable=import-outside-toplevel
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
   if not 0 <= process_index < process_count:
