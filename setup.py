@@ -41,6 +41,7 @@ setup(
             "pytest>=8.0",
             "ftfy>=6.1",  # open_clip's SimpleTokenizer (the tokenizer oracle) imports ftfy and regex
             "regex>=2023.0",
+            "ruff>=0.6",  # lint: ruff check medjax configs launch (ruff.toml)
             "torch==2.14.1",
             "torchvision==0.29.1",
             "diffusers>=0.42",

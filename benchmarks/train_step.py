@@ -169,7 +169,7 @@ def run_jax(args) -> dict:
   config.weight_decay, config.adam_eps = WEIGHT_DECAY, EPS
   config.model.pretrained = "" if args.configs == "tiny" else args.path
   if kind == "ti":
-    config.textual_inversion.tokens = f"{TOKEN}={INIT_WORD}"
+    config.textual_inversion.tokens = ((TOKEN, INIT_WORD),)
     config.textual_inversion.num_vectors = n
     config.max_grad_norm = 0.0  # diffusers' textual_inversion.py does not clip
   else:

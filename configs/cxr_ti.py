@@ -11,24 +11,29 @@ r"""Chest X-ray textual inversion (paper A, de Wilde et al.): one 64-vector toke
   (AUTOMATIC1111) per token; use them with `python -m medjax.sample --embeddings=...`.
   Arg options: paper, vectors=N (e.g. vectors=8 for the ablation).
 """
+from medjax.config_args import ArgSpec
 from medjax.train_config import base_config
 from medjax.train_config import ti_paper_scale
 
+ARG = ArgSpec(flags=("paper",), settings={"vectors": 64})  # paper A: 64 vectors were needed
+
 
 def get_config(arg: str = ""):
-  opts = dict(o.partition("=")[::2] for o in filter(None, (arg or "").split(",")))
+  opts = ARG.parse(arg, __file__)
   c = base_config()
   c.objective = "textual_inversion"
-  c.textual_inversion.tokens = "<effusion>=pleural effusion; <healthy-cxr>=normal chest"
-  c.textual_inversion.num_vectors = int(opts.get("vectors", 64))  # paper A: 64 were needed
+  c.textual_inversion.tokens = (("<effusion>", "pleural effusion"),
+                                ("<healthy-cxr>", "normal chest"))
+  c.textual_inversion.num_vectors = opts.vectors
   c.data.phantoms.kind = "cxr"
-  c.data.classes = "pleural_effusion: Pleural Effusion=1; no_finding: No Finding=1"
+  c.data.classes = (("pleural_effusion", {"Pleural Effusion": 1}),
+                   ("no_finding", {"No Finding": 1}))
   c.data.prompt.kind = "class"
   c.data.prompt.class_prompts = {"pleural_effusion": "a chest x-ray with <effusion>",
                                  "no_finding": "a chest x-ray with <healthy-cxr>"}
   c.learning_rate = 5e-3  # AUTOMATIC1111's default embedding learning rate
   c.weight_decay = 0.0  # never on embeddings (objectives masks it anyway)
   c.max_grad_norm = 0.0
-  if "paper" in opts:
+  if opts.paper:
     ti_paper_scale(c, "chexpert", total_steps=50_000)  # 100k for prostate MRI
   return c

@@ -3,21 +3,27 @@ r"""Paper B's chest X-ray evaluation: VAE reconstruction table and a classifier 
   python -m medjax.evaluate --config=configs/eval_paper_b.py --workdir=/tmp/eval_b
   python -m medjax.evaluate --config=configs/eval_paper_b.py:paper --workdir=... \
       --config.model.train_workdir=/runs/cxr_unet   (a fine-tuned U-Net; or model.pretrained) \
-      --config.data.root=/path/to/CheXpert-v1.0 --config.fid.weights=... --config.fid.allow_pickle=True
+      --config.data.root=/path/to/CheXpert-v1.0 --config.fid.weights=... \
+      --config.fid.allow_pickle=True
   The protocol: 512 x 512 frontal CXRs in CheXpert's own splits; RMSE / PSNR / SSIM / MS-SSIM and
   FID of the VAE's reconstructions; a DenseNet-121 trained on real images scores generated
   images per prompt class (paper: ~95% accuracy, AUC ~0.98 for pleural effusion with the best
   fine-tuned U-Net); sampling as RoentGen: 75 PNDM steps, guidance 4.
+  Arg options: paper (the protocol at the papers' scale).
 """
+from medjax.config_args import ArgSpec
 from medjax.eval.protocols import paper_scale
 from medjax.eval.protocols import protocol_config
 
+ARG = ArgSpec(flags=("paper",))
+
 
 def get_config(arg: str = ""):
+  paper = ARG.parse(arg, __file__).paper
   c = protocol_config("paper_b", "cxr", {
       "pleural_effusion": "a chest x-ray with pleural effusion",
       "no_finding": "a chest x-ray with no finding"})
-  if "paper" not in (arg or ""):
+  if not paper:
     return c
   c = paper_scale(c, "chexpert")
   c.data.split.mode = "source"

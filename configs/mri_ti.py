@@ -10,25 +10,28 @@ r"""Prostate MRI textual inversion (paper A on PI-CAI): T2W/ADC/HBV as RGB, slic
       to 3 x 0.5 x 0.5 mm, 30 x 300 x 300 centre crop, 512 px Lanczos, 64 vectors, 100k steps.
   Arg options: paper, vectors=N.
 """
+from medjax.config_args import ArgSpec
 from medjax.train_config import base_config
 from medjax.train_config import ti_paper_scale
 
+ARG = ArgSpec(flags=("paper",), settings={"vectors": 64})  # paper A: 64 vectors were needed
+
 
 def get_config(arg: str = ""):
-  opts = dict(o.partition("=")[::2] for o in filter(None, (arg or "").split(",")))
+  opts = ARG.parse(arg, __file__)
   c = base_config()
   c.objective = "textual_inversion"
-  c.textual_inversion.tokens = "<cspca>=prostate cancer; <healthy-prostate>=prostate"
-  c.textual_inversion.num_vectors = int(opts.get("vectors", 64))
+  c.textual_inversion.tokens = (("<cspca>", "prostate cancer"), ("<healthy-prostate>", "prostate"))
+  c.textual_inversion.num_vectors = opts.vectors
   c.data.phantoms.kind = "mri"
-  c.data.classes = "diseased: csPCa=1; healthy: csPCa=0"
+  c.data.classes = (("diseased", {"csPCa": 1}), ("healthy", {"csPCa": 0}))
   c.data.prompt.kind = "class"
   c.data.prompt.class_prompts = {"diseased": "a prostate mri with <cspca>",
                                  "healthy": "a prostate mri with <healthy-prostate>"}
-  c.sample.prompts = "a prostate mri with <cspca>; a prostate mri with <healthy-prostate>"
+  c.sample.prompts = ("a prostate mri with <cspca>", "a prostate mri with <healthy-prostate>")
   c.learning_rate = 5e-3
   c.weight_decay = 0.0
   c.max_grad_norm = 0.0
-  if "paper" in opts:
+  if opts.paper:
     ti_paper_scale(c, "picai", total_steps=100_000)
   return c

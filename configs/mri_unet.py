@@ -8,26 +8,29 @@ r"""Prostate MRI U-Net fine-tuning on PI-CAI slices, prompts from the slice's cs
       --config.data.picai.cache_dir=/path/to/cache
   Arg options: paper, prior (prior preservation with 'a prostate mri' class images).
 """
+from medjax.config_args import ArgSpec
 from medjax.train_config import base_config
 from medjax.train_config import prior_preservation
 from medjax.train_config import unet_paper_scale
 
+ARG = ArgSpec(flags=("paper", "prior"))
+
 
 def get_config(arg: str = ""):
-  opts = set(filter(None, (arg or "").split(",")))
+  opts = ARG.parse(arg, __file__)
   c = base_config()
   c.objective = "unet"
   c.data.phantoms.kind = "mri"
-  c.data.classes = "diseased: csPCa=1; healthy: csPCa=0"
+  c.data.classes = (("diseased", {"csPCa": 1}), ("healthy", {"csPCa": 0}))
   c.data.prompt.kind = "class"
   c.data.prompt.class_prompts = {
       "diseased": "a prostate mri with clinically significant prostate cancer",
       "healthy": "a prostate mri with no lesion"}
-  c.sample.prompts = ("a prostate mri with clinically significant prostate cancer; "
+  c.sample.prompts = ("a prostate mri with clinically significant prostate cancer",
                       "a prostate mri with no lesion")
   c.learning_rate = 1e-4
-  if "paper" in opts:
+  if opts.paper:
     unet_paper_scale(c, "picai")
-  if "prior" in opts:
-    prior_preservation(c, "a prostate mri", paper="paper" in opts)
+  if opts.prior:
+    prior_preservation(c, "a prostate mri", paper=opts.paper)
   return c

@@ -155,7 +155,8 @@ def parse_sets(items: Sequence[str] | None) -> list[tuple[str, Any]]:
 def expand(grid: Sequence[tuple[str, Sequence[Any]]]) -> list[list[tuple[str, Any]]]:
   """The Cartesian product, last key varying fastest: [[(k1, v), (k2, w)], ...]."""
   keys = [k for k, _ in grid]
-  return [list(zip(keys, combo)) for combo in itertools.product(*(vs for _, vs in grid))]
+  combos = itertools.product(*(vs for _, vs in grid))
+  return [list(zip(keys, combo, strict=True)) for combo in combos]
 
 
 def sanitize(text: str) -> str:
@@ -172,7 +173,7 @@ def run_name(point: Sequence[tuple[str, Any]], keys: Sequence[str]) -> str:
   if not point:
     return "run"
   last = [k.rsplit(".", 1)[-1] for k in keys]
-  short = {k: (s if last.count(s) == 1 else k) for k, s in zip(keys, last)}
+  short = {k: (s if last.count(s) == 1 else k) for k, s in zip(keys, last, strict=True)}
   return sanitize(",".join(f"{short[k]}={format_value(v)}" for k, v in point))
 
 
@@ -261,11 +262,14 @@ def slurm_script(runs: Sequence[Run], config: str, prefix: Sequence[str], *, nod
   head += [f"#SBATCH --partition={partition}"] if partition else []
   head += [f"#SBATCH --time={time_limit}"] if time_limit else []
   head += [f"#SBATCH {e if e.startswith('-') else '--' + e}" for e in extra]
-  body = ["set -euo pipefail", "", GPU_ENV, 'case "${SLURM_ARRAY_TASK_ID:?not a job array task}" in']
+  body = ["set -euo pipefail", "", GPU_ENV,
+          'case "${SLURM_ARRAY_TASK_ID:?not a job array task}" in']
   for i, r in enumerate(runs):
-    body.append(f"  {i}) ARGS=({' '.join(shlex.quote(a) for a in r.args(config))}) ;;  # {r.name}")
+    args = " ".join(shlex.quote(a) for a in r.args(config))
+    body.append(f"  {i}) ARGS=({args}) ;;  # {r.name}")
   body += ['  *) echo "sweep: no run for array task $SLURM_ARRAY_TASK_ID" >&2; exit 1 ;;', "esac",
-           'echo "sweep task $SLURM_ARRAY_TASK_ID on ${SLURM_JOB_NUM_NODES:-1} node(s): ${ARGS[*]}"',
+           'echo "sweep task $SLURM_ARRAY_TASK_ID on ${SLURM_JOB_NUM_NODES:-1} node(s): '
+           '${ARGS[*]}"',
            f'srun --kill-on-bad-exit=1 {shlex.join(prefix)} "${{ARGS[@]}}"', ""]
   return "\n".join(head + [""] + body)
 

@@ -15,7 +15,7 @@ from absl import logging
 
 from medjax import sample_files
 from medjax import sharding
-from medjax.data import pipeline as data_pipeline
+from medjax.data import loader as data_loader
 from medjax.data import read_image
 from medjax.errors import MedjaxError
 from medjax.images import rgb_in_unit_range
@@ -105,7 +105,7 @@ def make_prior_images(config: Any, run: Any, generator: Callable[[], StableDiffu
     files = sorted(folder.glob("*.png"))
   if not files:
     raise MedjaxError(f"config.prior.class_images_dir={str(folder)!r}: no PNG/JPEG images")
-  images = np.stack([data_pipeline.resize_to(rgb_in_unit_range(read_image(f)), config.resolution)
+  images = np.stack([data_loader.resize_to(rgb_in_unit_range(read_image(f)), config.resolution)
                      for f in files]) * 2 - 1
   moments = []
   n = sharding.data_parallel_size(run.mesh)

@@ -1,15 +1,16 @@
 """The base train config: every key a run may set, with defaults for the embedded tiny model.
 
 Config files under `configs/` start from `base_config()` and change values; a key that is not
-here is an error (`check_config`), as is an override of an unknown key on the command line.
+here is an error (`check_train_config`), as is an override of an unknown key on the command line.
 """
 from typing import Any
 
 import ml_collections
 
 from medjax import sharding
-from medjax.data.config import default_config as data_config
+from medjax.data.defaults import default_config as data_config
 from medjax.errors import MedjaxError
+from medjax.validation import check_known_keys
 
 # Keys that may differ between a run and the checkpoints in its workdir (they don't change what
 # the steps compute): a resumed run may extend total_steps or log/save at other intervals.
@@ -54,7 +55,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.allow_config_change = False  # resume a workdir whose checkpoints came from another config
 
   c.sample = ml_collections.ConfigDict()
-  c.sample.prompts = ""  # ';'-separated; '' = one per class prompt of the data config
+  c.sample.prompts = ()  # a tuple of prompts; () = one per class prompt of the data config
   c.sample.num_per_prompt = 2
   c.sample.num_inference_steps = 20
   c.sample.guidance_scale = 7.5
@@ -72,9 +73,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.embedded_seed = 0  # seed of the embedded tiny model's random weights
 
   c.textual_inversion = ml_collections.ConfigDict()
-  # '<token>=initializer words; <token2>=...': each token gets num_vectors rows, initialised
+  # (('<token>', 'initializer words'), ...): each token gets num_vectors rows, initialised
   # from the embeddings of the words' tokens (cycled).
-  c.textual_inversion.tokens = ""
+  c.textual_inversion.tokens = ()
   c.textual_inversion.num_vectors = 64
 
   c.unet = ml_collections.ConfigDict()
@@ -136,20 +137,15 @@ def prior_preservation(c: ml_collections.ConfigDict, class_prompt: str,
   return c
 
 
-def check_config(config: Any, base: ml_collections.ConfigDict | None = None,
-                 free_maps=FREE_MAPS) -> None:
-  """Unknown keys (typos) are errors naming the key and its closest known neighbours."""
+def check_train_config(config: Any, base: ml_collections.ConfigDict | None = None,
+                       free_maps=FREE_MAPS) -> None:
+  """Unknown keys (typos) are errors naming the key, where it is, and the known keys there."""
   base = base_config() if base is None else base
 
   def walk(cfg, ref, prefix):
+    check_known_keys(cfg.keys(), ref.keys(), f"config.{prefix[:-1]}" if prefix else "config")
     for key in cfg:
       name = f"{prefix}{key}"
-      if key not in ref:
-        import difflib  # pylint: disable=g-import-not-at-top
-        near = difflib.get_close_matches(key, list(ref.keys()), n=3)
-        raise MedjaxError(f"config: unknown key {name!r}" +
-                          (f" (did you mean {', '.join(prefix + n for n in near)}?)"
-                           if near else ""))
       if name in free_maps:
         continue
       sub, sub_ref = cfg[key], ref[key]

@@ -39,18 +39,20 @@ DTYPES = {"fp32": jnp.float32, "bf16": jnp.bfloat16}
 
 # -- building blocks -------------------------------------------------------------------------------
 
-def parse_tokens(spec: str) -> list[tuple[str, str]]:
-  """'<a>=words a; <b>=words b' -> [('<a>', 'words a'), ('<b>', 'words b')]."""
+def parse_tokens(pairs) -> list[tuple[str, str]]:
+  """(('<a>', 'words a'), ('<b>', 'words b')) checked -> [('<a>', 'words a'), ...]."""
   out = []
-  for part in filter(None, (p.strip() for p in str(spec).split(";"))):
-    token, sep, words = part.partition("=")
-    if not sep or not token.strip() or not words.strip():
-      raise MedjaxError(f"config.textual_inversion.tokens: {part!r} is not '<token>=init words'")
-    if token.strip() in [t for t, _ in out]:
-      raise MedjaxError(f"config.textual_inversion.tokens: {token.strip()!r} is given twice")
-    out.append((token.strip(), words.strip()))
+  for pair in pairs if not isinstance(pairs, str) else [pairs]:
+    if (not isinstance(pair, (list, tuple)) or len(pair) != 2
+        or not all(isinstance(x, str) and x.strip() for x in pair)):
+      raise MedjaxError(f"config.textual_inversion.tokens: {pair!r} is not a "
+                        "('<token>', 'init words') pair")
+    if pair[0].strip() in [t for t, _ in out]:
+      raise MedjaxError(f"config.textual_inversion.tokens: {pair[0].strip()!r} is given twice")
+    out.append((pair[0].strip(), pair[1].strip()))
   if not out:
-    raise MedjaxError("config.textual_inversion.tokens is empty: give '<token>=init words'")
+    raise MedjaxError("config.textual_inversion.tokens is empty: give ('<token>', 'init words') "
+                      "pairs")
   return out
 
 
@@ -197,7 +199,7 @@ def trained_pipeline(run: Setup, state: objectives.TrainState, *, ema: bool = Tr
 
 def sample_prompts(config: Any) -> list[str]:
   if config.sample.prompts:
-    return [p.strip() for p in config.sample.prompts.split(";") if p.strip()]
+    return list(config.sample.prompts)
   prompts = config.data.prompt
   if prompts.kind == "class" or config.objective == "textual_inversion":
     texts = list(dict(prompts.class_prompts).values())
@@ -292,7 +294,7 @@ def write_config(config: Any, workdir: Path) -> None:
 
 
 def check_run_config(config: Any) -> None:
-  train_config.check_config(config)
+  train_config.check_train_config(config)
   if config.cache_latents and (config.data.pipeline.flip or config.data.pipeline.crop != "center"):
     raise MedjaxError("config.cache_latents needs a deterministic pipeline: set "
                       "data.pipeline.flip=False and data.pipeline.crop='center'")

@@ -89,14 +89,14 @@ def test_bad_sets():
 
 def test_print_mode_commands_parse_back():
   proc = _sweep(f"--config={CONFIG}", "--workdir_root=/runs/ti dir", f"--grid={GRID}",
-                "--set", "sample.prompts=a chest x-ray; a <lung>", "--set=remat=True")
+                "--set", "sample.prompts=('a chest x-ray', 'a <lung>')", "--set=remat=True")
   assert proc.returncode == 0, proc.stderr
   lines = proc.stdout.splitlines()
   assert len(lines) == 4
   assert shlex.split(lines[0]) == [
       "python", "-m", "medjax.train", f"--config={CONFIG}",
       "--workdir=/runs/ti dir/learning_rate=0.001,num_vectors=8",
-      "--config.sample.prompts=a chest x-ray; a <lung>", "--config.remat=True",
+      "--config.sample.prompts=('a chest x-ray', 'a <lung>')", "--config.remat=True",
       "--config.learning_rate=0.001", "--config.textual_inversion.num_vectors=8"]
   assert shlex.split(lines[3])[-2:] == ["--config.learning_rate=0.005",
                                         "--config.textual_inversion.num_vectors=64"]

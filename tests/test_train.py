@@ -162,7 +162,7 @@ def test_fsdp_rules_shard_and_fall_back():
 
 def test_bad_inputs():
   with pytest.raises(MedjaxError, match="unknown key 'learning_rat'"):
-    train_config.check_config(_with_extra_key())
+    train_config.check_train_config(_with_extra_key())
   with pytest.raises(MedjaxError, match="only 1 are available"):
     sharding.make_mesh(16, 1)
   with pytest.raises(MedjaxError, match="not divisible"):
@@ -171,11 +171,13 @@ def test_bad_inputs():
   in_vocab = next(k for k in sd.tokenizer.get_vocab() if k.isalpha() and len(k) > 3)
   with pytest.raises(MedjaxError, match="already in the tokenizer vocabulary"):
     trainer.build_model(tiny_config("textual_inversion",
-                                    **{"textual_inversion.tokens": f"{in_vocab}=chest"}))
+                                  **{"textual_inversion.tokens": ((in_vocab, "chest"),)}))
   with pytest.raises(MedjaxError, match="given twice"):
-    trainer.parse_tokens("<a>=chest; <a>=lung")
-  with pytest.raises(MedjaxError, match="'<token>=init words'"):
-    trainer.parse_tokens("<x>")
+    trainer.parse_tokens((("<a>", "chest"), ("<a>", "lung")))
+  with pytest.raises(MedjaxError, match=r"is not a \('<token>', 'init words'\) pair"):
+    trainer.parse_tokens((("<x>",),))
+  with pytest.raises(MedjaxError, match="is empty"):
+    trainer.parse_tokens(())
   with pytest.raises(MedjaxError, match="mixed_precision"):
     trainer.build_model(tiny_config(mixed_precision="fp8"))
 
@@ -246,7 +248,7 @@ def test_configs_load_and_validate(name, arg):
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   config = module.get_config(arg)
-  train_config.check_config(config)
+  train_config.check_train_config(config)
   if "paper" in arg:
     assert config.resolution == 512
   if name.endswith("_ti"):

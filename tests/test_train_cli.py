@@ -178,6 +178,10 @@ def test_same_params_on_every_mesh_and_fsdp_splits_params(tmp_path):
     (["--config={tmp}/no_get_config.py"], "get_config"),
     (["--config=configs/cxr_unet.py", "--config.batch_size=abc"], "batch_size"),
     (["--config=configs/cxr_unet.py", "--config.learning_rat=1"], "learning_rat"),
+    (["--config=configs/cxr_unet.py", "--config.data.sourc=x"],
+     "--config.data: unknown key 'sourc'; known: check_files"),
+    (["--config=configs/cxr_ti.py:papr"],
+     "configs/cxr_ti.py: unknown arg 'papr' in 'papr'; accepted: paper, vectors=<int>"),
 ])
 def test_bad_command_lines_fail_with_one_message(tmp_path, args, message):
   workdir = tmp_path / "w"

@@ -16,9 +16,11 @@ def tiny_config(objective: str = "unet", **overrides):
   c.sample.num_per_prompt = 0
   c.sample.num_inference_steps = 2
   c.data.phantoms.num = 24
-  c.data.classes = "pleural_effusion: Pleural Effusion=1; no_finding: No Finding=1"
+  c.data.classes = (("pleural_effusion", {"Pleural Effusion": 1}),
+                   ("no_finding", {"No Finding": 1}))
   if objective == "textual_inversion":
-    c.textual_inversion.tokens = "<effusion>=pleural effusion; <healthy-cxr>=normal chest"
+    c.textual_inversion.tokens = (("<effusion>", "pleural effusion"),
+                                  ("<healthy-cxr>", "normal chest"))
     c.textual_inversion.num_vectors = 4
     c.data.prompt.kind = "class"
     c.data.prompt.class_prompts = {"pleural_effusion": "a chest x-ray with <effusion>",

@@ -19,10 +19,11 @@ Sources (`config.data.source`, root in `config.data.root`):
             masks -> axial slices (R=T2W, G=ADC, B=HBV), labelled by csPCa lesion voxels.
   folder    root/<class>/*.{png,jpg,dcm,nii.gz,mha} (+ optional <name>.txt captions).
 
-Selection: `classes` ('pleural_effusion: Pleural Effusion=1; no_finding: No Finding=1'),
-`per_class` (paper A: 100), patient-level `split` (mode 'random' fractions, 'sizes' e.g.
-200/200/200, or the dataset's own 'source' split). Bad files: `on_bad_file` 'error' raises
-MedjaxError naming the file; 'skip' drops it, counts it (`it.num_skipped`, `it.skip_report()`).
+Selection: `classes` ((('pleural_effusion', {'Pleural Effusion': 1}), ('no_finding',
+{'No Finding': 1}))), `per_class` (paper A: 100), patient-level `split` (mode 'random'
+fractions, 'sizes' e.g. 200/200/200, or the dataset's own 'source' split). Bad files:
+`on_bad_file` 'error' raises MedjaxError naming the file; 'skip' drops it, counts it
+(`it.num_skipped`, `it.skip_report()`).
 
 Lower-level pieces: `read_image(path)` (DICOM, PNG/JPEG 8/16 bit, NIfTI, MHA/MHD/NRRD -> float32
 [0, 1]), `load_chexpert` / `load_mimic` / `load_picai` / `load_folder` (indices of `Record`),
@@ -30,16 +31,16 @@ Lower-level pieces: `read_image(path)` (DICOM, PNG/JPEG 8/16 bit, NIfTI, MHA/MHD
 `python -m medjax.data.make_phantoms --kind=cxr|mri --num=N --out=DIR`.
 """
 from medjax.data.chexpert import load_chexpert
-from medjax.data.config import default_config
+from medjax.data.defaults import default_config
 from medjax.data.folder import load_folder
 from medjax.data.labels import CHEXPERT_LABELS
+from medjax.data.loader import DataIterator
+from medjax.data.loader import make_dataset
+from medjax.data.loader import select_records
 from medjax.data.mimic import load_mimic
 from medjax.data.phantoms import chest_xray
 from medjax.data.phantoms import prostate_mri
 from medjax.data.picai import load_picai
-from medjax.data.pipeline import DataIterator
-from medjax.data.pipeline import make_dataset
-from medjax.data.pipeline import select_records
 from medjax.data.prompts import make_prompt
 from medjax.data.read_image import read_image
 from medjax.data.read_image import read_volume

@@ -5,7 +5,7 @@ paths resolve against the root or its parent, whichever holds the file.
 """
 import os
 import re
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 from medjax.data import labels as labels_lib
 from medjax.data import records as records_lib
@@ -16,7 +16,7 @@ CSV_SPLITS = (("train.csv", "train"), ("valid.csv", "val"), ("test.csv", "test")
 _PATIENT = re.compile(r"(patient\d+)")
 
 
-def _patient_id(path: str) -> Optional[str]:
+def _patient_id(path: str) -> str | None:
   match = _PATIENT.search(path)
   if match:
     return match.group(1)
@@ -32,7 +32,7 @@ class _PathResolver:
     self.check_files = check_files
     self.settled = False
 
-  def __call__(self, relative: str) -> Optional[str]:
+  def __call__(self, relative: str) -> str | None:
     if self.settled and not self.check_files:
       return os.path.join(self.bases[0], relative)
     for i, base in enumerate(self.bases):
@@ -62,10 +62,10 @@ def _csv_directory(root: str) -> str:
   raise MedjaxError(f"{root}: no CheXpert train.csv or valid.csv in this directory")
 
 
-def parse_views(views) -> tuple:
-  """'AP,PA' or ('AP', 'PA') -> ('AP', 'PA'); '' -> () meaning any view."""
+def parse_views(views: Sequence[str]) -> tuple:
+  """('ap', 'PA') -> ('AP', 'PA'); () means any view."""
   if isinstance(views, str):
-    views = views.split(",")
+    raise MedjaxError(f"views={views!r}: give a tuple of view names, e.g. ('AP', 'PA')")
   return tuple(v.strip().upper() for v in views if v and v.strip())
 
 

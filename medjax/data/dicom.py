@@ -5,10 +5,10 @@ RescaleSlope/Intercept -> VOI LUT or window -> presentation (MONOCHROME1 inverte
 is bright in every output. Patient identifiers are never read into messages or outputs.
 """
 import os
-from typing import Optional, Tuple
 
 import numpy as np
 
+from medjax.data.optional import require
 from medjax.errors import MedjaxError
 
 _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
@@ -24,11 +24,11 @@ _NEEDED_KEYWORDS = (
 
 
 def _read_dataset(path: str):
-  import pydicom  # pylint: disable=import-outside-toplevel
-  from pydicom.errors import InvalidDicomError  # pylint: disable=import-outside-toplevel
+  pydicom = require("pydicom", f"{path}: reading a DICOM file")
+  errors = require("pydicom.errors", f"{path}: reading a DICOM file")
   try:
     return pydicom.dcmread(path, specific_tags=list(_NEEDED_KEYWORDS))
-  except InvalidDicomError:
+  except errors.InvalidDicomError:
     pass  # No preamble/'DICM' prefix: many legacy files; retry leniently below.
   except (OSError, EOFError, ValueError, KeyError, TypeError) as e:
     raise MedjaxError(f"{path}: unreadable DICOM file ({type(e).__name__}: {e})") from None
@@ -109,12 +109,11 @@ def _min_max(values: np.ndarray) -> np.ndarray:
   return ((values - lo) / (hi - lo)).astype(np.float32)
 
 
-def _grayscale_to_unit(pixels: np.ndarray, ds, window: Optional[Tuple[float, float]],
+def _grayscale_to_unit(pixels: np.ndarray, ds, window: tuple[float, float] | None,
                        path: str) -> np.ndarray:
-  # pylint: disable-next=import-outside-toplevel
-  from pydicom.pixels import apply_modality_lut, apply_voi_lut
+  pixels_lib = require("pydicom.pixels", f"{path}: reading a DICOM file")
   try:
-    values = apply_modality_lut(pixels, ds)
+    values = pixels_lib.apply_modality_lut(pixels, ds)
   except Exception as e:  # pylint: disable=broad-except
     raise MedjaxError(f"{path}: invalid Modality LUT / rescale attributes ({e})") from None
   if window is not None:
@@ -123,7 +122,8 @@ def _grayscale_to_unit(pixels: np.ndarray, ds, window: Optional[Tuple[float, flo
     item = ds.VOILUTSequence[0]
     bits = int(item.LUTDescriptor[2]) or 16
     try:
-      out = np.asarray(apply_voi_lut(values, ds, prefer_lut=True), np.float64) / (2 ** bits - 1)
+      lut = pixels_lib.apply_voi_lut(values, ds, prefer_lut=True)
+      out = np.asarray(lut, np.float64) / (2 ** bits - 1)
     except Exception as e:  # pylint: disable=broad-except
       raise MedjaxError(f"{path}: invalid VOI LUT Sequence ({e})") from None
     out = np.clip(out, 0.0, 1.0).astype(np.float32)
@@ -138,7 +138,7 @@ def _grayscale_to_unit(pixels: np.ndarray, ds, window: Optional[Tuple[float, flo
   return out
 
 
-def read_dicom(path: str, *, window: Optional[Tuple[float, float]] = None) -> np.ndarray:
+def read_dicom(path: str, *, window: tuple[float, float] | None = None) -> np.ndarray:
   """Returns all frames as float32 in [0, 1]: (F, H, W) or (F, H, W, 3); F = 1 for single frames.
 
   Args:

@@ -4,7 +4,7 @@ Label cells are 1 (positive), 0 (negative), -1 (uncertain) or blank (not mention
 policy decides what uncertain and blank become; 'ignore' leaves the label unknown, so it is
 masked in losses and never matches a class condition.
 """
-from typing import Dict, Mapping, Optional
+from collections.abc import Mapping
 
 from medjax.errors import MedjaxError
 
@@ -17,7 +17,7 @@ UNCERTAINTY_POLICIES = {"ones": 1.0, "zeros": 0.0, "ignore": None}
 BLANK_POLICIES = {"zeros": 0.0, "ignore": None}
 
 
-def _cell_value(cell: str) -> Optional[float]:
+def _cell_value(cell: str) -> float | None:
   try:
     value = float(cell)
   except ValueError:
@@ -34,16 +34,16 @@ def check_policies(uncertainty: str, blank: str, where: str) -> None:
 
 
 def parse_labels(row: Mapping[str, str], *, uncertainty: str, blank: str,
-                 where: str) -> Dict[str, float]:
+                 where: str) -> dict[str, float]:
   """Returns label -> 1.0/0.0 for one CSV row; labels resolved to 'ignore' are left out.
 
   Raises:
     MedjaxError naming `where` (file:line) for a value outside {1, 0, -1, blank}.
   """
-  labels: Dict[str, float] = {}
+  labels: dict[str, float] = {}
   for name in CHEXPERT_LABELS:
     cell = row[name].strip()
-    value: Optional[float]
+    value: float | None
     if not cell:
       value = BLANK_POLICIES[blank]
     else:

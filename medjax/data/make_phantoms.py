@@ -12,15 +12,17 @@ mri: DIR/images/<patient>/<patient>_<study>_{t2w,adc,hbv}.mha,
      DIR/picai_labels/csPCa_lesion_delineations/human_expert/resampled/<patient>_<study>.nii.gz.
 """
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from absl import app
 from absl import flags
+from PIL import Image
 
 from medjax.data import labels as labels_lib
 from medjax.data import phantoms
 from medjax.data import tables
+from medjax.data.optional import require
 from medjax.errors import MedjaxError
 
 CHEXPERT_DIR = "CheXpert-v1.0-small"
@@ -32,7 +34,6 @@ _GLEASON = {2: "3+4", 3: "4+3", 4: "4+4", 5: "4+5"}
 
 
 def _save_image(image: np.ndarray, path: str, image_format: str) -> None:
-  from PIL import Image  # pylint: disable=import-outside-toplevel
   os.makedirs(os.path.dirname(path), exist_ok=True)
   tmp = f"{path}.tmp{os.getpid()}"
   pixels = Image.fromarray(np.round(np.clip(image, 0, 1) * 255).astype(np.uint8))
@@ -96,7 +97,7 @@ def write_chexpert_phantoms(out: str, num: int, *, size: int = 512, seed: int = 
 
 def _write_volume(values: np.ndarray, spacing_zyx: Sequence[float], origin_zyx: Sequence[float],
                   path: str, dtype) -> None:
-  import SimpleITK as sitk  # pylint: disable=import-outside-toplevel
+  sitk = require("SimpleITK", f"{path}: writing a phantom MRI volume")
   image = sitk.GetImageFromArray(values.astype(dtype))
   image.SetSpacing([float(v) for v in spacing_zyx[::-1]])
   image.SetOrigin([float(v) for v in origin_zyx[::-1]])
@@ -109,8 +110,8 @@ def _write_volume(values: np.ndarray, spacing_zyx: Sequence[float], origin_zyx: 
 
 def _sample_grid(shape, spacing, centre_offset):
   """Physical coordinates (mm) of a grid centred on the gland, plus its origin (z, y, x)."""
-  origin = [-(n - 1) / 2.0 * s + c for n, s, c in zip(shape, spacing, centre_offset)]
-  axes = [o + np.arange(n) * s for o, n, s in zip(origin, shape, spacing)]
+  origin = [-(n - 1) / 2.0 * s + c for n, s, c in zip(shape, spacing, centre_offset, strict=True)]
+  axes = [o + np.arange(n) * s for o, n, s in zip(origin, shape, spacing, strict=True)]
   z, y, x = np.meshgrid(*axes, indexing="ij")
   return (z, y, x), origin
 

@@ -3,9 +3,10 @@
 Images live at `files/p{subject_id[:2]}/p{subject_id}/s{study_id}/{dicom_id}.jpg`; free-text
 reports (from MIMIC-CXR) at `files/p{subject_id[:2]}/p{subject_id}/s{study_id}.txt`.
 """
-import logging
 import os
-from typing import Sequence
+from collections.abc import Sequence
+
+from absl import logging
 
 from medjax.data import labels as labels_lib
 from medjax.data import records as records_lib

@@ -5,18 +5,17 @@ with the right structure: a chest X-ray phantom whose pleural effusion is a basa
 meniscus (the paper-A target class) and a 3-channel prostate MRI (T2W, ADC, HBV) whose lesion is
 dark on ADC and bright on HBV, with exact labels. Same seed, same image, at any size.
 """
-from typing import Dict, Tuple, Union
-
 import numpy as np
+from PIL import Image
 from scipy import ndimage
 
-Size = Union[int, Tuple[int, int]]
+Size = int | tuple[int, int]
 _RENDER_MAX = 256
 
 CXR_FINDINGS = ("Pleural Effusion", "Cardiomegaly")
 
 
-def _hw(size: Size) -> Tuple[int, int]:
+def _hw(size: Size) -> tuple[int, int]:
   height, width = (size, size) if isinstance(size, (int, np.integer)) else size
   if height < 8 or width < 8:
     raise ValueError(f"phantom size {size} is too small (minimum 8 x 8)")
@@ -28,7 +27,7 @@ def _inside(distance: np.ndarray, edge: float) -> np.ndarray:
   return (1.0 / (1.0 + np.exp(np.clip(distance / edge, -50.0, 50.0)))).astype(np.float32)
 
 
-def _texture(rng: np.random.Generator, shape: Tuple[int, int], sigma_fraction: float) -> np.ndarray:
+def _texture(rng: np.random.Generator, shape: tuple[int, int], sigma_fraction: float) -> np.ndarray:
   """Smooth zero-mean, unit-std noise whose grain is a fixed fraction of the image size."""
   noise = rng.standard_normal(shape, dtype=np.float32)
   smooth = ndimage.gaussian_filter(noise, sigma=max(sigma_fraction * min(shape), 0.5),
@@ -62,7 +61,6 @@ def chest_xray(size: Size, *, seed: int, effusion: bool = False, effusion_side: 
 
 
 def _upsample(image: np.ndarray, height: int, width: int) -> np.ndarray:
-  from PIL import Image  # pylint: disable=import-outside-toplevel
   return np.array(Image.fromarray(image.astype(np.float32)).resize(
       (width, height), Image.Resampling.LANCZOS))
 
@@ -131,7 +129,7 @@ def _chest_xray_anatomy(height: int, width: int, rng: np.random.Generator, effus
   return image + 0.012 * _texture(rng, (height, width), 0.004)
 
 
-def chest_xray_labels(effusion: bool, cardiomegaly: bool) -> Dict[str, float]:
+def chest_xray_labels(effusion: bool, cardiomegaly: bool) -> dict[str, float]:
   """CheXpert-style labels of a phantom (findings it does not draw are negative)."""
   return {"No Finding": float(not (effusion or cardiomegaly)),
           "Pleural Effusion": float(effusion), "Cardiomegaly": float(cardiomegaly)}
@@ -140,7 +138,7 @@ def chest_xray_labels(effusion: bool, cardiomegaly: bool) -> Dict[str, float]:
 # ----------------------------------------------------------------------------- prostate MRI
 
 
-def _prostate_parameters(seed: int, lesion: bool) -> Dict[str, np.ndarray]:
+def _prostate_parameters(seed: int, lesion: bool) -> dict[str, np.ndarray]:
   rng = np.random.default_rng(seed)
   p = {
       "gland": np.array([18.0, 17.0, 22.0]) * (1.0 + rng.normal(0, 0.06, 3)),  # z, y, x radii mm
@@ -159,7 +157,7 @@ def _prostate_parameters(seed: int, lesion: bool) -> Dict[str, np.ndarray]:
 
 
 def prostate_mri_sample(z: np.ndarray, y: np.ndarray, x: np.ndarray, *, seed: int,
-                        lesion: bool) -> Dict[str, np.ndarray]:
+                        lesion: bool) -> dict[str, np.ndarray]:
   """Evaluates the prostate phantom at physical points (mm, LPS, gland centre near 0).
 
   Because it is a continuous function of position, the T2W, ADC and HBV series can be sampled on
@@ -171,7 +169,7 @@ def prostate_mri_sample(z: np.ndarray, y: np.ndarray, x: np.ndarray, *, seed: in
   p = _prostate_parameters(seed, lesion)
   z, y, x = np.broadcast_arrays(z - p["offset"][0], y - p["offset"][1], x - p["offset"][2])
   texture = sum(np.cos(w[0] * z + w[1] * y + w[2] * x + phase)
-                for w, phase in zip(p["waves"], p["phases"])) / 6.0
+                for w, phase in zip(p["waves"], p["phases"], strict=True)) / 6.0
 
   rz, ry, rx = p["gland"]
   gland_d = (z / rz) ** 2 + (y / ry) ** 2 + (x / rx) ** 2 - 1.0

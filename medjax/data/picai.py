@@ -12,16 +12,17 @@ picai_labels (`csPCa_lesion_delineations/human_expert/resampled/`).
 import collections
 import dataclasses
 import hashlib
-import logging
 import os
 import re
 import threading
-from typing import Dict, List, Optional, Sequence, Tuple
+from collections.abc import Sequence
 
 import numpy as np
+from absl import logging
 
 from medjax.data import records as records_lib
 from medjax.data import tables
+from medjax.data.optional import require
 from medjax.errors import MedjaxError
 
 SEQUENCES = ("t2w", "adc", "hbv")
@@ -34,9 +35,9 @@ _MIN_OVERLAP = 0.5  # fraction of the T2W crop an ADC/HBV series must cover
 @dataclasses.dataclass(frozen=True)
 class Protocol:
   """How a study becomes slices; stored in every record so labels and pixels always agree."""
-  spacing: Tuple[float, float, float] = (3.0, 0.5, 0.5)  # z, y, x mm
-  crop: Tuple[int, int, int] = (30, 300, 300)  # z, y, x voxels
-  percentiles: Tuple[float, float] = (1.0, 99.9)  # per-channel intensity scaling
+  spacing: tuple[float, float, float] = (3.0, 0.5, 0.5)  # z, y, x mm
+  crop: tuple[int, int, int] = (30, 300, 300)  # z, y, x voxels
+  percentiles: tuple[float, float] = (1.0, 99.9)  # per-channel intensity scaling
   lesion_threshold: float = 1.0  # mask values >= this are csPCa
   max_angle_deg: float = 10.0  # larger orientation differences between series are errors
 
@@ -60,8 +61,7 @@ class _Grid:
 
 
 def _sitk():
-  import SimpleITK as sitk  # pylint: disable=import-outside-toplevel
-  return sitk
+  return require("SimpleITK", "PI-CAI: reading .mha series and .nii.gz masks")
 
 
 def _read_header(path: str) -> _Grid:
@@ -131,7 +131,7 @@ def _valid_slices(t2w: _Grid, grid: _Grid) -> np.ndarray:
   return (index[2] >= -0.5) & (index[2] <= t2w.size[2] - 0.5)
 
 
-def slice_labels(t2w_path: str, mask_path: Optional[str], protocol: Protocol) -> np.ndarray:
+def slice_labels(t2w_path: str, mask_path: str | None, protocol: Protocol) -> np.ndarray:
   """Per output slice: 1 if it contains csPCa voxels, 0 if not, -1 if it lies outside the T2W."""
   t2w = _read_header(t2w_path)
   grid = output_grid(t2w, protocol)
@@ -158,7 +158,7 @@ def _normalise(values: np.ndarray, valid: np.ndarray, percentiles, path: str) ->
   return out.astype(np.float32)
 
 
-def process_study(paths: Dict[str, str], protocol: Protocol) -> np.ndarray:
+def process_study(paths: dict[str, str], protocol: Protocol) -> np.ndarray:
   """Resamples, crops, normalises and stacks one study: float32 (D, H, W, 3) in [0, 1].
 
   Raises:
@@ -199,10 +199,10 @@ class _StudyCache:
 
   def __init__(self, capacity: int = 4):
     self.capacity = capacity
-    self.volumes: "collections.OrderedDict[str, np.ndarray]" = collections.OrderedDict()
+    self.volumes: collections.OrderedDict[str, np.ndarray] = collections.OrderedDict()
     self.lock = threading.Lock()
 
-  def get(self, paths: Dict[str, str], protocol: Protocol, cache_dir: str) -> np.ndarray:
+  def get(self, paths: dict[str, str], protocol: Protocol, cache_dir: str) -> np.ndarray:
     key = hashlib.sha1(repr((sorted(paths.items()), dataclasses.astuple(protocol))).encode()
                        ).hexdigest()
     with self.lock:
@@ -236,7 +236,7 @@ def load_slice(record: records_lib.Record, cache_dir: str = "") -> np.ndarray:
   return np.asarray(volume[record.get("slice")], np.float32)
 
 
-def _find_marksheet(root: str, marksheet: str) -> Optional[str]:
+def _find_marksheet(root: str, marksheet: str) -> str | None:
   if marksheet:
     path = marksheet if os.path.isabs(marksheet) else os.path.join(root, marksheet)
     if not os.path.isfile(path):
@@ -249,14 +249,14 @@ def _find_marksheet(root: str, marksheet: str) -> Optional[str]:
   return found[0] if found else None
 
 
-def _find_masks(root: str, masks_dir: str) -> Dict[Tuple[str, str], str]:
+def _find_masks(root: str, masks_dir: str) -> dict[tuple[str, str], str]:
   """(patient_id, study_id) -> mask path; prefers human-expert, T2W-resampled delineations."""
   search = root
   if masks_dir:
     search = masks_dir if os.path.isabs(masks_dir) else os.path.join(root, masks_dir)
     if not os.path.isdir(search):
       raise MedjaxError(f"{search}: PI-CAI masks directory does not exist")
-  candidates: Dict[Tuple[str, str], List[str]] = collections.defaultdict(list)
+  candidates: dict[tuple[str, str], list[str]] = collections.defaultdict(list)
   for directory, dirs, files in os.walk(search):
     dirs.sort()
     for name in files:
@@ -277,8 +277,8 @@ def _find_masks(root: str, masks_dir: str) -> Dict[Tuple[str, str], str]:
   return out
 
 
-def _find_studies(images_dir: str, bad) -> List[Tuple[str, str, Dict[str, str]]]:
-  studies: Dict[Tuple[str, str], Dict[str, str]] = collections.defaultdict(dict)
+def _find_studies(images_dir: str, bad) -> list[tuple[str, str, dict[str, str]]]:
+  studies: dict[tuple[str, str], dict[str, str]] = collections.defaultdict(dict)
   for directory, dirs, files in os.walk(images_dir):
     dirs.sort()
     for name in files:
@@ -322,7 +322,7 @@ def load_picai(root, *, spacing: Sequence[float] = (3.0, 0.5, 0.5),
   if not studies:
     raise MedjaxError(f"{images_dir}: no PI-CAI studies (<patient>_<study>_t2w/adc/hbv.mha files)")
   marksheet_path = _find_marksheet(root, marksheet)
-  cases: Dict[Tuple[str, str], str] = {}
+  cases: dict[tuple[str, str], str] = {}
   if marksheet_path:
     for line, row in tables.read_csv(marksheet_path, ["patient_id", "study_id", "case_csPCa"]):
       value = row["case_csPCa"].strip().upper()

@@ -10,7 +10,8 @@ Templates are `str.format` strings over these fields: {modality} ('chest x-ray')
   fixed   the fixed text
 """
 import string
-from typing import Any, Mapping, Optional, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from medjax.data.records import Record
 from medjax.errors import MedjaxError
@@ -70,7 +71,7 @@ def prompt_from_labels(labels: Mapping[str, float], *, modality: str = "chest x-
                          class_name="", token="", text="")
 
 
-def report_text(sections: Optional[Mapping[str, str]], section: str) -> str:
+def report_text(sections: Mapping[str, str] | None, section: str) -> str:
   """The chosen section(s) of a report: 'impression', 'findings' or 'findings+impression'."""
   if not sections:
     return ""

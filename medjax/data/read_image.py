@@ -4,11 +4,13 @@ Every reader returns display-oriented pixels (rows top to bottom, radiological l
 volumes) so that downstream code never needs to know where an image came from.
 """
 import os
-from typing import Optional, Tuple
 
 import numpy as np
+from PIL import Image
+from PIL import UnidentifiedImageError
 
 from medjax.data import dicom
+from medjax.data.optional import require
 from medjax.errors import MedjaxError
 
 _PILLOW_EXTS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
@@ -16,7 +18,7 @@ _NIFTI_EXTS = (".nii", ".nii.gz")
 _ITK_EXTS = (".mha", ".mhd", ".nrrd", ".nhdr")
 _DICOM_EXTS = (".dcm", ".dicom", ".ima")
 
-Window = Optional[Tuple[float, float]]
+Window = tuple[float, float] | None
 
 
 def _kind(path: str) -> str:
@@ -48,7 +50,6 @@ def _scale(values: np.ndarray, window: Window) -> np.ndarray:
 
 
 def _read_pillow(path: str, window: Window) -> np.ndarray:
-  from PIL import Image, UnidentifiedImageError  # pylint: disable=import-outside-toplevel
   try:
     with Image.open(path) as image:
       image.load()  # Decodes now, so a truncated file fails here rather than silently later.
@@ -91,7 +92,7 @@ def _nifti_to_display(data: np.ndarray) -> np.ndarray:
 
 
 def _read_nifti_volume(path: str) -> np.ndarray:
-  import nibabel as nib  # pylint: disable=import-outside-toplevel
+  nib = require("nibabel", f"{path}: reading a NIfTI file")
   try:
     image = nib.as_closest_canonical(nib.load(path))
     data = np.asarray(image.get_fdata(dtype=np.float32))
@@ -108,7 +109,7 @@ def _read_nifti_volume(path: str) -> np.ndarray:
 
 
 def _read_itk_volume(path: str) -> np.ndarray:
-  import SimpleITK as sitk  # pylint: disable=import-outside-toplevel
+  sitk = require("SimpleITK", f"{path}: reading an MHA/MHD/NRRD file")
   try:
     image = sitk.ReadImage(path)
   except RuntimeError as e:
@@ -147,7 +148,7 @@ def read_volume(path, *, window: Window = None) -> np.ndarray:
   return _scale(volume, window)
 
 
-def read_image(path, *, frame: Optional[int] = None, window: Window = None) -> np.ndarray:
+def read_image(path, *, frame: int | None = None, window: Window = None) -> np.ndarray:
   """Reads one 2D image as float32 (H, W) or (H, W, 3) with values in [0, 1].
 
   Args:

@@ -4,7 +4,8 @@ Loaders only build indices (lists of `Record`); pixels are read later inside the
 so building an index over 200k images stays cheap and worker processes receive small objects.
 """
 import dataclasses
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from medjax.errors import MedjaxError
 
@@ -35,8 +36,8 @@ class Record:
   modality: str = ""
   view: str = ""
   source_split: str = ""
-  report: Optional[Mapping[str, str]] = None
-  extra: Tuple[Tuple[str, Any], ...] = ()
+  report: Mapping[str, str] | None = None
+  extra: tuple[tuple[str, Any], ...] = ()
   class_index: int = -1
 
   def get(self, name: str, default=None):
@@ -50,11 +51,11 @@ class Record:
 @dataclasses.dataclass
 class DataIndex:
   """A loader's result: records, the label vocabulary, and what was skipped while indexing."""
-  records: List[Record]
-  label_names: Tuple[str, ...]
+  records: list[Record]
+  label_names: tuple[str, ...]
   source: str
-  skipped: List[str] = dataclasses.field(default_factory=list)
-  class_names: Tuple[str, ...] = ()
+  skipped: list[str] = dataclasses.field(default_factory=list)
+  class_names: tuple[str, ...] = ()
 
   def replace(self, records: Sequence[Record], **changes) -> "DataIndex":
     return dataclasses.replace(self, records=list(records), **changes)
@@ -67,7 +68,7 @@ class BadFiles:
     if policy not in ("error", "skip"):
       raise MedjaxError(f"on_bad_file={policy!r}: expected 'error' or 'skip'")
     self.policy = policy
-    self.skipped: List[str] = []
+    self.skipped: list[str] = []
 
   def __call__(self, message: str) -> None:
     if self.policy == "error":
@@ -87,8 +88,8 @@ def source_split_name(name: str) -> str:
   raise MedjaxError(f"unknown split {name!r}: expected train, val (valid/validate) or test")
 
 
-def count_by(values) -> Dict[Any, int]:
-  out: Dict[Any, int] = {}
+def count_by(values) -> dict[Any, int]:
+  out: dict[Any, int] = {}
   for value in values:
     out[value] = out.get(value, 0) + 1
   return out

@@ -1,60 +1,55 @@
 """Class definitions over labels, and the per-class selection of paper A (N images per class).
 
-A class is a conjunction of label conditions, written `name: Label=1, Other=0`; several classes
-are separated by ';', e.g. 'pleural_effusion: Pleural Effusion=1; no_finding: No Finding=1'.
+A class is a name and a conjunction of label conditions, `('name', {'Label': 1, 'Other': 0})`;
+classes are a tuple of them, e.g. (('pleural_effusion', {'Pleural Effusion': 1}),
+('no_finding', {'No Finding': 1})).
 A record belongs to the first class whose conditions its labels meet (an unknown/ignored label
 meets none); records of no class are dropped when classes are configured.
 """
 import dataclasses
-from typing import Any, Dict, List, Mapping, Sequence, Tuple
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
 from medjax.data.records import Record
 from medjax.errors import MedjaxError
 
-ClassSpec = List[Tuple[str, List[Tuple[str, float]]]]
+ClassSpec = list[tuple[str, list[tuple[str, float]]]]
 
 
-def _parse_conditions(name: str, text: str) -> List[Tuple[str, float]]:
-  conditions = []
-  for part in str(text).split(","):
-    part = part.strip()
-    if not part:
-      continue
-    label, sep, value = part.rpartition("=")
-    if not sep or value.strip() not in ("1", "0", "1.0", "0.0"):
-      raise MedjaxError(f"config.data.classes: class {name!r} condition {part!r}: expected "
-                        f"'Label=1' or 'Label=0'")
-    conditions.append((label.strip(), float(value)))
-  if not conditions:
-    raise MedjaxError(f"config.data.classes: class {name!r} has no conditions")
-  return conditions
+def _conditions(name: str, conditions: Any) -> list[tuple[str, float]]:
+  if not isinstance(conditions, Mapping) or not conditions:
+    raise MedjaxError(f"config.data.classes: class {name!r} needs its conditions as "
+                      f"{{'Label': 1 or 0, ...}}, got {conditions!r}")
+  out = []
+  for label, value in conditions.items():
+    if isinstance(value, bool) or value not in (0, 1):
+      raise MedjaxError(f"config.data.classes: class {name!r} condition {label!r}: "
+                        f"{value!r} should be 1 or 0")
+    out.append((str(label), float(value)))
+  return out
 
 
 def parse_classes(spec: Any) -> ClassSpec:
-  """'a: L=1; b: M=1' or {'a': 'L=1', 'b': 'M=1'} -> [('a', [('L', 1.0)]), ('b', [('M', 1.0)])]."""
+  """(('a', {'L': 1}), ('b', {'M': 1})) or {'a': {'L': 1}, ...} -> [('a', [('L', 1.0)]), ...]."""
   if not spec:
     return []
   if isinstance(spec, str):
-    items = []
-    for chunk in spec.split(";"):
-      if not chunk.strip():
-        continue
-      name, sep, conditions = chunk.partition(":")
-      if not sep:
-        raise MedjaxError(f"config.data.classes: {chunk.strip()!r} should be 'name: Label=1'")
-      items.append((name.strip(), conditions))
-  else:
-    items = list(dict(spec).items())
+    raise MedjaxError(f"config.data.classes={spec!r}: give (name, {{'Label': 1 or 0}}) pairs, "
+                      "e.g. (('effusion', {'Pleural Effusion': 1}), ('none', {'No Finding': 1}))")
+  items = list(spec.items()) if isinstance(spec, Mapping) else list(spec)
+  for item in items:
+    if not isinstance(item, (list, tuple)) or len(item) != 2 or not isinstance(item[0], str):
+      raise MedjaxError(f"config.data.classes: {item!r} should be a (name, {{'Label': 1}}) pair")
   names = [name for name, _ in items]
   if len(set(names)) != len(names):
     raise MedjaxError(f"config.data.classes: duplicate class names in {names}")
-  return [(name, _parse_conditions(name, conditions)) for name, conditions in items]
+  return [(name, _conditions(name, conditions)) for name, conditions in items]
 
 
 def assign_classes(records: Sequence[Record], classes: ClassSpec,
-                   label_names: Sequence[str]) -> List[Record]:
+                   label_names: Sequence[str]) -> list[Record]:
   """Sets `class_index` on matching records and drops the rest (no-op without classes)."""
   if not classes:
     return list(records)
@@ -73,7 +68,7 @@ def assign_classes(records: Sequence[Record], classes: ClassSpec,
 
 
 def per_class(records: Sequence[Record], count: int, seed: int, class_names: Sequence[str],
-              where: str) -> List[Record]:
+              where: str) -> list[Record]:
   """A seeded choice of exactly `count` records per class, in a stable order.
 
   Raises:
@@ -81,7 +76,7 @@ def per_class(records: Sequence[Record], count: int, seed: int, class_names: Seq
   """
   if count <= 0:
     return list(records)
-  groups: Dict[int, List[Record]] = {}
+  groups: dict[int, list[Record]] = {}
   for record in sorted(records, key=lambda r: r.key):
     groups.setdefault(record.class_index, []).append(record)
   out = []
@@ -99,7 +94,7 @@ def per_class(records: Sequence[Record], count: int, seed: int, class_names: Seq
 
 
 def class_counts(records: Sequence[Record], class_names: Sequence[str]) -> Mapping[str, int]:
-  counts: Dict[str, int] = {}
+  counts: dict[str, int] = {}
   for record in records:
     name = class_names[record.class_index] if record.class_index >= 0 else "(all)"
     counts[name] = counts.get(name, 0) + 1

@@ -6,7 +6,7 @@ set stays fixed across runs. Modes:
   random     whole patients by `fractions` of images, e.g. (0.8, 0.1, 0.1)
   sizes      exactly `sizes` images per split (paper A: 200/200/200), balanced over classes
 """
-from typing import Dict, List, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -22,8 +22,8 @@ def check_split(split: str) -> int:
   return SPLITS.index(split)
 
 
-def _patients(records: Sequence[Record], seed: int) -> List[List[Record]]:
-  by_patient: Dict[str, List[Record]] = {}
+def _patients(records: Sequence[Record], seed: int) -> list[list[Record]]:
+  by_patient: dict[str, list[Record]] = {}
   for record in sorted(records, key=lambda r: r.key):
     by_patient.setdefault(record.patient_id, []).append(record)
   names = sorted(by_patient)
@@ -32,7 +32,7 @@ def _patients(records: Sequence[Record], seed: int) -> List[List[Record]]:
 
 
 def split_by_fractions(records: Sequence[Record], split: str, fractions: Sequence[float],
-                       seed: int) -> List[Record]:
+                       seed: int) -> list[Record]:
   """Assigns shuffled patients to splits until each split holds its fraction of the images."""
   index = check_split(split)
   fractions = [float(f) for f in fractions]
@@ -51,7 +51,7 @@ def split_by_fractions(records: Sequence[Record], split: str, fractions: Sequenc
 
 
 def split_by_sizes(records: Sequence[Record], split: str, sizes: Sequence[int], seed: int,
-                   class_names: Sequence[str]) -> List[Record]:
+                   class_names: Sequence[str]) -> list[Record]:
   """Fills train, then val, then test with whole patients up to exact per-class quotas.
 
   Each split's size is divided evenly over the classes (paper A: 200 = 100 + 100). A patient's
@@ -66,9 +66,9 @@ def split_by_sizes(records: Sequence[Record], split: str, sizes: Sequence[int], 
   quotas = [{c: size // len(classes) + (i < size % len(classes)) for i, c in enumerate(classes)}
             for size in sizes]
   wanted = [dict(q) for q in quotas]
-  chosen: List[List[Record]] = [[], [], []]
+  chosen: list[list[Record]] = [[], [], []]
   for patient in _patients(records, seed):
-    by_class: Dict[int, List[Record]] = {}
+    by_class: dict[int, list[Record]] = {}
     for record in patient:
       by_class.setdefault(record.class_index, []).append(record)
     for s, quota in enumerate(quotas):
@@ -91,7 +91,7 @@ def split_by_sizes(records: Sequence[Record], split: str, sizes: Sequence[int], 
 
 def split_records(records: Sequence[Record], split: str, *, mode: str = "random",
                   fractions: Sequence[float] = (0.8, 0.1, 0.1), sizes: Sequence[int] = (),
-                  seed: int = 0, class_names: Sequence[str] = ()) -> List[Record]:
+                  seed: int = 0, class_names: Sequence[str] = ()) -> list[Record]:
   """The records of `split` under `mode` ('source', 'random' or 'sizes')."""
   check_split(split)
   if mode == "source":

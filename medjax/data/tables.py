@@ -3,7 +3,7 @@ import csv
 import gzip
 import io
 import os
-from typing import Dict, Iterator, Sequence, Tuple
+from collections.abc import Iterator, Sequence
 
 from medjax.errors import MedjaxError
 
@@ -18,7 +18,7 @@ def check_root(root, what: str) -> str:
   return root
 
 
-def read_csv(path: str, required: Sequence[str]) -> Iterator[Tuple[int, Dict[str, str]]]:
+def read_csv(path: str, required: Sequence[str]) -> Iterator[tuple[int, dict[str, str]]]:
   """Yields (line_number, row) from a .csv or .csv.gz after checking the header has `required`.
 
   Raises:
@@ -43,7 +43,7 @@ def read_csv(path: str, required: Sequence[str]) -> Iterator[Tuple[int, Dict[str
         if len(row) != len(header):
           raise MedjaxError(f"{path}:{reader.line_num}: row has {len(row)} fields, header has "
                             f"{len(header)}")
-        yield reader.line_num, dict(zip(header, row))
+        yield reader.line_num, dict(zip(header, row, strict=True))
   except (OSError, EOFError, csv.Error, UnicodeDecodeError, gzip.BadGzipFile) as e:
     raise MedjaxError(f"{path}: unreadable CSV ({type(e).__name__}: {e})") from None
 

@@ -8,8 +8,8 @@ import time
 from absl import app
 from absl import flags
 
-from medjax.data.config import default_config
-from medjax.data.pipeline import make_dataset
+from medjax.data.defaults import default_config
+from medjax.data.loader import make_dataset
 
 FLAGS = flags.FLAGS
 

@@ -33,6 +33,7 @@ from medjax import sharding
 from medjax.errors import MedjaxError
 from medjax.eval import auc as auc_lib
 from medjax.eval import classifiers
+from medjax.validation import check_known_keys
 
 TASKS = ("binary", "multilabel", "multiclass")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -312,9 +313,7 @@ def train_classifier(config, train_data, val_data=None, mesh=None,
     overrides = config.to_dict()
   else:
     overrides = dict(config or {})
-  unknown = sorted(set(overrides) - set(cfg))
-  if unknown:
-    raise MedjaxError(f"train_classifier: unknown config keys {unknown}; known: {sorted(cfg)}")
+  check_known_keys(overrides, cfg, "train_classifier config")
   cfg.update(overrides)
   if cfg.task not in TASKS:
     raise MedjaxError(f"train_classifier: task must be one of {TASKS}, got {cfg.task!r}")

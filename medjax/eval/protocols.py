@@ -23,7 +23,7 @@ from medjax import atomic
 from medjax import images as images_lib
 from medjax import trainer
 from medjax.data import make_dataset
-from medjax.data.config import default_config as data_config
+from medjax.data.defaults import default_config as data_config
 from medjax.errors import MedjaxError
 from medjax.eval import auc as auc_lib
 from medjax.eval import classifier_train
@@ -31,7 +31,7 @@ from medjax.eval import fid as fid_lib
 from medjax.eval import inception_weights
 from medjax.eval import recon
 from medjax.pipeline import StableDiffusion
-from medjax.train_config import check_config
+from medjax.train_config import check_train_config
 
 PROTOCOLS: dict[str, Callable] = {}
 
@@ -54,7 +54,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.pretrained = ""  # diffusers dir; '' = embedded tiny SD
   c.model.embedded_seed = 0
   c.model.train_workdir = ""  # a medjax training workdir: use its trained pipeline instead
-  c.model.embeddings = ""  # ';'-separated textual-inversion files to load (diffusers or A1111)
+  c.model.embeddings = ()  # textual-inversion files to load (diffusers or A1111)
 
   c.data = data_config()
   c.positive_class = "pleural_effusion"  # the class scored as positive in AUCs
@@ -73,7 +73,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.classifier.batch_size = 8
   c.classifier.progress = False
   c.repeats = 2  # paper A: 5
-  c.settings = "real,real+synthetic,synthetic"  # paper A's three training sets
+  c.settings = ("real", "real+synthetic", "synthetic")  # paper A's three training sets
 
   c.fid = ml_collections.ConfigDict()
   c.fid.weights = ""  # pytorch-fid's pt_inception-2015-12-05-*.pth; '' = the usual places
@@ -96,8 +96,9 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 CLASSES = {
-    "cxr": ("pleural_effusion", "pleural_effusion: Pleural Effusion=1; no_finding: No Finding=1"),
-    "mri": ("diseased", "diseased: csPCa=1; healthy: csPCa=0"),
+    "cxr": ("pleural_effusion", (("pleural_effusion", {"Pleural Effusion": 1}),
+                                 ("no_finding", {"No Finding": 1}))),
+    "mri": ("diseased", (("diseased", {"csPCa": 1}), ("healthy", {"csPCa": 0}))),
 }
 
 
@@ -180,8 +181,7 @@ def load_model(config: Any):
     sd = StableDiffusion.from_pretrained(m.pretrained)
   else:
     sd = StableDiffusion.embedded(seed=m.embedded_seed)
-  files = [p.strip() for p in m.embeddings.split(";") if p.strip()]
-  return sd.load_embeddings(files) if files else sd
+  return sd.load_embeddings(list(m.embeddings)) if m.embeddings else sd
 
 
 def class_prompts(config: Any, class_names) -> dict[str, str]:
@@ -319,7 +319,7 @@ def paper_a(config: Any, workdir: Path) -> dict:
           "real+synthetic": Split(np.concatenate([train.images, synth.images]),
                                   np.concatenate([train.labels, synth.labels]),
                                   train.class_names)}
-  settings = [s.strip() for s in config.settings.split(",") if s.strip()]
+  settings = list(config.settings)
   unknown = [s for s in settings if s not in sets]
   if unknown:
     raise MedjaxError(f"config.settings: unknown {unknown}; expected {list(sets)}")

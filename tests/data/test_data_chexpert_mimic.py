@@ -22,9 +22,11 @@ def test_chexpert_frontal_only_and_paths(chexpert_root):
 
 
 def test_chexpert_view_filter(chexpert_root):
-  index = load_chexpert(chexpert_root, views="AP")
+  index = load_chexpert(chexpert_root, views=("ap",))
   assert {r.key.split("/")[2] for r in index.records} == {"patient00002", "patient00004"}
   assert {r.view for r in index.records} == {"AP"}
+  with pytest.raises(MedjaxError, match=r"views='AP,PA': give a tuple of view names"):
+    load_chexpert(chexpert_root, views="AP,PA")
 
 
 @pytest.mark.parametrize("uncertainty,blank,effusion,edema_known", [
@@ -85,7 +87,7 @@ def test_mimic_join_paths_views_and_splits(mimic_root):
   assert records["d1.jpg"].labels["Pleural Effusion"] == 1.0
   assert records["d3.jpg"].labels["Pleural Effusion"] == 0.0  # uncertain -> zeros
   assert load_mimic(mimic_root, uncertainty="ones").records[1].labels["Pleural Effusion"] == 1.0
-  assert {r.view for r in load_mimic(mimic_root, views="").records} == {"PA", "AP", "LATERAL"}
+  assert {r.view for r in load_mimic(mimic_root, views=()).records} == {"PA", "AP", "LATERAL"}
 
 
 def test_mimic_reports(mimic_root):

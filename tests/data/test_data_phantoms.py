@@ -56,7 +56,8 @@ def test_make_phantoms_cxr_loads_through_chexpert(tmp_path):
   # End to end through the pipeline with paper-A classes and class prompts.
   config = default_config()
   config.source, config.root = "chexpert", str(tmp_path / make_phantoms.CHEXPERT_DIR)
-  config.classes = "pleural_effusion: Pleural Effusion=1; no_finding: No Finding=1"
+  config.classes = (("pleural_effusion", {"Pleural Effusion": 1}),
+                    ("no_finding", {"No Finding": 1}))
   config.prompt.kind = "class"
   config.split.fractions = (1.0, 0.0, 0.0)
   batch = next(make_dataset(config, "train", 4, seed=0, resolution=32, process_index=0,
@@ -71,7 +72,7 @@ def test_make_phantoms_mri_loads_through_picai(picai_root):
   config = default_config()
   config.source, config.root = "picai", str(picai_root)
   config.picai.spacing, config.picai.crop = PICAI_SMALL["spacing"], PICAI_SMALL["crop"]
-  config.classes = "diseased: csPCa=1; healthy: csPCa=0"
+  config.classes = (("diseased", {"csPCa": 1}), ("healthy", {"csPCa": 0}))
   config.split.fractions = (1.0, 0.0, 0.0)
   config.prompt.kind = "class"
   batch = next(make_dataset(config, "train", 6, seed=0, resolution=32, process_index=0,

@@ -55,19 +55,27 @@ def test_bad_prompt_template_is_caught_early():
 
 
 def test_class_parsing_and_assignment():
-  classes = selection.parse_classes("pleural_effusion: Pleural Effusion=1; no_finding: "
-                                    "No Finding=1, Pleural Effusion=0")
+  classes = selection.parse_classes((("pleural_effusion", {"Pleural Effusion": 1}),
+                                     ("no_finding", {"No Finding": 1, "Pleural Effusion": 0})))
   assert classes == [("pleural_effusion", [("Pleural Effusion", 1.0)]),
                      ("no_finding", [("No Finding", 1.0), ("Pleural Effusion", 0.0)])]
-  assert selection.parse_classes({"a": "X=1"}) == [("a", [("X", 1.0)])]
+  assert selection.parse_classes({"a": {"X": 1}}) == [("a", [("X", 1.0)])]
+  assert selection.parse_classes([["a", {"X": 1.0}]]) == [("a", [("X", 1.0)])]  # from JSON
   records = [record("1", "p", Pleural_Effusion=1.0), record("2", "p", No_Finding=1.0),
              record("3", "p", No_Finding=1.0, Pleural_Effusion=0.0), record("4", "p")]
   assigned = selection.assign_classes(records, classes, ("Pleural Effusion", "No Finding"))
   assert [(r.key, r.class_index) for r in assigned] == [("1", 0), ("3", 1)]
   with pytest.raises(MedjaxError, match="unknown label 'Effusion'"):
-    selection.assign_classes(records, selection.parse_classes("a: Effusion=1"), ("No Finding",))
-  with pytest.raises(MedjaxError, match="expected 'Label=1'"):
-    selection.parse_classes("a: Effusion=2")
+    selection.assign_classes(records, selection.parse_classes((("a", {"Effusion": 1}),)),
+                             ("No Finding",))
+  with pytest.raises(MedjaxError, match="condition 'Effusion': 2 should be 1 or 0"):
+    selection.parse_classes((("a", {"Effusion": 2}),))
+  with pytest.raises(MedjaxError, match="class 'a' needs its conditions as"):
+    selection.parse_classes((("a", "Effusion=1"),))
+  with pytest.raises(MedjaxError, match="duplicate class names"):
+    selection.parse_classes((("a", {"X": 1}), ("a", {"X": 0})))
+  with pytest.raises(MedjaxError, match=r"give \(name, \{'Label': 1 or 0\}\) pairs"):
+    selection.parse_classes("a: Effusion=1")
 
 
 def _patients(records):
@@ -104,7 +112,8 @@ def test_sizes_split_balanced_per_class():
 def test_per_class_selection_and_paper_a_config():
   config = default_config()
   config.phantoms.num = 400
-  config.classes = "pleural_effusion: Pleural Effusion=1; no_finding: No Finding=1"
+  config.classes = (("pleural_effusion", {"Pleural Effusion": 1}),
+                    ("no_finding", {"No Finding": 1}))
   config.per_class = 30
   train = select_records(config, "train")
   assert train.class_names == ("pleural_effusion", "no_finding")
@@ -118,15 +127,18 @@ def test_per_class_selection_and_paper_a_config():
   parts = {s: select_records(config, s).records for s in splits.SPLITS}
   assert [len(parts[s]) for s in splits.SPLITS] == [30, 20, 20]  # per_class caps train only
   assert sum(r.class_index == 1 for r in parts["test"]) == 10
+  config.per_class_splits = ("train,val",)  # a comma list is not two split names
+  with pytest.raises(MedjaxError, match=r"per_class_splits=\('train,val',\): expected a tuple"):
+    select_records(config, "train")
 
 
 def test_empty_selection_and_source_split_errors(chexpert_root):
   config = default_config()
   config.phantoms.num = 10
-  config.classes = "none: Fracture=1"
+  config.classes = (("none", {"Fracture": 1}),)
   with pytest.raises(MedjaxError, match="no images match the filters and classes"):
     select_records(config, "train")
-  config.classes = ""
+  config.classes = ()
   config.split.mode = "source"
   with pytest.raises(MedjaxError, match="defines no splits"):
     select_records(config, "train")
@@ -134,7 +146,7 @@ def test_empty_selection_and_source_split_errors(chexpert_root):
   assert len(select_records(config, "val").records) == 2
   with pytest.raises(MedjaxError, match="split 'test' is empty"):
     select_records(config, "test")
-  config.chexpert.views = "LL"
+  config.chexpert.views = ("LL",)
   with pytest.raises(MedjaxError, match="no images match"):
     select_records(config, "train")
 

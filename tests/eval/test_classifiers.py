@@ -188,7 +188,7 @@ def test_bad_training_input():
     ct.train_classifier(TINY, (images * 3, labels))
   with pytest.raises(MedjaxError, match="8 images but 7 labels"):
     ct.train_classifier(TINY, (images, labels[:7]))
-  with pytest.raises(MedjaxError, match="unknown config keys"):
+  with pytest.raises(MedjaxError, match="train_classifier config: unknown key 'lr'"):
     ct.train_classifier(dict(TINY, lr=1), (images, labels))
   with pytest.raises(MedjaxError, match="0/1"):
     ct.train_classifier(TINY, (images, labels + 1))

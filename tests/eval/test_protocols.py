@@ -35,10 +35,10 @@ def tiny(config):
 @pytest.mark.parametrize("arg", ["", "paper"])
 def test_configs_are_valid(name, arg):
   config = load_config(name, arg)
-  from medjax.train_config import check_config  # pylint: disable=g-import-not-at-top
-  check_config(config, protocols.base_config(),
-               free_maps=("data.prompt.class_prompts", "data.prompt.label_texts",
-                          "generation.prompts"))
+  from medjax.train_config import check_train_config  # pylint: disable=g-import-not-at-top
+  check_train_config(config, protocols.base_config(),
+                     free_maps=("data.prompt.class_prompts", "data.prompt.label_texts",
+                                "generation.prompts"))
   assert config.protocol in protocols.PROTOCOLS
   if arg == "paper":
     assert config.fid.dims == 0 and not config.fid.random_weights
@@ -86,7 +86,7 @@ def test_bad_protocol_inputs(tmp_path):
   with pytest.raises(MedjaxError, match="paper_c"):
     protocols.run_protocol(config, tmp_path)
   config = load_config("eval_paper_a_mri")
-  config.settings = "real,imaginary"
+  config.settings = ("real", "imaginary")
   config.data.split.sizes = (2, 2, 2)
   with pytest.raises(MedjaxError, match="one class only|imaginary"):
     protocols.run_protocol(tiny(config), tmp_path)

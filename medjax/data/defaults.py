@@ -20,12 +20,12 @@ def default_config() -> ml_collections.ConfigDict:
 
   c.chexpert = ml_collections.ConfigDict()
   c.chexpert.frontal_only = True
-  c.chexpert.views = ""  # e.g. 'AP,PA'; '' keeps all
+  c.chexpert.views = ()  # e.g. ('AP', 'PA'); () keeps all
   c.chexpert.uncertainty = "zeros"  # -1 cells: 'ones' | 'zeros' | 'ignore'
   c.chexpert.blank = "zeros"  # blank cells: 'zeros' | 'ignore'
 
   c.mimic = ml_collections.ConfigDict()
-  c.mimic.views = "PA,AP"  # ViewPosition filter; '' keeps all
+  c.mimic.views = ("PA", "AP")  # ViewPosition filter; () keeps all
   c.mimic.uncertainty = "zeros"
   c.mimic.blank = "zeros"
   c.mimic.reports = False  # attach FINDINGS / IMPRESSION (needed for prompt.kind='report')
@@ -45,11 +45,12 @@ def default_config() -> ml_collections.ConfigDict:
   c.folder.class_from_subdir = True
   c.folder.modality = "medical image"
 
-  # Classes, e.g. 'pleural_effusion: Pleural Effusion=1; no_finding: No Finding=1' (paper A) or
-  # 'diseased: csPCa=1; healthy: csPCa=0' (PI-CAI). '' = no classes (label = -1).
-  c.classes = ""
+  # Classes, in order, as (name, {label: 1 or 0, ...}) pairs: (('pleural_effusion',
+  # {'Pleural Effusion': 1}), ('no_finding', {'No Finding': 1})) (paper A) or (('diseased',
+  # {'csPCa': 1}), ('healthy', {'csPCa': 0})) (PI-CAI). () = no classes (label = -1).
+  c.classes = ()
   c.per_class = 0  # paper A: 100 images per class; 0 = all
-  c.per_class_splits = "train"  # comma list of splits the per-class cap applies to
+  c.per_class_splits = ("train",)  # the splits the per-class cap applies to
 
   c.split = ml_collections.ConfigDict()
   c.split.mode = "random"  # 'random' (fractions) | 'sizes' | 'source' (dataset's own split)
@@ -77,7 +78,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.pipeline.resize = "crop"  # 'crop' (shorter side, then crop) | 'pad' | 'stretch'
   c.pipeline.crop = "center"  # 'center' | 'random' (seeded per example)
   c.pipeline.flip = False  # horizontal flips swap anatomy sides: off for radiographs
-  c.pipeline.shuffle_splits = "train"  # splits that are shuffled (and repeated forever)
+  c.pipeline.shuffle_splits = ("train",)  # splits that are shuffled (and repeated forever)
   c.pipeline.worker_count = 0  # worker processes (grain mp_prefetch); 0 = in-process
   c.pipeline.read_threads = 2  # decoding threads per process
   c.pipeline.prefetch = 16  # elements buffered by the read threads

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from data_testlib import save_png
-from medjax.data import default_config, make_dataset, pipeline
+from medjax.data import default_config, loader, make_dataset
 from medjax.errors import MedjaxError
 
 
@@ -50,7 +50,7 @@ def folder_root(tmp_path):
 def test_batch_format_and_values(folder_root):
   config = phantom_config()
   config.source, config.root = "folder", str(folder_root)
-  config.classes = "clear: clear=1; effusion: effusion=1"
+  config.classes = (("clear", {"clear": 1}), ("effusion", {"effusion": 1}))
   config.prompt.kind = "class"
   batches = list(dataset(config, "train", 3, shuffle=False, num_epochs=1, drop_remainder=False))
   assert [len(b["key"]) for b in batches] == [3, 3, 3, 1]
@@ -67,13 +67,13 @@ def test_batch_format_and_values(folder_root):
 
 def test_resize_modes():
   image = np.random.default_rng(0).random((20, 40, 1)).astype(np.float32)
-  for mode in pipeline.RESIZE_MODES:
-    out = pipeline.resize_to(image, 16, mode=mode)
+  for mode in loader.RESIZE_MODES:
+    out = loader.resize_to(image, 16, mode=mode)
     assert out.shape == (16, 16, 1) and 0.0 <= out.min() and out.max() <= 1.0
-  padded = pipeline.resize_to(image, 16, mode="pad")
+  padded = loader.resize_to(image, 16, mode="pad")
   assert (padded[:4] == 0).all() and (padded[-4:] == 0).all()  # 20 x 40 -> 8 x 16, centred
   rng = np.random.default_rng(1)
-  crops = {pipeline.resize_to(image, 16, mode="crop", crop="random", rng=rng).tobytes()
+  crops = {loader.resize_to(image, 16, mode="crop", crop="random", rng=rng).tobytes()
            for _ in range(5)}
   assert len(crops) > 1
 

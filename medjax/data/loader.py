@@ -5,11 +5,15 @@ crops use grain's per-index RNG. The returned iterator's `get_state()` / `set_st
 exactly where it stopped, including inside an epoch and with worker processes.
 """
 import dataclasses
-import logging
-from typing import Any, Dict, List, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import grain
+import jax
 import numpy as np
+from absl import flags
+from absl import logging
+from PIL import Image
 
 from medjax.data import phantoms
 from medjax.data import picai
@@ -26,10 +30,12 @@ CROP_MODES = ("center", "random")
 _AUTO = "auto"
 
 
-def _names(value: Any) -> List[str]:
-  if isinstance(value, str):
-    return [v.strip() for v in value.split(",") if v.strip()]
-  return [str(v) for v in value]
+def _splits(names: Any, key: str) -> tuple[str, ...]:
+  """`config.data.<key>`: a tuple of split names, each checked."""
+  if isinstance(names, str) or any(n not in splits_lib.SPLITS for n in names):
+    raise MedjaxError(f"config.data.{key}={names!r}: expected a tuple of split names from "
+                      f"{splits_lib.SPLITS}")
+  return tuple(names)
 
 
 def select_records(config: Any, split: str) -> records_lib.DataIndex:
@@ -56,7 +62,7 @@ def select_records(config: Any, split: str) -> records_lib.DataIndex:
   s = config.split
   records = splits_lib.split_records(records, split, mode=s.mode, fractions=s.fractions,
                                      sizes=s.sizes, seed=s.seed, class_names=class_names)
-  if split in _names(config.per_class_splits):
+  if split in _splits(config.per_class_splits, "per_class_splits"):
     records = selection.per_class(records, int(config.per_class), s.seed, class_names,
                                   f"{where}, split {split!r}")
   if not records:
@@ -73,7 +79,6 @@ class BadFile:
 
 
 def _lanczos(image: np.ndarray, height: int, width: int) -> np.ndarray:
-  from PIL import Image  # pylint: disable=import-outside-toplevel
   if image.shape[:2] == (height, width):
     return image
   channels = [
@@ -83,7 +88,7 @@ def _lanczos(image: np.ndarray, height: int, width: int) -> np.ndarray:
 
 
 def resize_to(image: np.ndarray, resolution: int, *, mode: str = "crop", crop: str = "center",
-              rng: Optional[np.random.Generator] = None) -> np.ndarray:
+              rng: np.random.Generator | None = None) -> np.ndarray:
   """(H, W, C) in [0, 1] -> (resolution, resolution, C) with Lanczos resampling.
 
   'crop' scales the shorter side to `resolution` and crops the longer one (centre or random),
@@ -114,7 +119,7 @@ class LoadExample:
   """record -> example dict (or BadFile); runs in grain's threads / worker processes."""
 
   def __init__(self, *, resolution: int, label_names: Sequence[str], class_names: Sequence[str],
-               prompt_config: Dict[str, Any], resize: str, crop: str, flip: bool,
+               prompt_config: dict[str, Any], resize: str, crop: str, flip: bool,
                cache_dir: str = ""):
     if resize not in RESIZE_MODES:
       raise MedjaxError(f"config.data.pipeline.resize={resize!r}: expected one of {RESIZE_MODES}")
@@ -171,7 +176,7 @@ class LoadExample:
     }
 
 
-def _stack(elements: List[Dict[str, Any]]) -> Dict[str, np.ndarray]:
+def _stack(elements: list[dict[str, Any]]) -> dict[str, np.ndarray]:
   return {
       "image": np.stack([e["image"] for e in elements]),
       "prompt": np.array([e["prompt"] for e in elements], dtype=np.str_),
@@ -212,7 +217,7 @@ class DataIterator(grain.DatasetIterator):
     more = f"\n  ... and {len(self.skipped) - 20} more" if len(self.skipped) > 20 else ""
     return f"skipped {self.num_skipped} bad file(s):\n  {lines}{more}"
 
-  def __next__(self) -> Dict[str, np.ndarray]:
+  def __next__(self) -> dict[str, np.ndarray]:
     elements = []
     while len(elements) < self.batch_size:
       try:
@@ -234,10 +239,10 @@ class DataIterator(grain.DatasetIterator):
       elements.append(element)
     return _stack(elements)
 
-  def get_state(self) -> Dict[str, Any]:
+  def get_state(self) -> dict[str, Any]:
     return {"parent": self._parent.get_state(), "read_skips": self._read_skips}
 
-  def set_state(self, state: Dict[str, Any]) -> None:
+  def set_state(self, state: dict[str, Any]) -> None:
     self._parent.set_state(state["parent"])
     self._read_skips = int(state.get("read_skips", 0))
 
@@ -252,9 +257,8 @@ class _BatchDataset(grain.IterDataset):
     return DataIterator(iter(self._parent), **self.options)
 
 
-def _process(process_index: Optional[int], process_count: Optional[int]):
+def _process(process_index: int | None, process_count: int | None):
   if process_index is None or process_count is None:
-    import jax  # pylint: disable=import-outside-toplevel
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
   if not 0 <= process_index < process_count:
@@ -263,9 +267,9 @@ def _process(process_index: Optional[int], process_count: Optional[int]):
 
 
 def make_dataset(config: Any, split: str, batch_size: int, seed: int = 0, resolution: int = 512,
-                 process_index: Optional[int] = None, process_count: Optional[int] = None, *,
-                 num_epochs: Any = _AUTO, shuffle: Optional[bool] = None,
-                 drop_remainder: Optional[bool] = None) -> DataIterator:
+                 process_index: int | None = None, process_count: int | None = None, *,
+                 num_epochs: Any = _AUTO, shuffle: bool | None = None,
+                 drop_remainder: bool | None = None) -> DataIterator:
   """A checkpointable iterator of batches for this process.
 
   Args:
@@ -293,7 +297,8 @@ def make_dataset(config: Any, split: str, batch_size: int, seed: int = 0, resolu
   process_index, process_count = _process(process_index, process_count)
   index = select_records(config, split)
   p = config.pipeline
-  shuffle = split in _names(p.shuffle_splits) if shuffle is None else shuffle
+  if shuffle is None:
+    shuffle = split in _splits(p.shuffle_splits, "pipeline.shuffle_splits")
   num_epochs = (None if shuffle else 1) if num_epochs == _AUTO else num_epochs
   drop_remainder = shuffle if drop_remainder is None else drop_remainder
 
@@ -324,7 +329,6 @@ def make_dataset(config: Any, split: str, batch_size: int, seed: int = 0, resolu
   iter_dataset = dataset.to_iter_dataset(grain.ReadOptions(
       num_threads=int(p.read_threads), prefetch_buffer_size=int(p.prefetch)))
   if int(p.worker_count) > 0:
-    from absl import flags  # pylint: disable=import-outside-toplevel
     if not flags.FLAGS.is_parsed():
       # grain's workers read its absl flags; outside absl.app (scripts, notebooks, pytest)
       # nothing parsed them, so use their defaults instead of failing in the worker.
