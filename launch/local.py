@@ -16,7 +16,6 @@ Only the standard library: it imports no jax. Tests import it and call `launch(.
 """
 import argparse
 import contextlib
-import ctypes
 import os
 import signal
 import socket
@@ -50,23 +49,27 @@ def process_env(base: Mapping[str, str], process_id: int, num_processes: int, po
   return env
 
 
-def _die_with_parent() -> None:
-  """In the child, before exec: SIGKILL if the launcher dies (Linux), so no process is left
-  waiting forever for its peers."""
-  if _PRCTL is not None:
-    _PRCTL(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+# Started in each child before the command (Linux): SIGKILL when the launcher dies, so no process
+# is left waiting forever for its peers; then exec the command (same pid). A shim rather than
+# `preexec_fn`, which runs Python between fork and exec and is unsafe in a threaded parent.
+_PDEATHSIG_SHIM = (
+    "import ctypes, os, signal, sys\n"
+    "try:\n"
+    "  ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG\n"
+    "except (OSError, AttributeError):\n"
+    "  pass\n"
+    "if os.getppid() != int(sys.argv[1]):\n"
+    "  sys.exit(1)  # the launcher is gone already\n"
+    "try:\n"
+    "  os.execvp(sys.argv[2], sys.argv[2:])\n"
+    "except OSError as e:\n"
+    "  sys.exit(f'launch/local.py: cannot run {sys.argv[2]}: {e}')\n")
 
 
-def _prctl():
+def _command(cmd: Sequence[str]) -> list[str]:
   if not sys.platform.startswith("linux"):
-    return None
-  try:
-    return ctypes.CDLL(None).prctl  # looked up in the parent, never between fork and exec
-  except (OSError, AttributeError):
-    return None
-
-
-_PRCTL = _prctl()
+    return list(cmd)
+  return [sys.executable, "-c", _PDEATHSIG_SHIM, str(os.getpid()), *cmd]
 
 
 def _pump(stream, prefix: str, out, lock: threading.Lock) -> None:
@@ -101,12 +104,11 @@ def launch(cmd: Sequence[str], num_processes: int, devices_per_process: int = 1,
   procs, pumps = [], []
   for i in range(num_processes):
     proc = subprocess.Popen(
-        list(cmd), env=process_env(base, i, num_processes, port, devices_per_process), cwd=cwd,
-        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        start_new_session=True,  # a terminal's Ctrl-C reaches them once, through us
-        preexec_fn=_die_with_parent if _PRCTL is not None else None)
+        _command(cmd), env=process_env(base, i, num_processes, port, devices_per_process),
+        cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        start_new_session=True)  # a terminal's Ctrl-C reaches them once, through us
     procs.append(proc)
-  for i, proc in enumerate(procs):  # threads only after the forks (preexec_fn and threads clash)
+  for i, proc in enumerate(procs):
     pumps.append(threading.Thread(target=_pump, args=(proc.stdout, f"[p{i}]", out, lock),
                                   daemon=True))
     pumps[-1].start()
