@@ -4,7 +4,6 @@ config, the orbax manager), tested against an in-memory filesystem registered as
 import importlib
 import os
 import pathlib
-import signal
 
 import jax
 import numpy as np
@@ -121,8 +120,8 @@ def test_run_config_and_orbax_get_the_url(fake_gcs, monkeypatch):
 def test_local_checkpointer_async_save_restore_and_no_preemption(tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
   fresh = checkpoint._Preemption()  # pylint: disable=protected-access
+  monkeypatch.setattr(fresh, "install", lambda *a: None)  # keep pytest's own signal handling
   monkeypatch.setattr(checkpoint, "_PREEMPTION", fresh)
-  monkeypatch.setattr(signal, "signal", lambda *a: None)  # keep pytest's SIGTERM handling
   ckpt = checkpoint.Checkpointer(pathlib.Path("ckpt"), keep=2, every=2, async_save=True)
   assert str(ckpt.directory) == str(tmp_path / "ckpt")
   state = {"w": jax.numpy.arange(4.0)}
