@@ -10,7 +10,7 @@
 # Command-line sbatch options override the #SBATCH defaults below.
 #
 # How it runs: one task per node (`--ntasks-per-node=1`) that sees all of the node's GPUs
-# (`--gpus-per-node=G`). With several nodes, medjax's sharding.maybe_initialize_distributed()
+# (`--gpus-per-node=G`). With several nodes, medjax.distributed.maybe_initialize_distributed()
 # sees SLURM_NTASKS > 1 and calls jax.distributed.initialize(), which reads the coordinator
 # (first node), process count and process id from SLURM's environment; every process then runs
 # the same program over the global mesh. One node is a plain single-process run.

@@ -23,8 +23,9 @@
 #   XLA_FLAGS, LIBTPU_INIT_ARGS  passed on to the workers when set.
 #
 # Multi-host: every worker runs the same command. The script sets JAX_COORDINATOR_ADDRESS to
-# worker 0's internal IP, so medjax's sharding.maybe_initialize_distributed() calls
-# jax.distributed.initialize(), which reads process id and count from the TPU VM metadata.
+# worker 0's internal IP and MEDJAX_DISTRIBUTED=1, so medjax.distributed's
+# maybe_initialize_distributed() calls jax.distributed.initialize(coordinator_address=...), which
+# reads process id and count from the TPU VM metadata.
 # (TPU_WORKER_HOSTNAMES, the other trigger, is set on GKE but not on plain TPU VMs.)
 #
 # Workdir: all workers write checkpoints cooperatively, so it must be shared: a GCS path
@@ -79,7 +80,7 @@ train() {
   local ip env args cmd dir
   ip="$("${GCLOUD[@]}" describe "$TPU" --zone "$ZONE" ${PROJECT_ARGS[@]+"${PROJECT_ARGS[@]}"} \
       --format='value(networkEndpoints[0].ipAddress)')"
-  env="JAX_COORDINATOR_ADDRESS=$ip:$COORD_PORT"
+  env="MEDJAX_DISTRIBUTED=1 JAX_COORDINATOR_ADDRESS=$ip:$COORD_PORT"
   if [ -n "${XLA_FLAGS:-}" ]; then env+=" XLA_FLAGS=$(printf '%q' "$XLA_FLAGS")"; fi
   if [ -n "${LIBTPU_INIT_ARGS:-}" ]; then
     env+=" LIBTPU_INIT_ARGS=$(printf '%q' "$LIBTPU_INIT_ARGS")"

@@ -5,7 +5,6 @@ parallelism whose params and optimizer state are split over devices, ZeRO-3 styl
 split over both axes. Params carry logical axis names (`medjax.models.layers`); configs map them
 to mesh axes with `rules`, a list of `(logical_name, mesh_axis_or_None)` pairs.
 """
-import os
 from collections.abc import Iterable
 from collections.abc import Sequence
 from typing import Any
@@ -32,23 +31,12 @@ DEFAULT_RULES = (
 
 
 def maybe_initialize_distributed() -> None:
-  """Starts multi-host JAX when the environment describes several processes.
+  """Alias kept for callers not yet moved: use `medjax.distributed.maybe_initialize_distributed`.
 
-  SLURM (`SLURM_NTASKS` > 1), an explicit coordinator (`JAX_COORDINATOR_ADDRESS`) and TPU pods
-  (`TPU_WORKER_HOSTNAMES` with several hosts) are detected, and `MEDJAX_DISTRIBUTED=1` forces it
-  (e.g. Cloud TPU VMs, where `initialize()` finds its peers from the VM metadata);
-  `jax.distributed.initialize()` reads the rest from the environment. One process does nothing.
+  TODO(issue 14): delete once train.py / trainer.py import medjax.distributed (same layer).
   """
-  if getattr(maybe_initialize_distributed, "_done", False):
-    return
-  env = os.environ
-  multi = (int(env.get("SLURM_NTASKS", "1") or 1) > 1 or bool(env.get("JAX_COORDINATOR_ADDRESS"))
-           or len(env.get("TPU_WORKER_HOSTNAMES", "").split(",")) > 1
-           or env.get("MEDJAX_DISTRIBUTED", "") == "1")
-  if multi:
-    jax.distributed.initialize()
-    logging.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())
-  maybe_initialize_distributed._done = True
+  from medjax import distributed  # pylint: disable=import-outside-toplevel
+  distributed.maybe_initialize_distributed()
 
 
 def make_mesh(data: int = -1, fsdp: int = 1, devices: Sequence[Any] | None = None) -> Mesh:
