@@ -414,9 +414,9 @@ def paper_b(config: Any, workdir: Path) -> dict:
 
 
 def run_protocol(config: Any, workdir) -> dict:
-  check_config(config, base_config(),
-               free_maps=("data.prompt.class_prompts", "data.prompt.label_texts",
-                          "generation.prompts"))
+  check_train_config(config, base_config(),
+                     free_maps=("data.prompt.class_prompts", "data.prompt.label_texts",
+                                "generation.prompts"))
   if config.protocol not in PROTOCOLS:
     raise MedjaxError(f"config.protocol={config.protocol!r}: expected one of {list(PROTOCOLS)}")
   workdir = Path(workdir)
