@@ -24,7 +24,10 @@ from medjax.convert import diffusers as diffusers_io
 from medjax.convert import embeddings as embeddings_io
 from medjax.convert import single_file
 from medjax.errors import MedjaxError
-from medjax.models import AutoencoderKL, CLIPTextModel, UNet2DConditionModel, clip
+from medjax.models import AutoencoderKL
+from medjax.models import CLIPTextModel
+from medjax.models import UNet2DConditionModel
+from medjax.models import clip
 
 MODEL_CLASSES = {"unet": UNet2DConditionModel, "vae": AutoencoderKL,
                  "text_encoder": CLIPTextModel}
@@ -298,7 +301,7 @@ class StableDiffusion:
     if len(names) != len(paths):
       raise MedjaxError(f"load_embeddings: {len(paths)} files but {len(names)} tokens")
     merged, sources = {}, {}
-    for path, name in zip(paths, names):
+    for path, name in zip(paths, names, strict=True):
       found = embeddings_io.read_embeddings(path, token=name, allow_pickle=allow_pickle)
       for token, emb in found.items():
         if token in merged:

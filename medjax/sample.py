@@ -15,7 +15,8 @@ from absl import flags
 from medjax import cli
 from medjax import schedulers
 from medjax.pipeline import StableDiffusion
-from medjax.sample_files import check_args, sample_to_dir
+from medjax.sample_files import check_args
+from medjax.sample_files import sample_to_dir
 
 FLAGS = flags.FLAGS
 

@@ -10,7 +10,9 @@ import tqdm
 
 from medjax import schedulers
 from medjax.errors import MedjaxError
-from medjax.images import grid, save_png, to_uint8
+from medjax.images import grid
+from medjax.images import save_png
+from medjax.images import to_uint8
 
 
 def check_args(*, num_images, batch_size, steps, scheduler, height, width, outdir) -> None:
@@ -46,7 +48,7 @@ def sample_to_dir(sd, outdir, *, prompt: str, negative_prompt: str = "", num_ima
                          guidance_scale=guidance, scheduler=scheduler, height=height or None,
                          width=width or None, seed=seeds)
     outdir.mkdir(parents=True, exist_ok=True)  # only once the first batch has passed the checks
-    for s, img in zip(seeds, to_uint8(images)):
+    for s, img in zip(seeds, to_uint8(images), strict=True):
       path = outdir / f"sample_{s - seed:04d}.png"
       save_png(img, path, {**meta, "seed": s})
       written.append(path)

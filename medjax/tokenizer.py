@@ -20,8 +20,8 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -43,7 +43,7 @@ TINY_WORDS = (
 ).split()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def bytes_to_unicode() -> dict[int, str]:
   """GPT-2/CLIP's reversible byte -> printable unicode map (the 256 base tokens, in order)."""
   bs = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
@@ -55,7 +55,7 @@ def bytes_to_unicode() -> dict[int, str]:
       bs.append(b)
       cs.append(256 + n)
       n += 1
-  return dict(zip(bs, map(chr, cs)))
+  return dict(zip(bs, map(chr, cs), strict=True))
 
 
 def _vocab(merges: Sequence[tuple[str, str]]) -> list[str]:
@@ -149,7 +149,7 @@ def learn_bpe(words: Iterable[str]) -> list[tuple[str, str]]:
   while True:
     pairs = collections.Counter()
     for w, seq in seqs.items():
-      for pair in zip(seq, seq[1:]):
+      for pair in zip(seq, seq[1:], strict=False):  # neighbours: one shorter
         if pair not in banned:
           pairs[pair] += counts[w]
     if not pairs:

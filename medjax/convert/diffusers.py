@@ -15,8 +15,9 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import flax
 import numpy as np
@@ -113,8 +114,8 @@ def state_dict_to_params(state_dict: Mapping[str, np.ndarray], param_shapes: Any
     used.add(key)
     value = torch_to_flax_array(path[-1], np.asarray(state_dict[key]), len(target.shape))
     if tuple(value.shape) != tuple(target.shape):
-      misshaped.append(f"{key}: got {tuple(state_dict[key].shape)}, "
-                       f"expected {tuple(flax_to_torch_array(path[-1], np.zeros(target.shape, np.int8)).shape)}")
+      want = flax_to_torch_array(path[-1], np.zeros(target.shape, np.int8)).shape
+      misshaped.append(f"{key}: got {tuple(state_dict[key].shape)}, expected {tuple(want)}")
       continue
     params[path] = np.asarray(value, dtype=dtype)
   unexpected = sorted(k for k in state_dict if k not in used and k.startswith(prefix)
@@ -173,7 +174,8 @@ def read_pipeline_index(path) -> dict:
     if not (isinstance(entry, list) and len(entry) == 2):
       raise MedjaxError(f"{path / 'model_index.json'}: no {name!r} component")
     if entry[1] != cls:
-      raise MedjaxError(f"{path / 'model_index.json'}: {name!r} is {entry[1]}, medjax supports {cls}")
+      raise MedjaxError(f"{path / 'model_index.json'}: {name!r} is {entry[1]}, "
+                        f"medjax supports {cls}")
   return index
 
 

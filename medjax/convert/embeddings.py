@@ -11,8 +11,9 @@ Pickles (`.pt`, `.bin`) are only read with `allow_pickle=True`, via `torch.load(
 `StableDiffusion.load_embeddings` adds what these files hold to a model (as diffusers'
 `load_textual_inversion` does; see `medjax.tokenizer` for the token names).
 """
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 

@@ -10,8 +10,9 @@ The names and tensor layouts follow diffusers 0.42's `loaders/single_file_utils.
 NumPy only: no torch, no diffusers.
 """
 import re
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping, NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -146,10 +147,10 @@ def _translate(state_dict: Mapping[str, np.ndarray], rules: list[Rule], *, to_ld
     rule = src[prefix]
     rest = key[len(prefix):]
     module = None
-    for d, l in rule.renames:
-      a, b = (d, l) if to_ldm else (l, d)
+    for diffusers_name, ldm_name in rule.renames:
+      a, b = (diffusers_name, ldm_name) if to_ldm else (ldm_name, diffusers_name)
       if rest.startswith(a + "."):
-        rest, module = b + rest[len(a):], d
+        rest, module = b + rest[len(a):], diffusers_name
         break
     value = np.asarray(value)
     if module in rule.conv1x1 and rest.endswith("weight"):
@@ -372,7 +373,7 @@ def _unfuse_qkv(sd: Mapping[str, np.ndarray]) -> dict:
     if m is None:
       out[key] = value
       continue
-    for name, part in zip("qkv", np.split(np.asarray(value), 3, axis=0)):
+    for name, part in zip("qkv", np.split(np.asarray(value), 3, axis=0), strict=True):
       out[f"{m.group(1)}{name}_proj.{m.group(2)}"] = part
   return out
 

@@ -48,9 +48,10 @@ def read_safetensors(path) -> dict[str, np.ndarray]:
     start, end = info["data_offsets"]
     count = int(np.prod(info["shape"], dtype=np.int64))
     if base + end > size or end - start != count * np.dtype(dtype).itemsize:
-      raise MedjaxError(f"{path}: tensor {name!r} is truncated or corrupt "
-                        f"(expected {count} x {info['dtype']} at bytes {start}..{end}, file has {size})")
-    out[name] = np.frombuffer(buf, dtype=dtype, count=count, offset=base + start).reshape(info["shape"])
+      raise MedjaxError(f"{path}: tensor {name!r} is truncated or corrupt (expected {count} x "
+                        f"{info['dtype']} at bytes {start}..{end}, file has {size})")
+    out[name] = np.frombuffer(buf, dtype=dtype, count=count,
+                              offset=base + start).reshape(info["shape"])
   return out
 
 

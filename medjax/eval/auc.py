@@ -200,7 +200,8 @@ def plot_roc(curves: dict, path, title: str = "ROC", size: int = 560) -> Path:
   matplotlib is not a medjax dependency; PIL draws axes, the chance diagonal, one coloured
   curve per entry and a legend 'name (AUC 0.xxx)'.
   """
-  from PIL import Image, ImageDraw  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from PIL import ImageDraw  # pylint: disable=g-import-not-at-top
   if not curves:
     raise MedjaxError("plot_roc: no curves given")
   path = Path(path)
@@ -228,7 +229,7 @@ def plot_roc(curves: dict, path, title: str = "ROC", size: int = 560) -> Path:
     if fpr.shape != tpr.shape or fpr.ndim != 1 or fpr.size < 2:
       raise MedjaxError(f"plot_roc: curve {name!r} needs 1-D fpr and tpr of one length >= 2")
     color = _COLORS[k % len(_COLORS)]
-    draw.line([to_px(f, t) for f, t in zip(fpr, tpr)], fill=color, width=2)
+    draw.line([to_px(f, t) for f, t in zip(fpr, tpr, strict=True)], fill=color, width=2)
     ly = bottom - 20 - 16 * (len(curves) - 1 - k)
     draw.line([(right - 200, ly + 6), (right - 180, ly + 6)], fill=color, width=3)
     draw.text((right - 175, ly), f"{name} (AUC {float(auc):.3f})", fill="black")

@@ -18,9 +18,13 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from medjax.convert.weights import raise_if_mismatched, read_safetensors, torch_load, torch_to_numpy
+from medjax.convert.weights import raise_if_mismatched
+from medjax.convert.weights import read_safetensors
+from medjax.convert.weights import torch_load
+from medjax.convert.weights import torch_to_numpy
 from medjax.errors import MedjaxError
-from medjax.eval.classifiers import HEAD_NAMES, init_variables
+from medjax.eval.classifiers import HEAD_NAMES
+from medjax.eval.classifiers import init_variables
 
 _LEAF = {("params", "kernel"): "weight", ("params", "scale"): "weight",
          ("params", "bias"): "bias", ("batch_stats", "mean"): "running_mean",

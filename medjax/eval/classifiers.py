@@ -21,7 +21,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from medjax.errors import MedjaxError
-from medjax.models.layers import CONV_H, CONV_IN, CONV_OUT, CONV_W, EMBED, MLP, NORM
+from medjax.models.layers import CONV_H
+from medjax.models.layers import CONV_IN
+from medjax.models.layers import CONV_OUT
+from medjax.models.layers import CONV_W
+from medjax.models.layers import EMBED
+from medjax.models.layers import MLP
+from medjax.models.layers import NORM
 
 Dtype = Any
 

@@ -22,7 +22,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from medjax.errors import MedjaxError
-from medjax.models.layers import CONV_H, CONV_IN, CONV_OUT, CONV_W, NORM
+from medjax.models.layers import CONV_H
+from medjax.models.layers import CONV_IN
+from medjax.models.layers import CONV_OUT
+from medjax.models.layers import CONV_W
+from medjax.models.layers import NORM
 
 INPUT_SIZE = 299
 FEATURE_DIM = 2048

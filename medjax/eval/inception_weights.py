@@ -27,15 +27,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from medjax.convert.weights import (
-  raise_if_mismatched,
-  read_safetensors,
-  torch_load,
-  torch_to_numpy,
-  write_safetensors,
-)
+from medjax.convert.weights import raise_if_mismatched
+from medjax.convert.weights import read_safetensors
+from medjax.convert.weights import torch_load
+from medjax.convert.weights import torch_to_numpy
+from medjax.convert.weights import write_safetensors
 from medjax.errors import MedjaxError
-from medjax.eval.inception import INPUT_SIZE, InceptionV3
+from medjax.eval.inception import INPUT_SIZE
+from medjax.eval.inception import InceptionV3
 
 WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
 WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"

@@ -14,7 +14,11 @@ import numpy as np
 
 from medjax.errors import MedjaxError
 from medjax.models import layers
-from medjax.validation import ANY, check_config, int_at_least, is_int, positive_number
+from medjax.validation import ANY
+from medjax.validation import check_config
+from medjax.validation import int_at_least
+from medjax.validation import is_int
+from medjax.validation import positive_number
 
 Dtype = Any
 

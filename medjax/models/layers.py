@@ -7,7 +7,8 @@ Names of submodules follow diffusers/transformers so `medjax.convert.diffusers` 
 """
 import functools
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -90,10 +91,12 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, num_heads: int,
   """Multi-head scaled dot-product attention on [B, T, H*D] inputs -> [B, T, H*D].
 
   `upcast`: logits and softmax in fp32 (diffusers' `upcast_attention`, needed by SD2.1 in
-  fp16/bf16); always the case here, see below. `mask` is boolean, broadcastable to [B, H, Tq, Tk], True = attend.
+  fp16/bf16); always the case here, see below. `mask` is boolean, broadcastable to
+  [B, H, Tq, Tk], True = attend.
   """
   if implementation not in ATTENTION_IMPLEMENTATIONS:
-    raise ValueError(f"attention implementation {implementation!r} not in {ATTENTION_IMPLEMENTATIONS}")
+    raise ValueError(f"attention implementation {implementation!r} not in "
+                     f"{ATTENTION_IMPLEMENTATIONS}")
   b, tq, width = q.shape
   head_dim = width // num_heads
   split = lambda x: x.reshape(x.shape[0], x.shape[1], num_heads, head_dim)
@@ -110,7 +113,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, num_heads: int,
   return out.astype(out_dtype).reshape(b, tq, width)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _on_gpu() -> bool:
   return jax.default_backend() == "gpu"
 
@@ -318,7 +321,8 @@ class Transformer2DModel(nn.Module):
 
 
 class Downsample2D(nn.Module):
-  """Stride-2 3x3 conv. `padding=0` is the VAE's asymmetric pad (bottom/right only), as diffusers."""
+  """Stride-2 3x3 conv. `padding=0` is the VAE's asymmetric pad (bottom/right only), as in
+  diffusers."""
   out_channels: int
   padding: int = 1
   dtype: Dtype = jnp.float32

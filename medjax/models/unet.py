@@ -6,7 +6,8 @@ diffusers `config.json`; a key medjax does not implement, or a non-default value
 `MedjaxError` naming the key rather than a model that silently computes something else.
 """
 import dataclasses
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -14,8 +15,14 @@ import jax.numpy as jnp
 
 from medjax.errors import MedjaxError
 from medjax.models import layers
-from medjax.validation import (ANY, check_config, is_bool, is_int, is_number, item_or_list, list_of,
-                               positive_number)
+from medjax.validation import ANY
+from medjax.validation import check_config
+from medjax.validation import is_bool
+from medjax.validation import is_int
+from medjax.validation import is_number
+from medjax.validation import item_or_list
+from medjax.validation import list_of
+from medjax.validation import positive_number
 
 Dtype = Any
 

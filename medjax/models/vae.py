@@ -3,7 +3,8 @@
 `encode` returns the diagonal Gaussian's (mean, logvar) and `decode` maps *unscaled* latents to
 images; multiplying by `scaling_factor` is the caller's business, as in diffusers pipelines.
 """
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -11,7 +12,11 @@ import jax.numpy as jnp
 
 from medjax.errors import MedjaxError
 from medjax.models import layers
-from medjax.validation import ANY, check_config, is_int, is_number, list_of
+from medjax.validation import ANY
+from medjax.validation import check_config
+from medjax.validation import is_int
+from medjax.validation import is_number
+from medjax.validation import list_of
 
 Dtype = Any
 

@@ -35,14 +35,24 @@ DPM-Solver algorithms other than 'dpmsolver++' (SDE, 'dpmsolver'), beta / Lu-lam
 sigmas, Euler's 'log_linear' interpolation and 'continuous' timesteps. Also absent: Euler's
 s_churn step arguments and custom timestep / sigma lists in `set_timesteps`.
 """
-# The family modules register themselves on import, in this order (that of NAMES).
+# The family modules register themselves on import (NAMES' order is registry.LISTING_ORDER).
 # pylint: disable=unused-import
-from medjax.schedulers import ddpm, ddim, pndm, euler, dpmsolver  # noqa: F401
-# pylint: enable=unused-import
-from medjax.schedulers.base import Scheduler, SchedulerState
-from medjax.schedulers.registry import REGISTRY, make_scheduler, register, resolve_config
+from medjax.schedulers import ddim  # noqa: F401
+from medjax.schedulers import ddpm  # noqa: F401
+from medjax.schedulers import dpmsolver  # noqa: F401
+from medjax.schedulers import euler  # noqa: F401
+from medjax.schedulers import pndm  # noqa: F401
 from medjax.schedulers import registry as _registry
-from medjax.schedulers.schedule import INERT_KEYS, start_index_for_strength
+
+# pylint: enable=unused-import
+from medjax.schedulers.base import Scheduler
+from medjax.schedulers.base import SchedulerState
+from medjax.schedulers.registry import REGISTRY
+from medjax.schedulers.registry import make_scheduler
+from medjax.schedulers.registry import register
+from medjax.schedulers.registry import resolve_config
+from medjax.schedulers.schedule import INERT_KEYS
+from medjax.schedulers.schedule import start_index_for_strength
 
 # medjax scheduler names, e.g. for command-line choices.
 NAMES = _registry.names()

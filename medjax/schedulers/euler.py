@@ -10,7 +10,8 @@ import numpy as np
 
 from medjax import validation
 from medjax.schedulers import schedule
-from medjax.schedulers.base import Scheduler, SchedulerState
+from medjax.schedulers.base import Scheduler
+from medjax.schedulers.base import SchedulerState
 from medjax.schedulers.registry import register
 
 

@@ -11,8 +11,12 @@ from medjax.errors import MedjaxError
 from medjax.schedulers import schedule
 from medjax.schedulers.base import Scheduler
 
-# medjax name -> family class, in registration order.
+# medjax name -> family class.
 REGISTRY: dict[str, type[Scheduler]] = {}
+# The order names are listed in (command-line choices, error messages): simplest first, as in
+# diffusers' docs. It does not depend on which family module happens to be imported first; a
+# family registered outside it is listed after these.
+LISTING_ORDER = ("ddpm", "ddim", "pndm", "euler", "euler_ancestral", "dpmsolver++")
 
 
 def register(cls: type[Scheduler]) -> type[Scheduler]:
@@ -28,7 +32,8 @@ def register(cls: type[Scheduler]) -> type[Scheduler]:
 
 
 def names() -> tuple[str, ...]:
-  return tuple(REGISTRY)
+  listed = [n for n in LISTING_ORDER if n in REGISTRY]
+  return tuple(listed + [n for n in REGISTRY if n not in LISTING_ORDER])
 
 
 def class_names() -> dict[str, str]:
@@ -45,7 +50,7 @@ def lookup(name: str) -> type[Scheduler]:
   """The family class registered as `name`; a one-line error naming the known ones."""
   if name not in REGISTRY:
     raise MedjaxError(f"scheduler name {name!r} is not supported; expected one of "
-                      f"{', '.join(REGISTRY)}")
+                      f"{', '.join(names())}")
   return REGISTRY[name]
 
 
