@@ -23,8 +23,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Mapping
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
 

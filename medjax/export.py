@@ -11,7 +11,8 @@ from absl import app
 from absl import flags
 
 from medjax import cli
-from medjax.exporter import export, load_source
+from medjax.exporter import export
+from medjax.exporter import load_source
 
 FLAGS = flags.FLAGS
 

@@ -23,7 +23,7 @@ LAYERS = [
     ("convert", ["medjax.convert"]),
     ("assembly", ["medjax.embedded", "medjax.sampling", "medjax.sample_files"]),
     ("pipeline", ["medjax.pipeline", "medjax"]),  # `medjax/__init__` exports StableDiffusion
-    ("objectives", ["medjax.objectives", "medjax.eval.inception", "medjax.eval.classifiers",
+    ("objectives", ["medjax.objectives", "medjax.train_config", "medjax.eval.inception", "medjax.eval.classifiers",
                     "medjax.eval.auc", "medjax.eval.recon", "medjax.eval.fid",
                     "medjax.eval.memorization", "medjax.eval.inception_weights",
                     "medjax.eval.classifier_weights"]),
@@ -49,7 +49,9 @@ def _layer(module: str) -> int:
   best, best_len = None, -1
   for rank, (_, prefixes) in enumerate(LAYERS):
     for prefix in prefixes:
-      if (module == prefix or module.startswith(prefix + ".")) and len(prefix) > best_len:
+      # "medjax" itself names only the package's __init__, not every module below it
+      within = module.startswith(prefix + ".") and prefix != "medjax"
+      if (module == prefix or within) and len(prefix) > best_len:
         best, best_len = rank, len(prefix)
   if best is None:
     raise AssertionError(f"{module} is in no layer of tests/test_structure.py: add it there "
@@ -151,3 +153,21 @@ def test_structure_test_catches_an_upward_import(tmp_path):
   deps = _imports("medjax.models.bad", fake, known)
   assert ("medjax.pipeline", 1) in deps and ("medjax.train", 2) in deps
   assert _layer("medjax.pipeline") > _layer("medjax.models.bad")
+
+
+def test_readme_layout_names_every_module():
+  """README 'Layout' stays the map of the tree: each module (file or package) is named there."""
+  text = (ROOT / "README.md").read_text()
+  start = text.index("## Layout")
+  layout = text[start:text.index("```", text.index("```", start) + 3)]
+  missing = []
+  for path in PACKAGE.rglob("*.py"):
+    rel = path.relative_to(PACKAGE)
+    if rel.name == "__init__.py":
+      continue
+    names = {rel.name, rel.stem}
+    if len(rel.parts) > 1:
+      names.add(f"{rel.parts[0]}/{rel.name}")
+    if not any(n in layout for n in names):
+      missing.append(str(rel))
+  assert not missing, f"README 'Layout' does not name: {sorted(missing)}"
