@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
+import transformers
 
 from medjax.errors import MedjaxError
 
@@ -192,7 +193,6 @@ def load_tokenizer(folder):
                         "expected tokenizer.json, or vocab.json and merges.txt)")
   try:
     json.loads((folder / files[0]).read_text(encoding="utf-8"))
-    import transformers  # pylint: disable=g-import-not-at-top
     return transformers.CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
   except Exception as e:  # corrupt JSON, bad merges, ...: transformers raises many types
     raise MedjaxError(f"{folder}: cannot load the CLIP tokenizer ({type(e).__name__}: {e})") from e

@@ -8,6 +8,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
+from PIL import ImageDraw
 from scipy import stats as scipy_stats
 
 from medjax.atomic import atomic_path
@@ -200,8 +202,6 @@ def plot_roc(curves: dict, path, title: str = "ROC", size: int = 560) -> Path:
   matplotlib is not a medjax dependency; PIL draws axes, the chance diagonal, one coloured
   curve per entry and a legend 'name (AUC 0.xxx)'.
   """
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-  from PIL import ImageDraw  # pylint: disable=g-import-not-at-top
   if not curves:
     raise MedjaxError("plot_roc: no curves given")
   path = Path(path)
