@@ -193,7 +193,8 @@ def to_global(tree, shardings):
   process has all the data anyway (evaluation sets, prompts, seeds); a training loop that reads a
   different shard per process uses `jax.make_array_from_process_local_data` instead.
   """
-  host = lambda x: x if isinstance(x, jax.Array) and not x.is_fully_addressable else np.asarray(x)
+  def host(x):
+    return x if isinstance(x, jax.Array) and not x.is_fully_addressable else np.asarray(x)
   return jax.device_put(jax.tree.map(host, tree), shardings)
 
 

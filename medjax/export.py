@@ -16,7 +16,8 @@ from absl import flags
 
 from medjax import cli
 from medjax import distributed
-from medjax.exporter import export, load_source
+from medjax.exporter import export
+from medjax.exporter import load_source
 
 FLAGS = flags.FLAGS
 

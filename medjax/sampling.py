@@ -23,7 +23,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from medjax import distributed, schedulers, validation
+from medjax import distributed
+from medjax import schedulers
+from medjax import validation
 from medjax.errors import MedjaxError
 
 # Traces of the generation graph per scheduler name (tests check that nothing recompiles).

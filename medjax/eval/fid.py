@@ -27,7 +27,9 @@ from medjax import distributed
 from medjax import sharding
 from medjax.errors import MedjaxError
 from medjax.eval import inception_weights
-from medjax.eval.inception import FEATURE_DIM, INPUT_SIZE, InceptionV3
+from medjax.eval.inception import FEATURE_DIM
+from medjax.eval.inception import INPUT_SIZE
+from medjax.eval.inception import InceptionV3
 
 RESIZE_MODES = ("pytorch-fid", "clean")
 

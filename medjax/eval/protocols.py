@@ -464,6 +464,9 @@ def run_protocol(config: Any, workdir) -> dict:
   if distributed.is_lead():
     workdir.mkdir(parents=True, exist_ok=True)
     atomic.write_text(workdir / "config.json", config.to_json(indent=1) + "\n")
-  results = PROTOCOLS[config.protocol](config, workdir, eval_mesh())
+  mesh = eval_mesh()
+  logging.info("evaluation mesh: %d devices %s over %d process(es)", mesh.devices.size,
+               dict(mesh.shape), jax.process_count())
+  results = PROTOCOLS[config.protocol](config, workdir, mesh)
   distributed.sync("medjax.evaluate: results written")
   return results
