@@ -365,7 +365,8 @@ def train_classifier(config, train_data, val_data=None, mesh=None,
       best = distributed.to_host((state.params, state.batch_stats))
     return metrics
 
-  bar = tqdm(total=cfg.num_steps, unit="step", disable=not cfg.progress, desc=cfg.model)
+  bar = tqdm(total=cfg.num_steps, unit="step", desc=cfg.model,
+             disable=not (cfg.progress and distributed.is_lead()))  # one bar for N processes
   losses, start = [], None
   for step in range(1, cfg.num_steps + 1):
     idx = next(batches)

@@ -229,7 +229,8 @@ def generate_per_class(config: Any, sd, class_names, workdir, mesh=None) -> Spli
   prompts = class_prompts(config, class_names)
   images, labels = [], []
   total = g.num_per_class * len(class_names)
-  bar = tqdm.tqdm(total=total, desc="generate", unit="img", disable=not config.progress_bar)
+  bar = tqdm.tqdm(total=total, desc="generate", unit="img",
+                  disable=not (config.progress_bar and distributed.is_lead()))
   for k, name in enumerate(class_names):
     kept = []
     for start in range(0, g.num_per_class, g.batch_size):
