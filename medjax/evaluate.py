@@ -2,14 +2,18 @@
 
 Runs one evaluation protocol (`medjax.eval.protocols`) and writes results.json, results.md,
 ROC curves and sample grids as PNGs into the workdir.
+
+Runs as one process or as N (`launch/local.py`, SLURM, TPU pods: see README "Launch"): then
+every process runs the protocol over all devices and process 0 writes the files.
 """
 import json
-from pathlib import Path
 
 from absl import flags
 from ml_collections import config_flags
 
 from medjax import cli
+from medjax import distributed
+from medjax import paths
 from medjax.errors import MedjaxError
 from medjax.eval import protocols
 
@@ -24,8 +28,10 @@ def define_flags():
 def main(argv):
   if len(argv) > 1:
     raise MedjaxError(f"unexpected arguments {argv[1:]}")
+  distributed.maybe_initialize_distributed()
   results = protocols.run_protocol(flags.FLAGS.config, flags.FLAGS.workdir)
-  print(Path(flags.FLAGS.workdir, "results.md").read_text())
+  if distributed.is_lead():
+    print((paths.workdir_path(flags.FLAGS.workdir) / "results.md").read_text())
   print(json.dumps({"workdir": flags.FLAGS.workdir, "protocol": results["protocol"]}))
 
 

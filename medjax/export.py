@@ -6,11 +6,16 @@
 The directory is written to a temporary path and renamed when complete, then reloaded and
 checked against the in-memory model (`medjax.exporter`), so an interrupted or faulty export
 never leaves a directory that looks usable.
+
+A training workdir written by several processes (FSDP-split params) exports from one process.
+Run as N processes (e.g. `launch/local.py`, the same cluster job as training), all of them
+restore the checkpoint together and process 0 writes the directory while the others wait.
 """
 from absl import app
 from absl import flags
 
 from medjax import cli
+from medjax import distributed
 from medjax.exporter import export
 from medjax.exporter import load_source
 
@@ -34,10 +39,13 @@ def main(argv):
   del argv
   if not FLAGS.to:
     raise app.UsageError("--to is required")
+  distributed.maybe_initialize_distributed()
   source = FLAGS["from"].value
-  sd = load_source(source, seed=FLAGS.seed, step=FLAGS.step, ema=FLAGS.ema)
-  error = export(sd, FLAGS.to, overwrite=FLAGS.overwrite, dtype=FLAGS.save_dtype)
-  print(f"exported {sd.name} to {FLAGS.to} (reload check: max abs diff {error:.2e})")
+  sd = load_source(source, seed=FLAGS.seed, step=FLAGS.step, ema=FLAGS.ema)  # on every process
+  if distributed.is_lead():  # host arrays from here on: no collectives, so process 0 alone
+    error = export(sd, FLAGS.to, overwrite=FLAGS.overwrite, dtype=FLAGS.save_dtype)
+    print(f"exported {sd.name} to {FLAGS.to} (reload check: max abs diff {error:.2e})")
+  distributed.sync("medjax.export: written")
 
 
 def run():

@@ -3,13 +3,23 @@
 The directory is written to a temporary path and renamed when complete, then reloaded and
 checked against the in-memory model, so an interrupted or faulty export never leaves a
 directory that looks usable. `python -m medjax.export` is its command line.
+
+A training workdir's checkpoint is restored onto whatever devices this run has (`restore_pipeline`:
+orbax reshards, so a checkpoint written by N processes with FSDP-split params loads in one), and
+with several processes onto all of them.
 """
+import dataclasses
 import shutil
 from pathlib import Path
 
 import jax
 import numpy as np
 
+from medjax import checkpoint as checkpoint_lib
+from medjax import distributed
+from medjax import paths
+from medjax import sharding
+from medjax import train_config
 from medjax import trainer
 from medjax.errors import MedjaxError
 from medjax.pipeline import StableDiffusion
@@ -47,13 +57,53 @@ def verify_reload(sd: StableDiffusion, path) -> float:
 
 
 def is_training_workdir(path) -> bool:
-  path = Path(path)
+  path = paths.workdir_path(path)
   return (path / "config.json").is_file() and (path / "checkpoints").is_dir()
+
+
+def default_mesh() -> jax.sharding.Mesh:
+  """One device with one process; with several, every device (each process must call)."""
+  if jax.process_count() == 1:
+    return sharding.make_mesh(1, 1, devices=jax.local_devices()[:1])
+  return sharding.make_mesh(-1, 1)
+
+
+def restore_pipeline(workdir, *, step: int | None = None, ema: bool = True,
+                     mesh: jax.sharding.Mesh | None = None) -> StableDiffusion:
+  """A workdir's trained pipeline (base model + checkpointed params) on `mesh`.
+
+  `trainer.restore_pipeline` with a mesh of choice (default `default_mesh()`): the run's
+  config with this mesh, the state restored onto its shardings (params split by the run's
+  `mesh.rules` over this mesh's `fsdp` axis, replicated over `data`). With several processes
+  every process calls it with the same mesh.
+  """
+  workdir = paths.workdir_path(workdir)
+  raw = checkpoint_lib.read_run_config(workdir)
+  if raw is None:
+    raise MedjaxError(f"{workdir}: no config.json; not a medjax training workdir")
+  mesh = mesh or default_mesh()
+  config = train_config.base_config()
+  config.update_from_flattened_dict(trainer._flatten(raw))  # pylint: disable=protected-access
+  config.mesh.data, config.mesh.fsdp = mesh.shape[sharding.DATA], mesh.shape[sharding.FSDP]
+  config.batch_size, config.grad_accum = sharding.data_parallel_size(mesh), 1
+  run = trainer.setup(config, mesh=mesh)
+  ckpt = checkpoint_lib.Checkpointer(workdir / "checkpoints", keep=10 ** 6)
+  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                          run.state, run.state_shardings)
+  try:
+    state, _, _ = ckpt.restore(abstract, step)
+  finally:
+    ckpt.close()
+  return trainer.trained_pipeline(run, state, ema=ema)
 
 
 def load_source(source: str, *, seed: int = 0, step: int | None = None,
                 ema: bool = True) -> StableDiffusion:
-  """A diffusers directory / single file, a training workdir, or '' (the embedded model)."""
+  """A diffusers directory / single file, a training workdir, or '' (the embedded model).
+
+  The params come back as host (NumPy) arrays on every process, ready to write.
+  """
   if source and is_training_workdir(source):
-    return trainer.restore_pipeline(source, step=step, ema=ema)
+    sd = restore_pipeline(source, step=step, ema=ema)
+    return dataclasses.replace(sd, params=distributed.to_host(sd.params))
   return StableDiffusion.load(source, **({} if source else {"seed": seed}))

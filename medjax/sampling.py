@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from medjax import distributed
 from medjax import schedulers
 from medjax import validation
 from medjax.errors import MedjaxError
@@ -444,7 +445,9 @@ def generate(sd, prompts: str | Sequence[str] | None = None,
     strength: img2img/inpainting noise strength in [0, 1]; 0 returns `image` unchanged.
     eta: DDIM eta.
     prompt_embeds, negative_prompt_embeds: text embeddings [B, 77, D] instead of prompts.
-    mesh, data_axis: shard the batch over this mesh axis (B must divide evenly).
+    mesh, data_axis: shard the batch over this mesh axis (B must divide evenly). The mesh may
+      span several processes: then every process calls `generate` with the same arguments and
+      gets all B images.
 
   Raises:
     MedjaxError for bad input, before anything runs.
@@ -459,7 +462,7 @@ def generate(sd, prompts: str | Sequence[str] | None = None,
   inputs = graph_inputs(sd, req, negative_prompt_embeds)
   fn = _graph(sd.unet, sd.vae, sd.scaling_factor)
   images = fn({"unet": sd.params["unet"], "vae": sd.params["vae"]}, inputs)
-  return np.asarray(images)
+  return distributed.to_host(images)  # with a multi-process mesh: gathered on every process
 
 
 

@@ -1,10 +1,13 @@
 """launch/: sweep planning and its three modes, and the launch scripts' syntax (no jax needed)."""
 import importlib.util
 import json
+import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -205,6 +208,88 @@ def test_slurm_multi_gpu_script_runs_train_on_every_node(tmp_path):
   assert proc.stdout.splitlines()[-7:] == [
       "JAX_LOCAL_DEVICE_IDS=0,1,2,3", "--kill-on-bad-exit=1", "python", "-m", "medjax.train",
       "--config=configs/cxr_unet.py:paper", "--workdir=/shared/a b"]
+
+
+def test_slurm_multi_gpu_script_runs_evaluate_or_export_too(tmp_path):
+  fake = tmp_path / "bin"
+  fake.mkdir()
+  (fake / "srun").write_text('#!/bin/bash\nprintf "%s\\n" "$@"\n')
+  (fake / "srun").chmod(0o755)
+  script = str(ROOT / "launch" / "slurm_multi_gpu.sh")
+  env = {"PATH": f"{fake}:/usr/bin:/bin", "SLURM_GPUS_ON_NODE": "2"}
+  proc = subprocess.run(["bash", script, "--from=/r", "--to=/e"], capture_output=True, text=True,
+                        env={**env, "MEDJAX_MODULE": "medjax.export"}, check=False, timeout=60)
+  assert proc.returncode == 0 and proc.stdout.splitlines()[-5:] == [
+      "python", "-m", "medjax.export", "--from=/r", "--to=/e"], proc.stdout + proc.stderr
+  proc = subprocess.run(["bash", script, "--x"], capture_output=True, text=True, check=False,
+                        env={**env, "MEDJAX_MODULE": "os"}, timeout=60)
+  assert proc.returncode == 2 and "MEDJAX_MODULE=os: expected" in proc.stderr
+
+
+def test_slurm_multi_gpu_script_asks_for_an_early_signal_and_requeue():
+  text = (ROOT / "launch" / "slurm_multi_gpu.sh").read_text()
+  directives = [line for line in text.splitlines() if line.startswith("#SBATCH")]
+  for line in ("#SBATCH --signal=B:USR1@120", "#SBATCH --requeue", "#SBATCH --open-mode=append"):
+    assert line in directives, directives
+
+
+# A stand-in for `srun python -m medjax.train`: runs until SIGTERM, then "saves" and exits 0.
+FAKE_TRAIN = """#!/bin/bash
+echo $$ > "$FAKE_DIR/srun.pid"
+trap 'echo "srun: SIGTERM, saved"; exit 0' TERM
+echo "srun: started"
+while true; do sleep 0.05; done
+"""
+
+
+def _slurm_run(tmp_path):
+  fake = tmp_path / "bin"
+  fake.mkdir()
+  (fake / "srun").write_text(FAKE_TRAIN)
+  (fake / "scontrol").write_text('#!/bin/bash\necho "$*" >> "$FAKE_DIR/scontrol.log"\n')
+  for name in ("srun", "scontrol"):
+    (fake / name).chmod(0o755)
+  env = {"PATH": f"{fake}:/usr/bin:/bin", "SLURM_GPUS_ON_NODE": "1", "SLURM_JOB_ID": "4242",
+         "FAKE_DIR": str(tmp_path)}
+  proc = subprocess.Popen(["bash", str(ROOT / "launch" / "slurm_multi_gpu.sh"),
+                           "--config=configs/cxr_unet.py", "--workdir=/shared/x"], env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  lines = []
+  while not lines or "srun: started" not in lines[-1]:
+    lines.append(proc.stdout.readline())
+    assert lines[-1], "".join(lines)
+  return proc, "".join(lines)
+
+
+@pytest.mark.parametrize("signal_from", ["early signal", "sigterm to the job"])
+def test_slurm_multi_gpu_script_stops_the_run_exits_0_and_requeues(tmp_path, signal_from):
+  proc, head = _slurm_run(tmp_path)
+  if signal_from == "early signal":  # --signal=B:USR1@120: the batch shell only
+    os.kill(proc.pid, signal.SIGUSR1)
+  else:  # SLURM signals every process of the job: the batch shell must not add a second one
+    os.kill(proc.pid, signal.SIGTERM)
+    time.sleep(0.5)
+    assert proc.poll() is None  # it waits for the run
+    os.kill(int((tmp_path / "srun.pid").read_text()), signal.SIGTERM)
+  out = head + proc.communicate(timeout=30)[0]
+  assert proc.returncode == 0, out
+  assert out.count("srun: SIGTERM, saved") == 1, out
+  assert "requeueing job 4242" in out
+  assert (tmp_path / "scontrol.log").read_text() == "requeue 4242\n"
+
+
+def test_slurm_multi_gpu_script_passes_a_failure_on_and_does_not_requeue(tmp_path):
+  fake = tmp_path / "bin"
+  fake.mkdir()
+  (fake / "srun").write_text("#!/bin/bash\nexit 3\n")
+  (fake / "scontrol").write_text(f"#!/bin/bash\ntouch {tmp_path}/scontrol-called\n")
+  for name in ("srun", "scontrol"):
+    (fake / name).chmod(0o755)
+  proc = subprocess.run(["bash", str(ROOT / "launch" / "slurm_multi_gpu.sh"), "--workdir=/x"],
+                        env={"PATH": f"{fake}:/usr/bin:/bin", "SLURM_GPUS_ON_NODE": "1"},
+                        capture_output=True, text=True, check=False, timeout=60)
+  assert proc.returncode == 3, proc.stdout + proc.stderr
+  assert not (tmp_path / "scontrol-called").exists()
 
 
 @pytest.mark.skipif(shutil.which("bash") is None, reason="no bash")

@@ -29,6 +29,7 @@ from flax import struct
 from flax.training import train_state
 from tqdm.auto import tqdm
 
+from medjax import distributed
 from medjax import sharding
 from medjax.errors import MedjaxError
 from medjax.eval import auc as auc_lib
@@ -173,7 +174,9 @@ def predict(state: ClassifierState, images, batch_size: int = 64, logits: bool =
 
   Binary: P(positive) [N]; multilabel: per-label sigmoid [N, L]; multiclass: softmax [N, K]
   (`logits=True`: raw logits). One compiled program per image shape: the last batch is padded.
-  With `mesh`, batches are split over its data axes (batch_size must divide evenly).
+  With `mesh`, batches are split over its data axes (batch_size must divide evenly; it is capped
+  at N rounded up to the data-parallel size). The mesh may span several processes: then every
+  process passes the same images and gets all N scores.
   """
   images = np.asarray(images, np.float32)
   if images.ndim != 4:
@@ -181,14 +184,17 @@ def predict(state: ClassifierState, images, batch_size: int = 64, logits: bool =
   n = images.shape[0]
   if n == 0:
     raise MedjaxError("predict: no images")
-  batch_size = min(batch_size, n) if mesh is None else batch_size
-  if mesh is not None:
+  if mesh is None:
+    batch_size = min(batch_size, n)
+  else:
     sharding.check_batch_size(batch_size, mesh, "predict batch_size")
+    per = sharding.data_parallel_size(mesh)
+    batch_size = min(batch_size, -(-n // per) * per)
   fn = _predict_fn(state.apply_fn, state.task, state.image_size, state.in_channels,
                    state.normalize, logits)
   params, batch_stats = state.params, state.batch_stats
   if mesh is not None:
-    params, batch_stats = jax.device_put((params, batch_stats), sharding.replicated(mesh))
+    params, batch_stats = distributed.to_global((params, batch_stats), sharding.replicated(mesh))
   out = []
   for start in range(0, n, batch_size):
     batch = images[start:start + batch_size]
@@ -197,8 +203,8 @@ def predict(state: ClassifierState, images, batch_size: int = 64, logits: bool =
       batch = np.concatenate([batch, np.zeros((batch_size - count,) + batch.shape[1:],
                                               batch.dtype)])
     if mesh is not None:
-      batch = sharding.shard_batch({"image": batch}, mesh)["image"]
-    out.append(np.asarray(jax.device_get(fn(params, batch_stats, batch)))[:count])
+      batch = distributed.to_global(batch, sharding.batch_sharding(mesh))
+    out.append(distributed.to_host(fn(params, batch_stats, batch))[:count])
   return np.concatenate(out)
 
 
@@ -298,7 +304,9 @@ def train_classifier(config, train_data, val_data=None, mesh=None,
     config: `default_config()` or a dict/ConfigDict overriding some of its fields.
     train_data, val_data: (images, labels) or {'image', 'label'} (see the module docstring).
     mesh: a `jax.sharding.Mesh` (e.g. `medjax.sharding.make_mesh()`): batches are split over its
-      data axes, params replicated. None: default device.
+      data axes, params replicated. None: default device. A mesh over several processes needs
+      the same call (same data and config) on every process; each feeds its devices' rows of
+      the batches, which every process draws alike.
     variables: initial {'params', 'batch_stats'} (e.g. ImageNet via
       `medjax.eval.classifier_weights`).
 
@@ -339,7 +347,7 @@ def train_classifier(config, train_data, val_data=None, mesh=None,
                        _adam(float(cfg.learning_rate)), task=cfg.task, normalize=cfg.normalize,
                        variables=variables)
   if mesh is not None:
-    state = jax.device_put(state, sharding.replicated(mesh))
+    state = distributed.to_global(state, sharding.replicated(mesh))
   rng = np.random.default_rng(cfg.seed)
   batches = _batch_indices(images.shape[0], cfg.batch_size, rng)
   history = {"step": [], "loss": [], "val_step": [], "val_auc": [], "val_accuracy": [],
@@ -354,16 +362,18 @@ def train_classifier(config, train_data, val_data=None, mesh=None,
     history["val_accuracy"].append(metrics["accuracy"])
     if history["best_val_auc"] is None or metrics["auc"] > history["best_val_auc"]:
       history["best_val_auc"], history["best_step"] = metrics["auc"], step
-      best = jax.device_get((state.params, state.batch_stats))
+      best = distributed.to_host((state.params, state.batch_stats))
     return metrics
 
-  bar = tqdm(total=cfg.num_steps, unit="step", disable=not cfg.progress, desc=cfg.model)
+  bar = tqdm(total=cfg.num_steps, unit="step", desc=cfg.model,
+             disable=not (cfg.progress and distributed.is_lead()))  # one bar for N processes
   losses, start = [], None
   for step in range(1, cfg.num_steps + 1):
     idx = next(batches)
     flip = rng.random(cfg.batch_size) < 0.5 if cfg.augment_flip else None
     batch = _make_batch(images, labels, idx, cfg.task, flip)
-    batch = sharding.shard_batch(batch, mesh) if mesh is not None else batch
+    if mesh is not None:  # every process has the whole batch: it keeps its devices' rows
+      batch = distributed.to_global(batch, sharding.batch_sharding(mesh))
     state, metrics = train_step(state, batch)
     losses.append(metrics["loss"])
     if step == 1:
@@ -385,7 +395,8 @@ def train_classifier(config, train_data, val_data=None, mesh=None,
     if cfg.select == "best" and history["best_step"] != cfg.num_steps:
       params, batch_stats = best
       if mesh is not None:
-        params, batch_stats = jax.device_put((params, batch_stats), sharding.replicated(mesh))
+        params, batch_stats = distributed.to_global((params, batch_stats),
+                                                    sharding.replicated(mesh))
       state = state.replace(params=params, batch_stats=batch_stats)
   bar.close()
   return state, history

@@ -23,6 +23,7 @@ import numpy as np
 from PIL import Image
 from scipy import linalg
 
+from medjax import distributed
 from medjax import sharding
 from medjax.errors import MedjaxError
 from medjax.eval import inception_weights
@@ -124,7 +125,9 @@ def inception_features(params, images, batch_size: int = 50, mesh: jax.sharding.
   `params`: the variables dict (`{'params', 'batch_stats'}`) from `load_inception` or
   `random_inception`. Batches of min(batch_size, N) images (the last one zero-padded), so one
   compile per image size. With `mesh`, each batch is split over its data axes (`data`, `fsdp`)
-  and params replicated; the batch is rounded up to a multiple of the data-parallel size.
+  and params replicated; the batch is rounded up to a multiple of the data-parallel size. A mesh
+  over several processes needs the same call on every process (each feeds its devices' rows);
+  all of them get all N features.
   """
   if resize not in RESIZE_MODES:
     raise MedjaxError(f"resize={resize!r}: expected one of {RESIZE_MODES}")
@@ -144,7 +147,7 @@ def inception_features(params, images, batch_size: int = 50, mesh: jax.sharding.
     per = sharding.data_parallel_size(mesh)
     bs = -(-bs // per) * per
     batch_sharding = sharding.batch_sharding(mesh)
-    params = jax.device_put(params, sharding.replicated(mesh))
+    params = distributed.to_global(params, sharding.replicated(mesh))
   module = InceptionV3()
   out, shape = [], []
   for start in range(0, n, bs):
@@ -157,8 +160,8 @@ def inception_features(params, images, batch_size: int = 50, mesh: jax.sharding.
     if stop - start < bs:
       batch = np.concatenate([batch, np.zeros((bs - (stop - start),) + batch.shape[1:],
                                               batch.dtype)])
-    x = jax.device_put(batch, batch_sharding) if batch_sharding is not None else batch
-    out.append(np.asarray(_forward(module, params, x))[:stop - start])
+    x = distributed.to_global(batch, batch_sharding) if batch_sharding is not None else batch
+    out.append(distributed.to_host(_forward(module, params, x))[:stop - start])
   return np.concatenate(out)
 
 

@@ -7,21 +7,30 @@ paper_b  (Chambon et al.) the VAE's reconstruction table (RMSE, PSNR, SSIM, MS-S
          reconstructions) and a classifier trained on real images scoring generated images per
          prompt class (accuracy, AUC).
 Both write results.json, results.md, ROC PNGs and sample grids into the workdir.
+
+Multi-process (`launch/local.py`, SLURM, TPU pods): every process runs the whole protocol over
+one mesh of all devices (`eval_mesh`), so generation, classifier training, Inception features
+and the VAE round trip are split over every device. Each process reads the (small) evaluation
+splits in full and feeds its devices' rows of each batch; results come back to every process
+(`medjax.distributed.to_host`). Process 0 alone writes files; the others wait for it.
 """
 import dataclasses
 import json
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
+import jax
 import ml_collections
 import numpy as np
 import tqdm
 from absl import logging
 
 from medjax import atomic
+from medjax import distributed
+from medjax import exporter
 from medjax import images as images_lib
-from medjax import trainer
+from medjax import paths
+from medjax import sharding
 from medjax.data import make_dataset
 from medjax.data.defaults import default_config as data_config
 from medjax.errors import MedjaxError
@@ -147,11 +156,16 @@ class Split:
   class_names: tuple
 
 
+def eval_mesh() -> jax.sharding.Mesh:
+  """Every device of every process on the data axis: batches split, params replicated."""
+  return sharding.make_mesh(-1, 1)
+
+
 def load_split(config: Any, split: str) -> Split:
-  """All images of one split, in order, as arrays."""
+  """All images of one split, in order, as arrays (every process reads the whole split)."""
   data = make_dataset(config.data, split, batch_size=8, seed=config.seed,
-                      resolution=config.resolution, num_epochs=1, shuffle=False,
-                      drop_remainder=False)
+                      resolution=config.resolution, process_index=0, process_count=1,
+                      num_epochs=1, shuffle=False, drop_remainder=False)
   images, labels = [], []
   for batch in data:
     images.append(np.asarray(batch["image"], np.float32))
@@ -172,16 +186,24 @@ def binary(split: Split, pos: int) -> np.ndarray:
   return (split.labels == pos).astype(np.float32)
 
 
-def load_model(config: Any):
-  """The pipeline to generate with: a training workdir, or base weights + embedding files."""
+def load_model(config: Any, mesh: jax.sharding.Mesh | None = None):
+  """The pipeline to generate with: a training workdir, or base weights + embedding files.
+
+  With `mesh`, its params are replicated over the mesh (which may span processes).
+  """
   m = config.model
   if m.train_workdir:
-    sd = trainer.restore_pipeline(m.train_workdir)
+    sd = exporter.restore_pipeline(m.train_workdir, mesh=mesh)
+    sd = dataclasses.replace(sd, params=distributed.to_host(sd.params))
   elif m.pretrained:
     sd = StableDiffusion.from_pretrained(m.pretrained)
   else:
     sd = StableDiffusion.embedded(seed=m.embedded_seed)
-  return sd.load_embeddings(list(m.embeddings)) if m.embeddings else sd
+  sd = sd.load_embeddings(list(m.embeddings)) if m.embeddings else sd
+  if mesh is None:
+    return sd
+  return dataclasses.replace(sd, params=distributed.to_global(sd.params,
+                                                              sharding.replicated(mesh)))
 
 
 def class_prompts(config: Any, class_names) -> dict[str, str]:
@@ -196,30 +218,39 @@ def class_prompts(config: Any, class_names) -> dict[str, str]:
   return out
 
 
-def generate_per_class(config: Any, sd, class_names, workdir: Path) -> Split:
-  """`num_per_class` images per class prompt (seeded), plus a grid PNG per class."""
+def generate_per_class(config: Any, sd, class_names, workdir, mesh=None) -> Split:
+  """`num_per_class` images per class prompt (seeded), plus a grid PNG per class.
+
+  With `mesh`, each batch is split over its data axis (padded with extra seeds to a multiple of
+  its size; an image depends only on its own seed, so the padding changes no image).
+  """
   g = config.generation
+  per = 1 if mesh is None else mesh.shape[sharding.DATA]
   prompts = class_prompts(config, class_names)
   images, labels = [], []
   total = g.num_per_class * len(class_names)
-  bar = tqdm.tqdm(total=total, desc="generate", unit="img", disable=not config.progress_bar)
+  bar = tqdm.tqdm(total=total, desc="generate", unit="img",
+                  disable=not (config.progress_bar and distributed.is_lead()))
   for k, name in enumerate(class_names):
     kept = []
     for start in range(0, g.num_per_class, g.batch_size):
       n = min(g.batch_size, g.num_per_class - start)
-      seeds = [config.seed * 1_000_003 + k * 100_003 + start + i for i in range(n)]
-      out = np.asarray(sd.generate([prompts[name]] * n, num_inference_steps=g.num_inference_steps,
-                                   guidance_scale=g.guidance_scale, scheduler=g.scheduler,
-                                   height=config.resolution, width=config.resolution, seed=seeds))
-      kept.append(out)
+      padded = -(-n // per) * per
+      seeds = [config.seed * 1_000_003 + k * 100_003 + start + i for i in range(padded)]
+      out = sd.generate([prompts[name]] * padded, num_inference_steps=g.num_inference_steps,
+                        guidance_scale=g.guidance_scale, scheduler=g.scheduler,
+                        height=config.resolution, width=config.resolution, seed=seeds, mesh=mesh,
+                        data_axis=sharding.DATA)
+      kept.append(np.asarray(out)[:n])
       bar.update(n)
     class_images = np.concatenate(kept)
     images.append(class_images * 2 - 1)
     labels.append(np.full(len(class_images), k))
-    grid = images_lib.grid(images_lib.to_uint8(class_images[:16]))
-    images_lib.save_png(grid, workdir / f"samples_{name}.png",
-                        {"synthetic": "true", "generator": "medjax.evaluate",
-                         "prompt": prompts[name], "model": sd.name})
+    if distributed.is_lead():
+      grid = images_lib.grid(images_lib.to_uint8(class_images[:16]))
+      images_lib.save_png(grid, workdir / f"samples_{name}.png",
+                          {"synthetic": "true", "generator": "medjax.evaluate",
+                           "prompt": prompts[name], "model": sd.name})
   bar.close()
   return Split(np.concatenate(images), np.concatenate(labels), tuple(class_names))
 
@@ -247,7 +278,7 @@ def fid_notes(config: Any, weights_note: str | None) -> list[str]:
   return notes
 
 
-def fid_between(config: Any, params, a: np.ndarray, b: np.ndarray) -> float:
+def fid_between(config: Any, params, a: np.ndarray, b: np.ndarray, mesh=None) -> float:
   """FID between two image sets in [-1, 1] (the first `fid.max_images` of each)."""
   cap = config.fid.max_images or None
   a, b = a[:cap], b[:cap]
@@ -255,21 +286,22 @@ def fid_between(config: Any, params, a: np.ndarray, b: np.ndarray) -> float:
     if len(x) < 2:
       raise MedjaxError(f"FID: the {name} image set has {len(x)} image(s); at least 2 needed")
   feats = [fid_lib.inception_features(params, (x + 1) / 2, batch_size=config.fid.batch_size,
-                                      resize=config.fid.resize) for x in (a, b)]
+                                      mesh=mesh, resize=config.fid.resize) for x in (a, b)]
   if config.fid.dims:
     feats = [f[:, :config.fid.dims] for f in feats]
   return float(fid_lib.frechet_distance(*fid_lib.statistics(feats[0]),
                                         *fid_lib.statistics(feats[1])))
 
 
-def train_and_score(config: Any, train: Split, val: Split, test: Split, pos: int, seed: int):
-  """Trains the configured classifier; returns (scores on test, metrics dict, state)."""
+def train_and_score(config: Any, train: Split, val: Split, test: Split, pos: int, seed: int,
+                    mesh=None):
+  """Trains the configured classifier (over `mesh`); returns (scores on test, metrics, state)."""
   cfg = ml_collections.ConfigDict(config.classifier.to_dict())
   cfg.seed = seed
   cfg.task = "binary"
   state, history = classifier_train.train_classifier(
-      cfg, (train.images, binary(train, pos)), (val.images, binary(val, pos)))
-  scores = classifier_train.predict(state, test.images, cfg.predict_batch_size)
+      cfg, (train.images, binary(train, pos)), (val.images, binary(val, pos)), mesh=mesh)
+  scores = classifier_train.predict(state, test.images, cfg.predict_batch_size, mesh=mesh)
   y = binary(test, pos)
   metrics = {"auc": auc_lib.roc_auc(y, scores), **auc_lib.threshold_metrics(y, scores),
              "best_step": history.get("best_step")}
@@ -278,8 +310,10 @@ def train_and_score(config: Any, train: Split, val: Split, test: Split, pos: int
 
 # -- reports -------------------------------------------------------------------------------------
 
-def write_report(workdir: Path, results: dict, table: list[list[str]], title: str) -> None:
-  """results.json and results.md, each written to a temp file and renamed."""
+def write_report(workdir, results: dict, table: list[list[str]], title: str) -> None:
+  """results.json and results.md, each written to a temp file and renamed (by process 0)."""
+  if not distributed.is_lead():
+    return
   atomic.write_text(workdir / "results.json", json.dumps(results, indent=1, default=_json) + "\n")
   lines = [f"# {title}", ""]
   if results.get("notes"):
@@ -305,16 +339,17 @@ def fmt(x: float, digits: int = 3) -> str:
 # -- paper A ---------------------------------------------------------------------------------------
 
 @register("paper_a")
-def paper_a(config: Any, workdir: Path) -> dict:
+def paper_a(config: Any, workdir, mesh=None) -> dict:
   """Real vs real + synthetic vs synthetic-only classifiers; FID of generated vs training."""
+  workdir, mesh = paths.workdir_path(workdir), mesh or eval_mesh()
   train, val, test = (load_split(config, s) for s in ("train", "val", "test"))
   pos = positive_index(config, train.class_names)
   for name, split in (("train", train), ("val", val), ("test", test)):
     if len(np.unique(binary(split, pos))) < 2:
       raise MedjaxError(f"the {name} split holds one class only ({len(split.labels)} images): "
                         "AUC needs both; use more images (config.data.split.sizes)")
-  sd = load_model(config)
-  synth = generate_per_class(config, sd, train.class_names, workdir)
+  sd = load_model(config, mesh)
+  synth = generate_per_class(config, sd, train.class_names, workdir, mesh)
   sets = {"real": train, "synthetic": synth,
           "real+synthetic": Split(np.concatenate([train.images, synth.images]),
                                   np.concatenate([train.labels, synth.labels]),
@@ -329,7 +364,7 @@ def paper_a(config: Any, workdir: Path) -> dict:
   for repeat in range(config.repeats):
     for s in settings:
       scores, metrics, _ = train_and_score(config, sets[s], val, test, pos,
-                                           config.seed + repeat)
+                                           config.seed + repeat, mesh)
       runs[s].append(metrics)
       if repeat == 0:
         fpr, tpr, _ = auc_lib.roc_curve(y_test, scores)
@@ -338,12 +373,13 @@ def paper_a(config: Any, workdir: Path) -> dict:
           metrics["auc_ci"] = auc_lib.bootstrap_ci(y_test, scores, n=config.bootstrap,
                                                    seed=config.seed)
   params, note = inception_params(config)
-  fid = {"all": fid_between(config, params, synth.images, train.images)}
+  fid = {"all": fid_between(config, params, synth.images, train.images, mesh)}
   for k, name in enumerate(train.class_names):
     a, b = synth.images[synth.labels == k], train.images[train.labels == k]
     if len(a) >= 2 and len(b) >= 2:
-      fid[name] = fid_between(config, params, a, b)
-  auc_lib.plot_roc(curves, workdir / "roc.png", title="Test ROC (repeat 1)")
+      fid[name] = fid_between(config, params, a, b, mesh)
+  if distributed.is_lead():
+    auc_lib.plot_roc(curves, workdir / "roc.png", title="Test ROC (repeat 1)")
   summary = {s: _mean_std([r["auc"] for r in runs[s]]) for s in settings}
   results = {"protocol": "paper_a", "summary_auc": summary, "runs": runs, "fid": fid,
              "sizes": {"real_train": len(train.labels), "synthetic": len(synth.labels),
@@ -368,24 +404,25 @@ def _mean_std(values) -> dict:
 # -- paper B ---------------------------------------------------------------------------------------
 
 @register("paper_b")
-def paper_b(config: Any, workdir: Path) -> dict:
+def paper_b(config: Any, workdir, mesh=None) -> dict:
   """VAE reconstruction table; a real-trained classifier scoring generated images per class."""
+  workdir, mesh = paths.workdir_path(workdir), mesh or eval_mesh()
   train, val, test = (load_split(config, s) for s in ("train", "val", "test"))
   pos = positive_index(config, train.class_names)
-  sd = load_model(config)
+  sd = load_model(config, mesh)
   # VAE study on real test images.
   originals = test.images[:config.recon.num_images]
-  recon_metrics = recon.vae_roundtrip_metrics(sd, (originals + 1) / 2,
-                                              batch_size=config.recon.batch_size)
-  reconstructed = np.clip(np.concatenate([
-      np.asarray(sd.decode_latents(sd.encode_images(originals[i:i + config.recon.batch_size])))
-      for i in range(0, len(originals), config.recon.batch_size)]), -1, 1)
+  recon_metrics, decoded = recon.vae_roundtrip(sd, (originals + 1) / 2,
+                                               batch_size=config.recon.batch_size, mesh=mesh)
+  reconstructed = np.clip(decoded, -1, 1)
   params, note = inception_params(config)
-  recon_metrics["fid"] = fid_between(config, params, reconstructed, originals)
+  recon_metrics["fid"] = fid_between(config, params, reconstructed, originals, mesh)
   # Classifier on real images, then on generated ones.
-  real_scores, real_metrics, state = train_and_score(config, train, val, test, pos, config.seed)
-  synth = generate_per_class(config, sd, train.class_names, workdir)
-  scores = classifier_train.predict(state, synth.images, config.classifier.predict_batch_size)
+  real_scores, real_metrics, state = train_and_score(config, train, val, test, pos, config.seed,
+                                                     mesh)
+  synth = generate_per_class(config, sd, train.class_names, workdir, mesh)
+  scores = classifier_train.predict(state, synth.images, config.classifier.predict_batch_size,
+                                    mesh=mesh)
   y = binary(synth, pos)
   per_class = {name: {"accuracy": float(np.mean((scores[synth.labels == k] >= 0.5)
                                                 == (k == pos)))}
@@ -394,9 +431,10 @@ def paper_b(config: Any, workdir: Path) -> dict:
                "per_class": per_class}
   fpr, tpr, _ = auc_lib.roc_curve(binary(test, pos), real_scores)
   gfpr, gtpr, _ = auc_lib.roc_curve(y, scores)
-  auc_lib.plot_roc({"real test": (fpr, tpr, real_metrics["auc"]),
-                    "generated": (gfpr, gtpr, generated["auc"])}, workdir / "roc.png",
-                   title="Classifier trained on real images")
+  if distributed.is_lead():
+    auc_lib.plot_roc({"real test": (fpr, tpr, real_metrics["auc"]),
+                      "generated": (gfpr, gtpr, generated["auc"])}, workdir / "roc.png",
+                     title="Classifier trained on real images")
   results = {"protocol": "paper_b", "vae_reconstruction": recon_metrics,
              "classifier_real_test": real_metrics, "classifier_on_generated": generated,
              "notes": fid_notes(config, note)}
@@ -414,12 +452,22 @@ def paper_b(config: Any, workdir: Path) -> dict:
 
 
 def run_protocol(config: Any, workdir) -> dict:
+  """Runs `config.protocol`; with several processes, call it on all (see the module docstring).
+
+  Every process returns the same results; process 0 has written the files when it returns.
+  """
   check_train_config(config, base_config(),
                      free_maps=("data.prompt.class_prompts", "data.prompt.label_texts",
                                 "generation.prompts"))
   if config.protocol not in PROTOCOLS:
     raise MedjaxError(f"config.protocol={config.protocol!r}: expected one of {list(PROTOCOLS)}")
-  workdir = Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
-  atomic.write_text(workdir / "config.json", config.to_json(indent=1) + "\n")
-  return PROTOCOLS[config.protocol](config, workdir)
+  workdir = paths.workdir_path(workdir)
+  if distributed.is_lead():
+    workdir.mkdir(parents=True, exist_ok=True)
+    atomic.write_text(workdir / "config.json", config.to_json(indent=1) + "\n")
+  mesh = eval_mesh()
+  logging.info("evaluation mesh: %d devices %s over %d process(es)", mesh.devices.size,
+               dict(mesh.shape), jax.process_count())
+  results = PROTOCOLS[config.protocol](config, workdir, mesh)
+  distributed.sync("medjax.evaluate: results written")
+  return results

@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from medjax import distributed
+from medjax import sharding
 from medjax.errors import MedjaxError
 
 MS_SSIM_BETAS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
@@ -188,13 +190,24 @@ def reconstruction_metrics(x, y, data_range: float = 1.0, with_ms_ssim: bool | N
   return out
 
 
-def vae_roundtrip_metrics(sd, images, batch_size: int = 8) -> dict[str, float]:
+def vae_roundtrip_metrics(sd, images, batch_size: int = 8, mesh=None) -> dict[str, float]:
   """Mean reconstruction metrics of `sd`'s VAE (encode posterior mean -> decode) per image.
 
   `images`: NHWC in [0, 1] (H, W multiples of the VAE factor). They go to the VAE as
   2x-1 in [-1, 1]; the decoded [-1, 1] output is mapped back and clipped to [0, 1] before the
   metrics (data range 1). Returns {'rmse', 'psnr', 'ssim'[, 'ms_ssim'], 'num_images'}; the
   means are over images (PSNR averaged in dB; an exact reconstruction would be +inf).
+  `mesh`: see `vae_roundtrip`.
+  """
+  return vae_roundtrip(sd, images, batch_size, mesh)[0]
+
+
+def vae_roundtrip(sd, images, batch_size: int = 8, mesh=None) -> tuple[dict, np.ndarray]:
+  """(`vae_roundtrip_metrics`, the decoded images NHWC in [-1, 1], unclipped, on the host).
+
+  With `mesh` (`medjax.sharding.make_mesh`), each batch is split over its data axes (padded to a
+  multiple of the data-parallel size); the mesh may span several processes, which then all make
+  the same call and all get the same results.
   """
   images = np.asarray(images, np.float32)
   if images.ndim != 4:
@@ -206,19 +219,27 @@ def vae_roundtrip_metrics(sd, images, batch_size: int = 8) -> dict[str, float]:
   if n == 0:
     raise MedjaxError("vae_roundtrip_metrics: no images")
   sums: dict[str, float] = {}
+  decoded = []
   for start in range(0, n, batch_size):
     batch = images[start:start + batch_size]
     count = batch.shape[0]
-    if count < batch_size and n > batch_size:  # pad the last batch: one compiled shape
-      batch = np.concatenate([batch, np.repeat(batch[-1:], batch_size - count, 0)])
-    recon = sd.decode_latents(sd.encode_images(jnp.asarray(batch) * 2.0 - 1.0))
-    recon = jnp.clip((recon + 1.0) / 2.0, 0.0, 1.0)
-    values = jax.device_get(reconstruction_metrics(batch, recon, data_range=1.0))
+    size = batch_size if n > batch_size else count  # pad the last batch: one compiled shape
+    if mesh is not None:
+      per = sharding.data_parallel_size(mesh)
+      size = -(-size // per) * per
+    if count < size:
+      batch = np.concatenate([batch, np.repeat(batch[-1:], size - count, 0)])
+    if mesh is not None:
+      batch = distributed.to_global(batch, sharding.batch_sharding(mesh))
+    out = sd.decode_latents(sd.encode_images(jnp.asarray(batch) * 2.0 - 1.0))
+    decoded.append(distributed.to_host(out)[:count])
+    recon = jnp.clip((out + 1.0) / 2.0, 0.0, 1.0)
+    values = distributed.to_host(reconstruction_metrics(batch, recon, data_range=1.0))
     for key, v in values.items():
       sums[key] = sums.get(key, 0.0) + float(np.sum(np.asarray(v, np.float64)[:count]))
-  out = {k: v / n for k, v in sums.items()}
-  out["num_images"] = n
-  return out
+  metrics = {k: v / n for k, v in sums.items()}
+  metrics["num_images"] = n
+  return metrics, np.concatenate(decoded)
 
 
 __all__ = [
@@ -229,5 +250,6 @@ __all__ = [
   "reconstruction_metrics",
   "rmse",
   "ssim",
+  "vae_roundtrip",
   "vae_roundtrip_metrics",
 ]

@@ -1,0 +1,67 @@
+"""`python -m medjax.evaluate` as 2 processes x 2 CPU devices (launch/local.py) gives the numbers
+of 1 process x 4 devices: the same mesh of 4 devices, generation, classifier training, Inception
+features and the VAE round trip split over it; process 0 alone writes the files."""
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests import launch_support
+
+# Every number of results.json: floats within this relative / absolute tolerance, the rest equal.
+# Measured: 0 (bit-identical) for both protocols on the embedded default.
+REL, ABS = 1e-5, 1e-6
+
+
+def _numbers(tree, prefix: str = "") -> dict:
+  if isinstance(tree, dict):
+    return {k: v for key, value in tree.items() for k, v in _numbers(value, f"{prefix}{key}.")
+            .items()}
+  if isinstance(tree, list):
+    return {k: v for i, value in enumerate(tree) for k, v in _numbers(value, f"{prefix}{i}.")
+            .items()}
+  return {prefix.rstrip("."): tree}
+
+
+def _evaluate(config: str, workdir, num_processes: int, devices_per_process: int) -> str:
+  return launch_support.run(["-m", "medjax.evaluate", f"--config=configs/{config}.py",
+                             f"--workdir={workdir}", *launch_support.SMALL_EVAL],
+                            num_processes, devices_per_process)
+
+
+def _two_processes_equal_one(tmp_path, config: str, title: str) -> float:
+  two_out = _evaluate(config, tmp_path / "two", 2, 2)
+  one_out = _evaluate(config, tmp_path / "one", 1, 4)
+  for out, processes in ((two_out, 2), (one_out, 1)):
+    assert f"evaluation mesh: 4 devices {{'data': 4, 'fsdp': 1}} over {processes} process" in out
+  # Files written once, by process 0; every process finished.
+  assert two_out.count(f"[p0] # {title}") == 1 and "[p1] # " not in two_out, two_out[-3000:]
+  assert all(f'[p{i}] {{"workdir": ' in two_out for i in (0, 1))
+  assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(
+      p.name for p in (tmp_path / "one").iterdir())
+  two = _numbers(json.loads((tmp_path / "two" / "results.json").read_text()))
+  one = _numbers(json.loads((tmp_path / "one" / "results.json").read_text()))
+  assert two.keys() == one.keys()
+  worst = 0.0
+  for key, value in one.items():
+    if isinstance(value, float):
+      assert two[key] == pytest.approx(value, rel=REL, abs=ABS), key
+      worst = max(worst, abs(two[key] - value))
+    else:
+      assert two[key] == value, key
+  for grid in (tmp_path / "one").glob("samples_*.png"):
+    a = np.asarray(Image.open(grid), np.int16)
+    b = np.asarray(Image.open(tmp_path / "two" / grid.name), np.int16)
+    assert np.abs(a - b).max() <= 1, grid.name
+  print(f"{config}: max |2 processes - 1 process| over results.json floats: {worst:.3g}")
+  return worst
+
+
+def test_paper_a_two_processes_equal_one_process(tmp_path):
+  _two_processes_equal_one(tmp_path, "eval_paper_a_mri", "Paper A protocol")
+
+
+@pytest.mark.slow
+def test_paper_b_two_processes_equal_one_process(tmp_path):
+  _two_processes_equal_one(tmp_path, "eval_paper_b", "Paper B protocol")
