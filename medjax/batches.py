@@ -209,6 +209,7 @@ def _write_class_images(images: np.ndarray, folder, workdir, meta: dict, seed: i
     if folder.exists():  # too few images (some deleted): the new set replaces them whole
       shutil.rmtree(folder)
     os.replace(target, folder)
+  logging.info("wrote %d class images to %s", len(images), folder)
 
 
 def make_prior_images(config: Any, run: Any, generator: Callable[[], StableDiffusion],

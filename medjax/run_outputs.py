@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from absl import logging
 
 from medjax import atomic
 from medjax import hosts
@@ -51,6 +52,7 @@ def write_sample_grid(config: Any, sd: StableDiffusion, workdir, step: int, writ
                                     "prompts": " | ".join(sample_prompts(config)),
                                     "step": step, "model": sd.name})
     writer.write_images(step, {"samples": grid[None]})
+    logging.info("wrote %s", out)
   return out
 
 
@@ -77,6 +79,7 @@ def write_embeddings(embeddings, tokens: list[str], num_vectors: int, workdir, s
           p, {t: e}))
       _write_file(a1111, lambda p, t=token, e=emb: embeddings_lib.write_a1111_embeddings(
           p, t, e, step=step))
+      logging.info("wrote %s and %s", diffusers, a1111)
     paths += [diffusers, a1111]
   return paths
 
