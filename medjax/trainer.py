@@ -355,12 +355,14 @@ def train(config: ml_collections.ConfigDict, workdir) -> dict:
   bar = tqdm.tqdm(total=config.total_steps, initial=start, desc="train", unit="step",
                   disable=not (lead and config.progress_bar), dynamic_ncols=True)
   step, last_loss, t0, steps_done, stopped = start, float("nan"), time.perf_counter(), 0, ""
+  grid = None  # the last sample grid written
   window, inflight, finite, checked = [], collections.deque(), None, start
   all_finite = jax.jit(jnp.logical_and)
   try:
     while step < config.total_steps:
       host = _host_step(config, step + 1, ckpt.every)
-      with _no_host_transfers(not host):
+      # (the first step compiles: tracing may read constants such as captured arrays)
+      with _no_host_transfers(not host and steps_done > 0):
         state, metrics = run.step(state, run.frozen, prefetch.next())
         finite = metrics["finite"] if finite is None else all_finite(finite, metrics["finite"])
         step += 1
@@ -390,8 +392,8 @@ def train(config: ml_collections.ConfigDict, workdir) -> dict:
                                     "images_per_s": rate * images_per_step})
       save(step, state)
       if config.sample_every_steps and step % config.sample_every_steps == 0:
-        run_outputs.write_sample_grid(config, trained_pipeline(run, state), workdir, step,
-                                      writer)
+        grid = run_outputs.write_sample_grid(config, trained_pipeline(run, state), workdir,
+                                             step, writer)
       if preempted:
         stopped = "preempted"
         logging.warning("preempted at step %d: saving it, then exiting", step)
@@ -406,8 +408,9 @@ def train(config: ml_collections.ConfigDict, workdir) -> dict:
     prefetch.close()
   outputs = {}
   if not stopped:
-    grid = run_outputs.write_sample_grid(config, trained_pipeline(run, state), workdir, step,
-                                         writer)
+    if grid is None or not grid.name.endswith(f"{step:06d}.png"):  # not made at this step yet
+      grid = run_outputs.write_sample_grid(config, trained_pipeline(run, state), workdir, step,
+                                           writer)
     if grid is not None:
       outputs["samples"] = str(grid)
     if run.trainable.kind == "textual_inversion":
