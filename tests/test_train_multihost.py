@@ -116,7 +116,7 @@ def _final_params(workdir: Path):
 
 
 def _max_diff(a, b) -> float:
-  return max(float(np.abs(x - y).max()) for x, y in zip(a, b))
+  return max(float(np.abs(x - y).max()) for x, y in zip(a, b, strict=True))
 
 
 def _wrote(out: str, name: str) -> list[str]:
@@ -171,7 +171,7 @@ def test_sigkill_both_then_resume_is_bit_identical(unet_runs):
   a, _, _ = _final_params(two)
   b, _, step = _final_params(workdir)
   assert step == 6
-  for x, y in zip(a, b):
+  for x, y in zip(a, b, strict=True):
     np.testing.assert_array_equal(x, y)
 
 
@@ -191,7 +191,8 @@ def test_sigterm_to_one_process_all_save_one_step_and_exit_0(unet_runs):
   assert proc.returncode == 0, out[-5000:]
   steps = set()
   for p in ("[p0]", "[p1]"):
-    lines = [line for line in out.splitlines() if line.startswith(p) and "preempted at step" in line]
+    lines = [line for line in out.splitlines()
+             if line.startswith(p) and "preempted at step" in line]
     assert len(lines) == 1, out[-5000:]
     steps.add(int(lines[0].split("preempted at step ")[1].split(":")[0]))
   (step,) = steps
