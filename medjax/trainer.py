@@ -341,8 +341,8 @@ def train(config: ml_collections.ConfigDict, workdir) -> dict:
     writer.write_hparams({k: v for k, v in json.loads(config.to_json()).items()
                           if not isinstance(v, dict)})
   ckpt.watch_preemption()
-  prefetch = batches.Prefetcher(data, functools.partial(
-      _make_batch, run, cache=cache, prior=prior, encoder=encoder, shard=shard), start)
+  prefetch = batches.Prefetcher(data, lambda rows, s: batches.host_batch(
+      run, rows, step=s, cache=cache, prior=prior, encoder=encoder, shard=shard), start)
 
   def save(step: int, state, force: bool = False) -> None:
     if not force and step % ckpt.every:
@@ -391,7 +391,8 @@ def train(config: ml_collections.ConfigDict, workdir) -> dict:
         writer.write_scalars(step, {**values, "steps_per_s": rate,
                                     "images_per_s": rate * images_per_step})
       save(step, state)
-      if config.sample_every_steps and step % config.sample_every_steps == 0:
+      if (config.sample_every_steps and step % config.sample_every_steps == 0
+          and not preempted):  # a preempted run has seconds to save: no grid
         grid = run_outputs.write_sample_grid(config, trained_pipeline(run, state), workdir,
                                              step, writer)
       if preempted:
@@ -426,10 +427,6 @@ def train(config: ml_collections.ConfigDict, workdir) -> dict:
              "seconds": time.perf_counter() - t0, "checkpoints": ckpt.all_steps(), **outputs}
   run_outputs.write_summary(workdir, summary)
   return summary
-
-
-def _make_batch(run: Setup, rows: dict, step: int, **kw) -> dict:
-  return batches.host_batch(run, rows, step=step, **kw)
 
 
 def restore_pipeline(workdir, *, step: int | None = None, ema: bool = True) -> StableDiffusion:
