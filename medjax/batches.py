@@ -144,7 +144,6 @@ class Prefetcher:
     self._queue: queue.Queue = queue.Queue(maxsize=depth)
     self._stop = threading.Event()
     self._thread = threading.Thread(target=self._run, name="medjax-prefetch", daemon=True)
-    self._thread.start()
 
   def _run(self) -> None:
     step = self._step
@@ -166,6 +165,8 @@ class Prefetcher:
         continue
 
   def next(self) -> dict:
+    if self._thread.ident is None:
+      self._thread.start()  # on first use: a finished run reads nothing
     batch, state, error = self._queue.get()
     if error is not None:
       self._stop.set()
@@ -175,7 +176,8 @@ class Prefetcher:
 
   def close(self) -> None:
     self._stop.set()
-    self._thread.join(timeout=10)
+    if self._thread.is_alive():
+      self._thread.join(timeout=10)
 
 
 # -- prior-preservation class images ---------------------------------------------------------------
