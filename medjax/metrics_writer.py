@@ -6,11 +6,12 @@ Only process 0 writes files; the others just log.
 """
 import json
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 from absl import logging
+
+from medjax import paths
 
 
 class TensorboardXWriter:
@@ -20,7 +21,7 @@ class TensorboardXWriter:
     import tensorboardX  # pylint: disable=g-import-not-at-top
     self._tb = tensorboardX.SummaryWriter(str(logdir))
     self._log = log
-    self._jsonl = Path(logdir) / "metrics.jsonl"
+    self._jsonl = paths.workdir_path(logdir) / "metrics.jsonl"
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
     values = {k: float(np.asarray(v)) for k, v in scalars.items()}
@@ -69,7 +70,8 @@ class LoggingOnlyWriter:
 def create_writer(logdir, *, just_logging: bool = False):
   if just_logging:
     return LoggingOnlyWriter()
-  Path(logdir).mkdir(parents=True, exist_ok=True)
+  logdir = paths.workdir_path(logdir)  # gs:// stays a URL
+  logdir.mkdir(parents=True, exist_ok=True)
   try:
     from clu import metric_writers  # pylint: disable=g-import-not-at-top
   except ImportError:  # clu's TensorBoard writer needs TensorFlow

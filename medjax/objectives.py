@@ -199,6 +199,9 @@ def make_train_step(sd, trainable: Trainable, optimizer: optax.GradientTransform
                     schedule: optax.Schedule | None = None) -> Callable:
   """A pure `(state, frozen, batch) -> (state, metrics)`; jit it with shardings (trainer.py).
 
+  metrics: loss, grad_norm, instance_loss, prior_loss, learning_rate (with `schedule`) and
+  `finite` (a bool: loss and new params all finite).
+
   `grad_accum` > 1 splits the batch into that many micro-batches (a `lax.scan`) and sums their
   weighted gradients: one optimizer update per call, the same as one big batch.
   """
@@ -235,7 +238,12 @@ def make_train_step(sd, trainable: Trainable, optimizer: optax.GradientTransform
       s = state.step.astype(jnp.float32)
       d = jnp.where(s <= 0, 0.0, jnp.minimum(ema_decay, (1.0 + s) / (10.0 + s)))
       ema_params = jax.tree.map(lambda e, p: d * e + (1 - d) * p, ema_params, params)
-    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), **aux}
+    # Whether the loss and the new params are finite: one cheap reduction here, read on the
+    # host only at log and checkpoint steps, so a checkpoint never holds non-finite params.
+    finite = jnp.isfinite(loss)
+    for leaf in jax.tree.leaves(params):
+      finite = finite & jnp.all(jnp.isfinite(leaf))
+    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "finite": finite, **aux}
     if schedule is not None:
       metrics["learning_rate"] = schedule(state.step)
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state,

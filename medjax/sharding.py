@@ -30,15 +30,6 @@ DEFAULT_RULES = (
 )
 
 
-def maybe_initialize_distributed() -> None:
-  """Alias kept for callers not yet moved: use `medjax.distributed.maybe_initialize_distributed`.
-
-  TODO(issue 14): delete once train.py / trainer.py import medjax.distributed (same layer).
-  """
-  from medjax import distributed  # pylint: disable=import-outside-toplevel
-  distributed.maybe_initialize_distributed()
-
-
 def make_mesh(data: int = -1, fsdp: int = 1, devices: Sequence[Any] | None = None) -> Mesh:
   """A (`data`, `fsdp`) mesh; one axis may be -1 (all remaining devices).
 

@@ -1,13 +1,19 @@
 """Training as a library: config -> mesh -> model (+ placeholder tokens) -> sharded train state
 (restored if the workdir has checkpoints) -> loop of one jitted, donated step -> checkpoints,
 metrics, sample grids, learned embeddings. `python -m medjax.train` is its command line.
+
+Multi-process: every process runs this same code on its share of the data; everything that
+touches sharded arrays (steps, sample grids, class images, saves) runs on all of them, and
+only process 0 writes files (`medjax.hosts`). The loop never waits for the devices between
+log, checkpoint and sample steps (`jax.transfer_guard_device_to_host('disallow')` holds there).
 """
+import collections
+import contextlib
 import ctypes
 import dataclasses
 import functools
 import json
 import time
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -22,13 +28,15 @@ from jax.sharding import PartitionSpec as P
 from medjax import atomic
 from medjax import batches
 from medjax import checkpoint as checkpoint_lib
-from medjax import images as images_lib
+from medjax import distributed
+from medjax import hosts
 from medjax import metrics_writer
 from medjax import objectives
+from medjax import paths
+from medjax import run_outputs
 from medjax import sharding
 from medjax import tokenizer as tokenizer_lib
 from medjax import train_config
-from medjax.convert import embeddings as embeddings_lib
 from medjax.data import make_dataset
 from medjax.errors import MedjaxError
 from medjax.models import clip
@@ -121,7 +129,6 @@ class Setup:
   state: objectives.TrainState
   state_shardings: Any
   step: Any
-  encode: Any
   schedule: Any
 
 
@@ -159,9 +166,7 @@ def setup(config: Any, mesh=None) -> Setup:
       ema_decay=float(config.ema_decay), schedule=schedule)
   step = jax.jit(with_encoder(step_fn, sd), in_shardings=(state_sh, frozen_sh, None),
                  out_shardings=(state_sh, rep), donate_argnums=(0,))
-  batch_sh = sharding.batch_sharding(mesh)
-  encode = jax.jit(lambda vae_p, x: vae_moments(sd, vae_p, x), out_shardings=batch_sh)
-  return Setup(sd, trainable, mesh, frozen, state, state_sh, step, encode, schedule)
+  return Setup(sd, trainable, mesh, frozen, state, state_sh, step, schedule)
 
 
 def optax_state_shardings(optimizer, params, param_sh, replicated):
@@ -171,19 +176,20 @@ def optax_state_shardings(optimizer, params, param_sh, replicated):
                                transform_non_params=lambda _: replicated)
 
 
-def vae_moments(sd: StableDiffusion, vae_params, images) -> jax.Array:
-  """Images [-1, 1] NHWC -> the VAE posterior's (mean, logvar) concatenated on channels."""
-  mean, logvar = sd.vae.apply({"params": vae_params}, images, method="encode")
-  return jnp.concatenate([mean, logvar], axis=-1).astype(jnp.float32)
-
-
 def with_encoder(step_fn, sd: StableDiffusion):
-  """Lets a batch carry images instead of moments: the frozen VAE runs in the step, outside the
-  gradient."""
+  """Lets a batch carry images instead of moments (the frozen VAE encodes them in the step,
+  outside the gradient) and prior rows apart (`prior_moments`, `prior_input_ids`: appended
+  here, so the global row order is [instance rows; prior rows] on any process count)."""
   def step(state, frozen, batch):
+    batch = dict(batch)
     if "image" in batch:
-      batch = dict(batch)
-      batch["moments"] = jax.lax.stop_gradient(vae_moments(sd, frozen["vae"], batch.pop("image")))
+      batch["moments"] = jax.lax.stop_gradient(
+          batches.vae_moments(sd, frozen["vae"], batch.pop("image")))
+    if "prior_moments" in batch:
+      n, m = batch["moments"].shape[0], batch["prior_moments"].shape[0]
+      batch["moments"] = jnp.concatenate([batch["moments"], batch.pop("prior_moments")])
+      batch["input_ids"] = jnp.concatenate([batch["input_ids"], batch.pop("prior_input_ids")])
+      batch["prior"] = jnp.concatenate([jnp.zeros((n,), jnp.float32), jnp.ones((m,), jnp.float32)])
     return step_fn(state, frozen, batch)
   return step
 
@@ -197,58 +203,7 @@ def trained_pipeline(run: Setup, state: objectives.TrainState, *, ema: bool = Tr
   return dataclasses.replace(run.sd, params=run.trainable.merge(params, run.frozen))
 
 
-def sample_prompts(config: Any) -> list[str]:
-  if config.sample.prompts:
-    return list(config.sample.prompts)
-  prompts = config.data.prompt
-  if prompts.kind == "class" or config.objective == "textual_inversion":
-    texts = list(dict(prompts.class_prompts).values())
-    if prompts.kind == "token":
-      texts = [prompts.token_template.format(token=prompts.token, modality="", class_text="",
-                                             class_name="", labels="", text="")]
-    return texts
-  return ["a chest x-ray with pleural effusion", "a chest x-ray with no finding"]
-
-
-def write_sample_grid(config: Any, sd: StableDiffusion, workdir: Path, step: int,
-                      writer) -> Path | None:
-  """A grid of `sample.num_per_prompt` images per sample prompt (none when that is 0)."""
-  s = config.sample
-  if s.num_per_prompt <= 0:
-    return None
-  prompts = [p for p in sample_prompts(config) for _ in range(s.num_per_prompt)]
-  images = sd.generate(prompts, num_inference_steps=s.num_inference_steps,
-                       guidance_scale=s.guidance_scale, scheduler=s.scheduler,
-                       height=config.resolution, width=config.resolution,
-                       seed=[s.seed + i for i in range(len(prompts))])
-  grid = images_lib.grid(images_lib.to_uint8(images))
-  out = workdir / "samples" / f"step_{step:06d}.png"
-  out.parent.mkdir(parents=True, exist_ok=True)
-  images_lib.save_png(grid, out, {"synthetic": "true", "generator": "medjax.train",
-                                  "prompts": " | ".join(sample_prompts(config)),
-                                  "step": step, "model": sd.name})
-  writer.write_images(step, {"samples": grid[None]})
-  return out
-
-
-def write_embeddings(run: Setup, state: objectives.TrainState, config: Any, workdir: Path,
-                     step: int) -> list[Path]:
-  """Each learned token as diffusers `learned_embeds` (embeddings/diffusers/<token>.safetensors,
-  for `load_textual_inversion`) and AUTOMATIC1111 (embeddings/a1111/<token>.safetensors)."""
-  params = state.ema_params if state.ema_params is not None else state.params
-  rows = np.asarray(jax.device_get(params["embeddings"]), np.float32)
-  n = int(config.textual_inversion.num_vectors)
-  paths = []
-  for i, (token, _) in enumerate(parse_tokens(config.textual_inversion.tokens)):
-    emb = rows[i * n:(i + 1) * n]
-    name = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in token).strip("_") or "token"
-    for kind in ("diffusers", "a1111"):
-      (workdir / "embeddings" / kind).mkdir(parents=True, exist_ok=True)
-    paths.append(embeddings_lib.write_diffusers_embeddings(
-        workdir / "embeddings" / "diffusers" / f"{name}.safetensors", {token: emb}))
-    paths.append(embeddings_lib.write_a1111_embeddings(
-        workdir / "embeddings" / "a1111" / f"{name}.safetensors", token, emb, step=step))
-  return paths
+sample_prompts = run_outputs.sample_prompts
 
 
 def release_compiler_memory() -> None:
@@ -274,8 +229,9 @@ def check_prompt_lengths(sd: StableDiffusion, prompts) -> None:
                         "(config.textual_inversion.num_vectors) or a shorter prompt")
 
 
-def check_workdir(config: Any, workdir: Path) -> None:
+def check_workdir(config: Any, workdir) -> None:
   """Refuses a workdir whose checkpoints came from another config (unless allowed)."""
+  workdir = paths.workdir_path(workdir)
   old = checkpoint_lib.read_run_config(workdir)
   has_ckpt = (workdir / "checkpoints").exists() and any((workdir / "checkpoints").iterdir())
   if old is None or not has_ckpt:
@@ -289,7 +245,7 @@ def check_workdir(config: Any, workdir: Path) -> None:
                       "--workdir or set --config.allow_config_change=True to resume anyway")
 
 
-def write_config(config: Any, workdir: Path) -> None:
+def write_config(config: Any, workdir) -> None:
   atomic.write_text(workdir / "config.json", config.to_json(indent=1) + "\n")
 
 
@@ -302,103 +258,180 @@ def check_run_config(config: Any) -> None:
     raise MedjaxError(f"config.total_steps={config.total_steps}: expected a positive integer")
 
 
+def data_state_for(extra: dict, shard: tuple[int, int], where: str) -> dict:
+  """This process's data-iterator state from a checkpoint's `extra`.
+
+  `extra['data']` lists one state per data shard (process); older single-process checkpoints
+  hold one state (a dict), which only a single process can resume.
+  """
+  index, count = shard
+  saved = extra.get("data")
+  if isinstance(saved, dict):
+    if count == 1:
+      return saved
+    saved_count = 1
+  elif isinstance(saved, list):
+    if len(saved) == count:
+      return saved[index]
+    saved_count = len(saved)
+  else:
+    raise MedjaxError(f"{where}: the checkpoint holds no data-iterator state")
+  raise MedjaxError(f"{where}: this checkpoint holds the data positions of {saved_count} "
+                    f"process(es) but this run has {count}; resume with {saved_count} "
+                    "process(es) (the same launch), or start a new --workdir")
+
+
+def _host_step(config: Any, step: int, every: int) -> bool:
+  """Steps that read values on the host: log, checkpoint, sample grid and the last one."""
+  return (step % config.log_every_steps == 0 or step % every == 0 or step >= config.total_steps
+          or bool(config.sample_every_steps and step % config.sample_every_steps == 0))
+
+
+def _no_host_transfers(active: bool):
+  """Between host steps the loop must not wait for the devices: implicit device-to-host
+  transfers raise there (explicit `jax.device_get` and `block_until_ready` stay allowed)."""
+  return jax.transfer_guard_device_to_host("disallow") if active else contextlib.nullcontext()
+
+
+def _non_finite(ckpt, first: int, last: int) -> MedjaxError:
+  ckpt.wait()
+  good = ckpt.latest_step()
+  steps = f"step {last}" if first == last else f"steps {first}..{last}"
+  where = (f"step {good} in {ckpt.directory}" if good is not None
+           else f"none (no checkpoint in {ckpt.directory})")
+  return MedjaxError(f"non-finite loss or params in {steps}; stopped without saving them. Last "
+                     f"good checkpoint: {where}. Lower config.learning_rate or use fp32.")
+
+
 def train(config: ml_collections.ConfigDict, workdir) -> dict:
   """Runs (or resumes) a training run; returns a summary dict (also written to the workdir)."""
   check_run_config(config)
-  sharding.maybe_initialize_distributed()
-  workdir = Path(workdir).absolute()
-  workdir.mkdir(parents=True, exist_ok=True)
+  distributed.maybe_initialize_distributed()
+  workdir = paths.workdir_path(workdir)
   check_workdir(config, workdir)
   run = setup(config)
   if run.trainable.kind == "textual_inversion":
     check_prompt_lengths(run.sd, list(dict(config.data.prompt.class_prompts).values())
                          + sample_prompts(config))
-  lead = jax.process_index() == 0
+  lead = hosts.is_lead()
   if lead:
+    workdir.mkdir(parents=True, exist_ok=True)
     write_config(config, workdir)
   ckpt = checkpoint_lib.Checkpointer(workdir / "checkpoints", keep=config.keep_checkpoints,
-                                     every=config.checkpoint_every_steps)
-  per_process = config.batch_size // jax.process_count()
-  data = make_dataset(config.data, "train", per_process, seed=config.seed,
-                      resolution=config.resolution)
+                                     every=config.checkpoint_every_steps, async_save=True)
+  shard = hosts.data_shard(run.mesh, config.batch_size)
+  data = make_dataset(config.data, "train", config.batch_size // jax.process_count(),
+                      seed=config.seed, resolution=config.resolution, process_index=shard[0],
+                      process_count=shard[1], drop_remainder=True, blocks=True)
   state, start = run.state, 0
   if ckpt.latest_step() is not None:
     abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                             run.state, run.state_shardings)
     state, extra, start = ckpt.restore(abstract)
-    data.set_state(extra["data"])
+    data.set_state(data_state_for(extra, shard, f"{ckpt.directory}/{start}"))
     logging.info("resumed from step %d", start)
+  encoder = (batches.LocalEncoder(run) if config.cache_latents or config.prior.enabled
+             else None)
   cache = batches.LatentCache() if config.cache_latents else None
   generator = functools.partial(trained_pipeline, run, state, ema=False)
-  prior = (batches.make_prior_images(config, run, generator, workdir) if config.prior.enabled
-           else None)
+  prior = (batches.make_prior_images(config, run, generator, workdir, encoder)
+           if config.prior.enabled else None)
   writer = metrics_writer.create_writer(workdir / "tensorboard", just_logging=not lead)
   if start == 0:
     writer.write_hparams({k: v for k, v in json.loads(config.to_json()).items()
                           if not isinstance(v, dict)})
   ckpt.watch_preemption()
-  save = lambda s, st, force=False: ckpt.save(s, st, {"data": data.get_state()}, force=force)
+  prefetch = batches.Prefetcher(data, lambda rows, s: batches.host_batch(
+      run, rows, step=s, cache=cache, prior=prior, encoder=encoder, shard=shard), start)
+
+  def save(step: int, state, force: bool = False) -> None:
+    if not force and step % ckpt.every:
+      return
+    entries = hosts.allgather_json({"shard": shard[0], "state": prefetch.state})
+    states = [e["state"] for e in sorted(entries, key=lambda e: e["shard"])]
+    ckpt.save(step, state, {"data": states}, force=force)
 
   images_per_step = config.batch_size * (2 if prior else 1)
   bar = tqdm.tqdm(total=config.total_steps, initial=start, desc="train", unit="step",
                   disable=not (lead and config.progress_bar), dynamic_ncols=True)
   step, last_loss, t0, steps_done, stopped = start, float("nan"), time.perf_counter(), 0, ""
-  window = []
-  while step < config.total_steps:
-    batch = batches.host_batch(run, next(data), step=step, cache=cache, prior=prior)
-    state, metrics = run.step(state, run.frozen, batch)
-    loss = float(metrics["loss"])
-    if not np.isfinite(loss):
-      ckpt.wait()
-      raise MedjaxError(f"non-finite loss ({loss}) at step {step + 1}; stopped without saving. "
-                        f"Last good checkpoint: step {ckpt.latest_step()} in {ckpt.directory}. "
-                        "Lower config.learning_rate or use fp32.")
-    step += 1
-    steps_done += 1
-    if steps_done == 1:
-      release_compiler_memory()
-    last_loss = loss
-    window.append(time.perf_counter())
-    window = window[-20:]
-    rate = (len(window) - 1) / (window[-1] - window[0]) if len(window) > 1 else 0.0
-    bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{rate * images_per_step:.1f}")
-    bar.update(1)
-    if step % config.log_every_steps == 0 or step == config.total_steps:
-      writer.write_scalars(step, {**{k: float(v) for k, v in metrics.items()},
-                                  "steps_per_s": rate, "images_per_s": rate * images_per_step})
-    save(step, state)
-    if config.sample_every_steps and step % config.sample_every_steps == 0 and lead:
-      write_sample_grid(config, trained_pipeline(run, state), workdir, step, writer)
-    if ckpt.preempted(step):
-      stopped = "preempted (SIGTERM)"
-      break
-    if config.stop_after_steps and steps_done >= config.stop_after_steps:
-      stopped = f"stop_after_steps={config.stop_after_steps}"
-      break
-  bar.close()
-  save(step, state, force=True)
-  ckpt.wait()
+  grid = None  # the last sample grid written
+  window, inflight, finite, checked = [], collections.deque(), None, start
+  all_finite = jax.jit(jnp.logical_and)
+  try:
+    while step < config.total_steps:
+      host = _host_step(config, step + 1, ckpt.every)
+      # (the first step compiles: tracing may read constants such as captured arrays)
+      with _no_host_transfers(not host and steps_done > 0):
+        state, metrics = run.step(state, run.frozen, prefetch.next())
+        finite = metrics["finite"] if finite is None else all_finite(finite, metrics["finite"])
+        step += 1
+        steps_done += 1
+        if steps_done == 1:
+          release_compiler_memory()
+        # At most two steps queued ahead: the devices always have the next one, while the
+        # host (and its batches) never run far ahead. A wait, not a transfer.
+        inflight.append(metrics["loss"])
+        if len(inflight) > 2:
+          inflight.popleft().block_until_ready()
+        window = (window + [time.perf_counter()])[-20:]
+        bar.update(1)
+        preempted = ckpt.should_stop(step)
+        enough = bool(config.stop_after_steps and steps_done >= config.stop_after_steps)
+      if not (host or preempted or enough):
+        continue
+      if not bool(jax.device_get(finite)):
+        raise _non_finite(ckpt, checked + 1, step)
+      finite, checked = None, step
+      values = {k: float(v) for k, v in jax.device_get(metrics).items() if k != "finite"}
+      last_loss = values["loss"]
+      rate = (len(window) - 1) / (window[-1] - window[0]) if len(window) > 1 else 0.0
+      bar.set_postfix(loss=f"{last_loss:.4f}", img_s=f"{rate * images_per_step:.1f}")
+      if step % config.log_every_steps == 0 or step == config.total_steps:
+        writer.write_scalars(step, {**values, "steps_per_s": rate,
+                                    "images_per_s": rate * images_per_step})
+      save(step, state)
+      if (config.sample_every_steps and step % config.sample_every_steps == 0
+          and not preempted):  # a preempted run has seconds to save: no grid
+        grid = run_outputs.write_sample_grid(config, trained_pipeline(run, state), workdir,
+                                             step, writer)
+      if preempted:
+        stopped = "preempted"
+        logging.warning("preempted at step %d: saving it, then exiting", step)
+        break
+      if enough:
+        stopped = f"stop_after_steps={config.stop_after_steps}"
+        break
+    bar.close()
+    save(step, state, force=True)
+    ckpt.wait()
+  finally:
+    prefetch.close()
   outputs = {}
-  if not stopped and lead:
-    grid = write_sample_grid(config, trained_pipeline(run, state), workdir, step, writer)
+  if not stopped:
+    if grid is None or not grid.name.endswith(f"{step:06d}.png"):  # not made at this step yet
+      grid = run_outputs.write_sample_grid(config, trained_pipeline(run, state), workdir, step,
+                                           writer)
     if grid is not None:
       outputs["samples"] = str(grid)
     if run.trainable.kind == "textual_inversion":
-      outputs["embeddings"] = [str(p) for p in write_embeddings(run, state, config, workdir,
-                                                                step)]
+      params = state.ema_params if state.ema_params is not None else state.params
+      tokens = [t for t, _ in parse_tokens(config.textual_inversion.tokens)]
+      outputs["embeddings"] = [str(p) for p in run_outputs.write_embeddings(
+          params["embeddings"], tokens, int(config.textual_inversion.num_vectors), workdir,
+          step)]
   writer.flush()
   writer.close()
   ckpt.close()
   summary = {"step": step, "loss": last_loss, "stopped": stopped or None,
              "seconds": time.perf_counter() - t0, "checkpoints": ckpt.all_steps(), **outputs}
-  if lead:
-    atomic.write_text(workdir / "summary.json", json.dumps(summary, indent=1) + "\n")
+  run_outputs.write_summary(workdir, summary)
   return summary
 
 
 def restore_pipeline(workdir, *, step: int | None = None, ema: bool = True) -> StableDiffusion:
   """A workdir's trained pipeline (base model + checkpointed params), e.g. for export."""
-  workdir = Path(workdir)
+  workdir = paths.workdir_path(workdir)
   raw = checkpoint_lib.read_run_config(workdir)
   if raw is None:
     raise MedjaxError(f"{workdir}: no config.json; not a medjax training workdir")

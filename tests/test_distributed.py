@@ -118,12 +118,25 @@ def test_coordinator_alone_fails_before_jax_does(monkeypatch):
   assert distributed.maybe_initialize_distributed(env={}) is False
 
 
-def test_sharding_alias_still_works(monkeypatch):
+def test_trainer_starts_distributed_before_anything_uses_a_device(monkeypatch, tmp_path):
+  """The `sharding.maybe_initialize_distributed` alias is gone: the trainer calls
+  `distributed.maybe_initialize_distributed` itself, first."""
   from medjax import sharding  # pylint: disable=import-outside-toplevel
-  called = []
-  monkeypatch.setattr(distributed, "maybe_initialize_distributed", lambda: called.append(1))
-  sharding.maybe_initialize_distributed()
-  assert called == [1]
+  from medjax import trainer  # pylint: disable=import-outside-toplevel
+  from tests.train_support import tiny_config  # pylint: disable=import-outside-toplevel
+  assert not hasattr(sharding, "maybe_initialize_distributed")
+  calls = []
+
+  def stop(*args, **kwargs):
+    calls.append("setup")
+    raise MedjaxError("stop here")
+
+  monkeypatch.setattr(distributed, "maybe_initialize_distributed", lambda: calls.append("init"))
+  monkeypatch.setattr(trainer, "setup", stop)
+  with pytest.raises(MedjaxError, match="stop here"):
+    trainer.train(tiny_config(), tmp_path / "w")
+  assert calls == ["init", "setup"]
+  assert not (tmp_path / "w").exists()  # nothing written before the model is built
 
 
 # -- real processes ------------------------------------------------------------------------------

@@ -135,3 +135,30 @@ def test_local_checkpointer_async_save_restore_and_no_preemption(tmp_path, monke
   assert (extra, step, ckpt.all_steps()) == ({"i": 2}, 2, [2])
   assert ckpt.should_stop(3) is False and ckpt.preempted(3) is False
   ckpt.close()
+
+
+def test_train_outputs_to_a_url(fake_gcs):
+  """What process 0 writes besides checkpoints (embeddings, summary, class images) keeps a
+  gs:// workdir a URL; the class images read back through epath."""
+  # pylint: disable=import-outside-toplevel,protected-access
+  from medjax import batches
+  from medjax import run_outputs
+  workdir = paths.workdir_path("gs://bucket/run")
+  written = run_outputs.write_embeddings(np.ones((4, 8), np.float32), ["<a>", "<b>"], 2,
+                                         workdir, step=3)
+  assert [str(p) for p in written] == [
+      f"gs://bucket/run/embeddings/{kind}/{name}.safetensors"
+      for name in ("a", "b") for kind in ("diffusers", "a1111")]
+  run_outputs.write_summary(workdir, {"step": 3})
+  images = np.full((2, 8, 8, 3), 255, np.uint8)
+  batches._write_class_images(images, workdir / "class_images", workdir,
+                              {"synthetic": "true"}, seed=0)
+  files = batches._image_files(workdir / "class_images")
+  assert [f.name for f in files] == ["sample_0000.png", "sample_0001.png"]
+  np.testing.assert_array_equal(batches._read_rgb(files[0]), np.ones((8, 8, 3)))
+  assert sorted(fake_gcs) == sorted(
+      ["/bucket/run/summary.json", "/bucket/run/class_images/sample_0000.png",
+       "/bucket/run/class_images/sample_0001.png"]
+      + [f"/bucket/run/embeddings/{kind}/{name}.safetensors"
+         for name in ("a", "b") for kind in ("diffusers", "a1111")])
+  assert not pathlib.Path("gs:").exists()  # nothing landed in a local ./gs:/ folder

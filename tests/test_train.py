@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from medjax import batches
 from medjax import objectives
 from medjax import sharding
 from medjax import tokenizer as tokenizer_lib
@@ -216,6 +217,63 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     trainer.train(config, tmp_path)
   steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
   assert steps and max(steps) < 6
+
+
+def test_nan_learning_rate_never_saves_non_finite_params(tmp_path):
+  """lr=nan: step 1's loss is finite but its params are not; checkpoint 1 must not be written."""
+  config = tiny_config(learning_rate=float("nan"), total_steps=3, checkpoint_every_steps=1,
+                       log_every_steps=3)
+  with pytest.raises(MedjaxError, match=r"^non-finite loss or params in step 1; .* Last good "
+                     r"checkpoint: none \(no checkpoint in .*\)\. Lower") as e:
+    trainer.train(config, tmp_path)
+  assert "\n" not in str(e.value)
+  assert not [p for p in (tmp_path / "checkpoints").iterdir() if p.name[0].isdigit()]
+
+
+def _guard_value_access(monkeypatch):
+  """On CPU, jax's device-to-host transfer guard never fires (XLA:CPU arrays convert to NumPy
+  without a copy; jax-ml/jax#16602): make implicit conversions raise wherever the guard is
+  'disallow', as on GPU/TPU. Explicit `jax.device_get` stays allowed, as there."""
+  from jax._src import array as array_impl  # pylint: disable=import-outside-toplevel
+  from jax._src import config as jax_config  # pylint: disable=import-outside-toplevel
+  value = array_impl.ArrayImpl._value  # pylint: disable=protected-access
+
+  def guarded(self):
+    if (jax_config.transfer_guard_device_to_host.value == "disallow"
+        and not jax_config.guard_lib.thread_local_state().explicit_device_get):
+      raise RuntimeError("Disallowed device-to-host transfer")
+    return value.fget(self)
+  monkeypatch.setattr(array_impl.ArrayImpl, "_value", property(guarded))
+
+
+def test_loop_makes_no_host_transfer_between_log_steps(tmp_path, monkeypatch):
+  _guard_value_access(monkeypatch)
+  config = tiny_config(total_steps=3, log_every_steps=3, checkpoint_every_steps=3,
+                       cache_latents=True)
+  summary = trainer.train(config, tmp_path / "ok")
+  assert summary["step"] == 3 and np.isfinite(summary["loss"])
+  assert summary["checkpoints"] == [3]
+  # The guard does hold in the loop: a step body reading a device value fails.
+  take = batches.Prefetcher.next
+
+  def reading_next(self):
+    batch = take(self)
+    float(batch["input_ids"][0, 0])
+    return batch
+  monkeypatch.setattr(batches.Prefetcher, "next", reading_next)
+  with pytest.raises(RuntimeError, match="Disallowed device-to-host transfer"):
+    trainer.train(config, tmp_path / "reads")
+
+
+def test_data_state_per_process_and_old_checkpoints():
+  state = {"parent": {"i": 3}, "read_skips": 0}
+  assert trainer.data_state_for({"data": state}, (0, 1), "w/3") == state  # older format
+  assert trainer.data_state_for({"data": [{"a": 0}, {"a": 1}]}, (1, 2), "w/3") == {"a": 1}
+  with pytest.raises(MedjaxError, match="w/3: this checkpoint holds the data positions of 2 "
+                     r"process\(es\) but this run has 4; resume with 2"):
+    trainer.data_state_for({"data": [{}, {}]}, (0, 4), "w/3")
+  with pytest.raises(MedjaxError, match="of 1 process"):
+    trainer.data_state_for({"data": state}, (0, 2), "w/3")
 
 
 def test_prior_preservation_with_generated_class_images_and_cached_latents(tmp_path):

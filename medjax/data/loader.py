@@ -1,8 +1,10 @@
 """The grain input pipeline: records -> shard -> shuffle -> decode/resize/prompt -> batches.
 
 Determinism: the order depends only on (records, seed, process_index, process_count); random
-crops use grain's per-index RNG. The returned iterator's `get_state()` / `set_state()` resume
-exactly where it stopped, including inside an epoch and with worker processes.
+crops use grain's per-index RNG. With `blocks=True` (training) the processes instead read the
+blocks of one global stream's batches, so every process count sees the same global batches.
+The returned iterator's `get_state()` / `set_state()` resume exactly where it stopped, including
+inside an epoch and with worker processes.
 """
 import dataclasses
 from collections.abc import Sequence
@@ -247,6 +249,35 @@ class DataIterator(grain.DatasetIterator):
     self._read_skips = int(state.get("read_skips", 0))
 
 
+class _Blocks(grain.MapDataset):
+  """Block `index` of every run of `count` blocks of `size` consecutive elements: the rows one
+  process holds of each global batch of `size * count` (a partial last global batch is dropped).
+  """
+
+  def __init__(self, parent: grain.MapDataset, *, size: int, index: int, count: int):
+    super().__init__(parent)
+    self._size, self._index, self._count = size, index, count
+
+  def __len__(self) -> int:
+    return len(self._parent) // (self._size * self._count) * self._size
+
+  def _parent_index(self, i: int) -> int:
+    block, offset = divmod(i, self._size)
+    return (block * self._count + self._index) * self._size + offset
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    return self._parent[self._parent_index(index)]
+
+  def _getitems(self, indices):
+    get = self._parent._getitems  # pylint: disable=protected-access
+    return get([self._parent_index(i) for i in indices])
+
+  def __str__(self) -> str:
+    return f"_Blocks(size={self._size}, index={self._index}, count={self._count})"
+
+
 class _BatchDataset(grain.IterDataset):
 
   def __init__(self, parent: grain.IterDataset, **options):
@@ -269,7 +300,7 @@ def _process(process_index: int | None, process_count: int | None):
 def make_dataset(config: Any, split: str, batch_size: int, seed: int = 0, resolution: int = 512,
                  process_index: int | None = None, process_count: int | None = None, *,
                  num_epochs: Any = _AUTO, shuffle: bool | None = None,
-                 drop_remainder: bool | None = None) -> DataIterator:
+                 drop_remainder: bool | None = None, blocks: bool = False) -> DataIterator:
   """A checkpointable iterator of batches for this process.
 
   Args:
@@ -283,6 +314,11 @@ def make_dataset(config: Any, split: str, batch_size: int, seed: int = 0, resolu
     shuffle: default: split in `config.pipeline.shuffle_splits` (train).
     drop_remainder: drop a last partial batch; default: True when shuffled. With several
       processes and True, every process also gets the same number of examples.
+    blocks: shard by global batch instead of by record: all processes walk one stream (the
+      whole split shuffled with `seed`, random crops seeded by stream position) and process i
+      reads block i of each global batch of `batch_size * process_count` elements. The global
+      batches, row for row, are then the same for any process count (a 1-process run equals an
+      N-process one); with one process it is the plain stream. Needs drop_remainder.
 
   Returns:
     DataIterator of dicts: image float32 [B, H, W, 3] in [-1, 1]; prompt str [B]; label int32
@@ -303,11 +339,15 @@ def make_dataset(config: Any, split: str, batch_size: int, seed: int = 0, resolu
   drop_remainder = shuffle if drop_remainder is None else drop_remainder
 
   records = index.records
-  if process_count > 1 and drop_remainder:
-    records = records[:len(records) // process_count * process_count]
-  records = records[process_index::process_count]
+  if blocks and not drop_remainder:
+    raise MedjaxError("make_dataset(blocks=True) needs drop_remainder (whole global batches)")
+  if not blocks:
+    if process_count > 1 and drop_remainder:
+      records = records[:len(records) // process_count * process_count]
+    records = records[process_index::process_count]
+  per_process = len(records) // process_count if blocks else len(records)
   if not records or (drop_remainder and num_epochs is not None
-                     and len(records) * num_epochs < batch_size):
+                     and per_process * num_epochs < batch_size):
     raise MedjaxError(f"split {split!r} has {len(index.records)} images: too few for "
                       f"{process_count} process(es) x batch size {batch_size}")
   if index.skipped:
@@ -326,6 +366,8 @@ def make_dataset(config: Any, split: str, batch_size: int, seed: int = 0, resolu
   if num_epochs != 1:
     dataset = dataset.repeat(num_epochs)
   dataset = dataset.random_map(loader, seed=seed)
+  if blocks:
+    dataset = _Blocks(dataset, size=batch_size, index=process_index, count=process_count)
   iter_dataset = dataset.to_iter_dataset(grain.ReadOptions(
       num_threads=int(p.read_threads), prefetch_buffer_size=int(p.prefetch)))
   if int(p.worker_count) > 0:
@@ -340,5 +382,5 @@ def make_dataset(config: Any, split: str, batch_size: int, seed: int = 0, resolu
   iterator = iter(batched)
   iterator.label_names = index.label_names
   iterator.class_names = index.class_names
-  iterator.num_examples = len(records)
+  iterator.num_examples = per_process
   return iterator

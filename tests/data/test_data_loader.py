@@ -120,6 +120,26 @@ def test_process_shards_are_disjoint_and_complete():
   assert not set(next(train_shards[0])["key"]) & set(next(train_shards[1])["key"])
 
 
+def test_global_batch_blocks_equal_one_process_row_for_row():
+  """blocks=True: process i reads block i of each global batch of the 1-process stream (across
+  epochs, random crops and flips included), and resumes exactly from its own state."""
+  config = phantom_config(num=10)
+  config.pipeline.crop, config.pipeline.flip = "random", True
+  whole = dataset(config, "train", 6, seed=3, blocks=True)
+  parts = [dataset(config, "train", 2, seed=3, process_index=p, process_count=3, blocks=True)
+           for p in range(3)]
+  for _ in range(4):  # 24 examples: more than two epochs of 10
+    want, got = next(whole), [next(p) for p in parts]
+    assert list(want["key"]) == [k for g in got for k in g["key"]]
+    np.testing.assert_array_equal(want["image"], np.concatenate([g["image"] for g in got]))
+  state = parts[1].get_state()
+  after = take(parts[1], 2)
+  parts[1].set_state(json.loads(json.dumps(state)))
+  assert_same_batches(take(parts[1], 2), after)
+  with pytest.raises(MedjaxError, match="needs drop_remainder"):
+    dataset(config, "train", 2, blocks=True, drop_remainder=False)
+
+
 def test_bad_file_error_or_skip_counted(folder_root):
   data = (folder_root / "clear" / "0.png").read_bytes()
   (folder_root / "clear" / "0.png").write_bytes(data[:len(data) // 2])
