@@ -13,19 +13,15 @@ Three ways to describe a multi-process run, tried in this order:
 itself (SLURM, Open MPI, Cloud TPU VMs, `MEDJAX_DISTRIBUTED=1`). One process with none of these
 does nothing.
 
-Once running, every process runs the same program over the global mesh; the helpers at the end
-move host data in and out of it (`to_global`, `to_host`), let process 0 alone write files
-(`is_lead`) and make the others wait for them (`sync`). With one process they are plain
-`device_put` / `np.asarray` / no-ops.
+Once running, every process runs the same program over the global mesh; `medjax.hosts` has the
+helpers that move host data in and out of it and let process 0 alone write files.
 """
 import dataclasses
 import os
 from collections.abc import Mapping
 
 import jax
-import numpy as np
 from absl import logging
-from jax.experimental import multihost_utils
 
 from medjax.errors import MedjaxError
 
@@ -176,39 +172,3 @@ def maybe_initialize_distributed(env: Mapping[str, str] | None = None) -> bool:
                  jax.device_count())
   _state["done"] = True
   return plan is not None
-
-
-# -- host data and the global mesh ----------------------------------------------------------------
-
-def is_lead() -> bool:
-  """Process 0: the one that writes results, grids and other files of a multi-process run."""
-  return jax.process_index() == 0
-
-
-def to_global(tree, shardings):
-  """Host arrays that every process holds in full -> global `jax.Array`s with `shardings`.
-
-  Each process keeps only the rows its devices hold (`device_put` of host data onto a global
-  sharding), so this equals a one-process `device_put` of the same arrays. Use it where every
-  process has all the data anyway (evaluation sets, prompts, seeds); a training loop that reads a
-  different shard per process uses `jax.make_array_from_process_local_data` instead.
-  """
-  def host(x):
-    return x if isinstance(x, jax.Array) and not x.is_fully_addressable else np.asarray(x)
-  return jax.device_put(jax.tree.map(host, tree), shardings)
-
-
-def to_host(tree):
-  """Arrays -> NumPy on every process; sharded global arrays are gathered
-  (`multihost_utils.process_allgather(..., tiled=True)`, a collective: call it on all)."""
-  def one(x):
-    if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
-      return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-    return np.asarray(x)
-  return jax.tree.map(one, tree)
-
-
-def sync(name: str) -> None:
-  """Every process waits here until all reach `name` (e.g. until process 0 wrote its files)."""
-  if jax.process_count() > 1:
-    multihost_utils.sync_global_devices(name)

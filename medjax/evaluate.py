@@ -13,6 +13,7 @@ from ml_collections import config_flags
 
 from medjax import cli
 from medjax import distributed
+from medjax import hosts
 from medjax import paths
 from medjax.errors import MedjaxError
 from medjax.eval import protocols
@@ -30,7 +31,7 @@ def main(argv):
     raise MedjaxError(f"unexpected arguments {argv[1:]}")
   distributed.maybe_initialize_distributed()
   results = protocols.run_protocol(flags.FLAGS.config, flags.FLAGS.workdir)
-  if distributed.is_lead():
+  if hosts.is_lead():
     print((paths.workdir_path(flags.FLAGS.workdir) / "results.md").read_text())
   print(json.dumps({"workdir": flags.FLAGS.workdir, "protocol": results["protocol"]}))
 

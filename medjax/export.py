@@ -16,6 +16,7 @@ from absl import flags
 
 from medjax import cli
 from medjax import distributed
+from medjax import hosts
 from medjax.exporter import export
 from medjax.exporter import load_source
 
@@ -42,10 +43,10 @@ def main(argv):
   distributed.maybe_initialize_distributed()
   source = FLAGS["from"].value
   sd = load_source(source, seed=FLAGS.seed, step=FLAGS.step, ema=FLAGS.ema)  # on every process
-  if distributed.is_lead():  # host arrays from here on: no collectives, so process 0 alone
+  if hosts.is_lead():  # host arrays from here on: no collectives, so process 0 alone
     error = export(sd, FLAGS.to, overwrite=FLAGS.overwrite, dtype=FLAGS.save_dtype)
     print(f"exported {sd.name} to {FLAGS.to} (reload check: max abs diff {error:.2e})")
-  distributed.sync("medjax.export: written")
+  hosts.sync("medjax.export: written")
 
 
 def run():

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 
 from medjax import checkpoint as checkpoint_lib
-from medjax import distributed
+from medjax import hosts
 from medjax import paths
 from medjax import sharding
 from medjax import train_config
@@ -72,7 +72,7 @@ def restore_pipeline(workdir, *, step: int | None = None, ema: bool = True,
                      mesh: jax.sharding.Mesh | None = None) -> StableDiffusion:
   """A workdir's trained pipeline (base model + checkpointed params) on `mesh`.
 
-  `trainer.restore_pipeline` with a mesh of choice (default `default_mesh()`): the run's
+  The mesh is of choice (default `default_mesh()`): the run's
   config with this mesh, the state restored onto its shardings (params split by the run's
   `mesh.rules` over this mesh's `fsdp` axis, replicated over `data`). With several processes
   every process calls it with the same mesh.
@@ -82,14 +82,12 @@ def restore_pipeline(workdir, *, step: int | None = None, ema: bool = True,
   if raw is None:
     raise MedjaxError(f"{workdir}: no config.json; not a medjax training workdir")
   mesh = mesh or default_mesh()
-  config = train_config.base_config()
-  config.update_from_flattened_dict(trainer._flatten(raw))  # pylint: disable=protected-access
+  config = train_config.from_saved(raw)
   config.mesh.data, config.mesh.fsdp = mesh.shape[sharding.DATA], mesh.shape[sharding.FSDP]
   config.batch_size, config.grad_accum = sharding.data_parallel_size(mesh), 1
   run = trainer.setup(config, mesh=mesh)
   ckpt = checkpoint_lib.Checkpointer(workdir / "checkpoints", keep=10 ** 6)
-  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                          run.state, run.state_shardings)
+  abstract = trainer.abstract_state(run)
   try:
     state, _, _ = ckpt.restore(abstract, step)
   finally:
@@ -105,5 +103,5 @@ def load_source(source: str, *, seed: int = 0, step: int | None = None,
   """
   if source and is_training_workdir(source):
     sd = restore_pipeline(source, step=step, ema=ema)
-    return dataclasses.replace(sd, params=distributed.to_host(sd.params))
+    return dataclasses.replace(sd, params=hosts.to_host(sd.params))
   return StableDiffusion.load(source, **({} if source else {"seed": seed}))

@@ -19,16 +19,27 @@ def is_lead() -> bool:
   return jax.process_index() == 0
 
 
-def to_host(tree: Any) -> Any:
-  """A tree of (possibly sharded over all processes) arrays as NumPy on every process.
+def to_global(tree: Any, shardings: Any) -> Any:
+  """Host arrays that every process holds in full -> global `jax.Array`s with `shardings`.
 
-  A collective when any leaf is not fully addressable: call it on all processes alike.
+  Each process keeps only the rows its devices hold (`device_put` of host data onto a global
+  sharding), so this equals a one-process `device_put` of the same arrays. Use it where every
+  process has all the data anyway (evaluation sets, prompts, seeds); a training loop that reads a
+  different shard per process uses `jax.make_array_from_process_local_data` instead.
   """
-  leaves = jax.tree.leaves(tree)
-  if jax.process_count() > 1 and any(isinstance(x, jax.Array) and not x.is_fully_addressable
-                                     for x in leaves):
-    return jax.tree.map(np.asarray, multihost_utils.process_allgather(tree, tiled=True))
-  return jax.tree.map(np.asarray, jax.device_get(tree))
+  def host(x):
+    return x if isinstance(x, jax.Array) and not x.is_fully_addressable else np.asarray(x)
+  return jax.device_put(jax.tree.map(host, tree), shardings)
+
+
+def to_host(tree: Any) -> Any:
+  """Arrays -> NumPy on every process. Leaves sharded over several processes are gathered
+  (`process_allgather(..., tiled=True)`, a collective: call it on all processes alike)."""
+  def one(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
+      return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
+  return jax.tree.map(one, tree)
 
 
 def allgather_json(value: Any) -> list:

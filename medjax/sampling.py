@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from medjax import distributed
+from medjax import hosts
 from medjax import schedulers
 from medjax import validation
 from medjax.errors import MedjaxError
@@ -462,7 +462,7 @@ def generate(sd, prompts: str | Sequence[str] | None = None,
   inputs = graph_inputs(sd, req, negative_prompt_embeds)
   fn = _graph(sd.unet, sd.vae, sd.scaling_factor)
   images = fn({"unet": sd.params["unet"], "vae": sd.params["vae"]}, inputs)
-  return distributed.to_host(images)  # with a multi-process mesh: gathered on every process
+  return hosts.to_host(images)  # with a multi-process mesh: gathered on every process
 
 
 

@@ -5,8 +5,7 @@ parallelism whose params and optimizer state are split over devices, ZeRO-3 styl
 split over both axes. Params carry logical axis names (`medjax.models.layers`); configs map them
 to mesh axes with `rules`, a list of `(logical_name, mesh_axis_or_None)` pairs.
 """
-from collections.abc import Iterable
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import jax
@@ -106,7 +105,7 @@ def spec_for(logical: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
   """
   table = dict(rules)
   used, spec = set(), []
-  for name, size in zip(logical, shape):
+  for name, size in zip(logical, shape, strict=True):
     axis = table.get(name) if name is not None else None
     if axis is None or axis in used or mesh.shape[axis] == 1 or size % mesh.shape[axis]:
       spec.append(None)
@@ -126,7 +125,7 @@ def param_shardings(logical_specs: Any, params: Any, mesh: Mesh,
     raise MedjaxError(f"param_shardings: {len(flat_specs)} logical specs for "
                       f"{len(flat_params)} params")
   out = [NamedSharding(mesh, spec_for(tuple(s), np.shape(p), mesh, rules))
-         for s, p in zip(flat_specs, flat_params)]
+         for s, p in zip(flat_specs, flat_params, strict=True)]
   return jax.tree.unflatten(treedef, out)
 
 

@@ -173,3 +173,21 @@ def _plain(value):
   if isinstance(value, (list, tuple)):
     return [_plain(v) for v in value]
   return value
+
+
+def from_saved(raw: dict) -> ml_collections.ConfigDict:
+  """A run's config from its workdir's config.json (a dict): the defaults updated with it."""
+  config = base_config()
+  config.update_from_flattened_dict(_flatten(raw))
+  return config
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict) and f"{prefix}{k}" not in FREE_MAPS:
+      out.update(_flatten(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = tuple(tuple(x) if isinstance(x, list) else x for x in v) \
+          if isinstance(v, list) else v
+  return out

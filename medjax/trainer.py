@@ -206,6 +206,12 @@ def trained_pipeline(run: Setup, state: objectives.TrainState, *, ema: bool = Tr
 sample_prompts = run_outputs.sample_prompts
 
 
+def abstract_state(run: Setup) -> Any:
+  """The state's shapes, dtypes and shardings: what a checkpoint is restored onto."""
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      run.state, run.state_shardings)
+
+
 def release_compiler_memory() -> None:
   """Hands the compiler's freed heap back to the OS (glibc keeps it otherwise: ~0.9 GB of RSS
   after compiling a mid-size U-Net step on CPU, benchmarks/train_step.py --malloc_trim)."""
@@ -325,8 +331,7 @@ def train(config: ml_collections.ConfigDict, workdir) -> dict:
                       process_count=shard[1], drop_remainder=True, blocks=True)
   state, start = run.state, 0
   if ckpt.latest_step() is not None:
-    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                            run.state, run.state_shardings)
+    abstract = abstract_state(run)
     state, extra, start = ckpt.restore(abstract)
     data.set_state(data_state_for(extra, shard, f"{ckpt.directory}/{start}"))
     logging.info("resumed from step %d", start)
@@ -427,34 +432,3 @@ def train(config: ml_collections.ConfigDict, workdir) -> dict:
              "seconds": time.perf_counter() - t0, "checkpoints": ckpt.all_steps(), **outputs}
   run_outputs.write_summary(workdir, summary)
   return summary
-
-
-def restore_pipeline(workdir, *, step: int | None = None, ema: bool = True) -> StableDiffusion:
-  """A workdir's trained pipeline (base model + checkpointed params), e.g. for export."""
-  workdir = paths.workdir_path(workdir)
-  raw = checkpoint_lib.read_run_config(workdir)
-  if raw is None:
-    raise MedjaxError(f"{workdir}: no config.json; not a medjax training workdir")
-  config = train_config.base_config()
-  config.update_from_flattened_dict(_flatten(raw))
-  mesh = sharding.make_mesh(1, 1, devices=jax.devices()[:1])
-  config.mesh.data, config.mesh.fsdp = 1, 1
-  config.batch_size, config.grad_accum = 1, 1
-  run = setup(config, mesh=mesh)
-  ckpt = checkpoint_lib.Checkpointer(workdir / "checkpoints", keep=10 ** 6)
-  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                          run.state, run.state_shardings)
-  state, _, _ = ckpt.restore(abstract, step)
-  ckpt.close()
-  return trained_pipeline(run, state, ema=ema)
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-  out = {}
-  for k, v in d.items():
-    if isinstance(v, dict) and f"{prefix}{k}" not in train_config.FREE_MAPS:
-      out.update(_flatten(v, f"{prefix}{k}."))
-    else:
-      out[f"{prefix}{k}"] = tuple(tuple(x) if isinstance(x, list) else x for x in v) \
-          if isinstance(v, list) else v
-  return out

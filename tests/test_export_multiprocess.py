@@ -21,7 +21,7 @@ ROOT = launch_support.ROOT
 WRITE_CHECKPOINT = textwrap.dedent("""
     import sys
     from pathlib import Path
-    from medjax import distributed
+    from medjax import distributed, hosts
     assert distributed.maybe_initialize_distributed()
     import jax, numpy as np
     from medjax import checkpoint, trainer
@@ -40,11 +40,11 @@ WRITE_CHECKPOINT = textwrap.dedent("""
     ckpt = checkpoint.Checkpointer(workdir / "checkpoints")
     assert ckpt.save(1, state, {"data": {}}, force=True)
     ckpt.close()
-    unet = distributed.to_host(state.params["unet"])
-    if distributed.is_lead():
+    unet = hosts.to_host(state.params["unet"])
+    if hosts.is_lead():
       trainer.write_config(config, workdir)
       np.savez(workdir / "expected_unet.npz", **diffusers_io.params_to_state_dict(unet))
-    distributed.sync("test: checkpoint written")
+    hosts.sync("test: checkpoint written")
     print(f"fsdp-split params: {len(split)} of {len(jax.tree.leaves(run.state.params))}",
           flush=True)
 """)

@@ -9,6 +9,7 @@ import textwrap
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from medjax import batches
@@ -97,3 +98,21 @@ def test_two_processes_gather_agree_and_find_their_block(tmp_path):
   text = out.getvalue()
   assert rc == 0, text[-4000:]
   assert "[p0] hosts ok True" in text and "[p1] hosts ok False" in text, text[-4000:]
+
+
+def test_to_global_and_to_host_round_trip_in_one_process():
+  mesh = sharding.make_mesh(-1, 1)
+  batch = {"image": np.arange(24, dtype=np.float32).reshape(len(jax.devices()) * 2, -1),
+           "label": np.arange(len(jax.devices()) * 2, dtype=np.int32)}
+  placed = hosts.to_global(batch, sharding.batch_sharding(mesh))
+  assert all(isinstance(x, jax.Array) and x.sharding == sharding.batch_sharding(mesh)
+             for x in placed.values())
+  back = hosts.to_host(jax.jit(lambda b: {k: v * 2 for k, v in b.items()})(placed))
+  for k, v in batch.items():
+    assert isinstance(back[k], np.ndarray)
+    np.testing.assert_array_equal(back[k], v * 2)
+  # Device arrays (committed ones too) go through the host, so any array can be placed.
+  committed = jax.device_put(jnp.ones(3), jax.devices()[0])
+  rep = hosts.to_global(committed, sharding.replicated(mesh))
+  assert rep.sharding == sharding.replicated(mesh)
+  np.testing.assert_array_equal(hosts.to_host(rep), np.ones(3))

@@ -63,12 +63,10 @@ def _wait_for_checkpoint(workdir: Path, step: int, proc, timeout=400):
 
 def _final_state(workdir):
   raw = json.loads((Path(workdir) / "config.json").read_text())
-  config = train_config.base_config()
-  config.update_from_flattened_dict(trainer._flatten(raw))  # pylint: disable=protected-access
+  config = train_config.from_saved(raw)
   run = trainer.setup(config, mesh=sharding.make_mesh(1, 1))
   ckpt = checkpoint_lib.Checkpointer(Path(workdir) / "checkpoints", keep=100)
-  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                          run.state, run.state_shardings)
+  abstract = trainer.abstract_state(run)
   state, extra, step = ckpt.restore(abstract)
   ckpt.close()
   return jax.device_get(state), extra, step

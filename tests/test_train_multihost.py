@@ -103,13 +103,11 @@ def _wait_for_checkpoint(workdir: Path, step: int, proc, timeout=900) -> None:
 def _final_params(workdir: Path):
   """The latest checkpoint's params, restored in this process on one device."""
   raw = json.loads((workdir / "config.json").read_text())
-  config = train_config.base_config()
-  config.update_from_flattened_dict(trainer._flatten(raw))  # pylint: disable=protected-access
+  config = train_config.from_saved(raw)
   config.mesh.data = config.mesh.fsdp = 1
   run = trainer.setup(config, mesh=sharding.make_mesh(1, 1, devices=jax.devices()[:1]))
   ckpt = checkpoint_lib.Checkpointer(workdir / "checkpoints", keep=100)
-  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                          run.state, run.state_shardings)
+  abstract = trainer.abstract_state(run)
   state, extra, step = ckpt.restore(abstract)
   ckpt.close()
   return [np.asarray(x) for x in jax.tree.leaves(jax.device_get(state.params))], extra, step

@@ -29,7 +29,7 @@ from flax import struct
 from flax.training import train_state
 from tqdm.auto import tqdm
 
-from medjax import distributed
+from medjax import hosts
 from medjax import sharding
 from medjax.errors import MedjaxError
 from medjax.eval import auc as auc_lib
@@ -194,7 +194,7 @@ def predict(state: ClassifierState, images, batch_size: int = 64, logits: bool =
                    state.normalize, logits)
   params, batch_stats = state.params, state.batch_stats
   if mesh is not None:
-    params, batch_stats = distributed.to_global((params, batch_stats), sharding.replicated(mesh))
+    params, batch_stats = hosts.to_global((params, batch_stats), sharding.replicated(mesh))
   out = []
   for start in range(0, n, batch_size):
     batch = images[start:start + batch_size]
@@ -203,8 +203,8 @@ def predict(state: ClassifierState, images, batch_size: int = 64, logits: bool =
       batch = np.concatenate([batch, np.zeros((batch_size - count,) + batch.shape[1:],
                                               batch.dtype)])
     if mesh is not None:
-      batch = distributed.to_global(batch, sharding.batch_sharding(mesh))
-    out.append(distributed.to_host(fn(params, batch_stats, batch))[:count])
+      batch = hosts.to_global(batch, sharding.batch_sharding(mesh))
+    out.append(hosts.to_host(fn(params, batch_stats, batch))[:count])
   return np.concatenate(out)
 
 
@@ -347,7 +347,7 @@ def train_classifier(config, train_data, val_data=None, mesh=None,
                        _adam(float(cfg.learning_rate)), task=cfg.task, normalize=cfg.normalize,
                        variables=variables)
   if mesh is not None:
-    state = distributed.to_global(state, sharding.replicated(mesh))
+    state = hosts.to_global(state, sharding.replicated(mesh))
   rng = np.random.default_rng(cfg.seed)
   batches = _batch_indices(images.shape[0], cfg.batch_size, rng)
   history = {"step": [], "loss": [], "val_step": [], "val_auc": [], "val_accuracy": [],
@@ -362,18 +362,18 @@ def train_classifier(config, train_data, val_data=None, mesh=None,
     history["val_accuracy"].append(metrics["accuracy"])
     if history["best_val_auc"] is None or metrics["auc"] > history["best_val_auc"]:
       history["best_val_auc"], history["best_step"] = metrics["auc"], step
-      best = distributed.to_host((state.params, state.batch_stats))
+      best = hosts.to_host((state.params, state.batch_stats))
     return metrics
 
   bar = tqdm(total=cfg.num_steps, unit="step", desc=cfg.model,
-             disable=not (cfg.progress and distributed.is_lead()))  # one bar for N processes
+             disable=not (cfg.progress and hosts.is_lead()))  # one bar for N processes
   losses, start = [], None
   for step in range(1, cfg.num_steps + 1):
     idx = next(batches)
     flip = rng.random(cfg.batch_size) < 0.5 if cfg.augment_flip else None
     batch = _make_batch(images, labels, idx, cfg.task, flip)
     if mesh is not None:  # every process has the whole batch: it keeps its devices' rows
-      batch = distributed.to_global(batch, sharding.batch_sharding(mesh))
+      batch = hosts.to_global(batch, sharding.batch_sharding(mesh))
     state, metrics = train_step(state, batch)
     losses.append(metrics["loss"])
     if step == 1:
@@ -395,7 +395,7 @@ def train_classifier(config, train_data, val_data=None, mesh=None,
     if cfg.select == "best" and history["best_step"] != cfg.num_steps:
       params, batch_stats = best
       if mesh is not None:
-        params, batch_stats = distributed.to_global((params, batch_stats),
+        params, batch_stats = hosts.to_global((params, batch_stats),
                                                     sharding.replicated(mesh))
       state = state.replace(params=params, batch_stats=batch_stats)
   bar.close()

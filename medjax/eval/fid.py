@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image
 from scipy import linalg
 
-from medjax import distributed
+from medjax import hosts
 from medjax import sharding
 from medjax.errors import MedjaxError
 from medjax.eval import inception_weights
@@ -147,7 +147,7 @@ def inception_features(params, images, batch_size: int = 50, mesh: jax.sharding.
     per = sharding.data_parallel_size(mesh)
     bs = -(-bs // per) * per
     batch_sharding = sharding.batch_sharding(mesh)
-    params = distributed.to_global(params, sharding.replicated(mesh))
+    params = hosts.to_global(params, sharding.replicated(mesh))
   module = InceptionV3()
   out, shape = [], []
   for start in range(0, n, bs):
@@ -160,8 +160,8 @@ def inception_features(params, images, batch_size: int = 50, mesh: jax.sharding.
     if stop - start < bs:
       batch = np.concatenate([batch, np.zeros((bs - (stop - start),) + batch.shape[1:],
                                               batch.dtype)])
-    x = distributed.to_global(batch, batch_sharding) if batch_sharding is not None else batch
-    out.append(distributed.to_host(_forward(module, params, x))[:stop - start])
+    x = hosts.to_global(batch, batch_sharding) if batch_sharding is not None else batch
+    out.append(hosts.to_host(_forward(module, params, x))[:stop - start])
   return np.concatenate(out)
 
 

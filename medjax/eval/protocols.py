@@ -12,7 +12,7 @@ Multi-process (`launch/local.py`, SLURM, TPU pods): every process runs the whole
 one mesh of all devices (`eval_mesh`), so generation, classifier training, Inception features
 and the VAE round trip are split over every device. Each process reads the (small) evaluation
 splits in full and feeds its devices' rows of each batch; results come back to every process
-(`medjax.distributed.to_host`). Process 0 alone writes files; the others wait for it.
+(`medjax.hosts.to_host`). Process 0 alone writes files; the others wait for it.
 """
 import dataclasses
 import json
@@ -26,8 +26,8 @@ import tqdm
 from absl import logging
 
 from medjax import atomic
-from medjax import distributed
 from medjax import exporter
+from medjax import hosts
 from medjax import images as images_lib
 from medjax import paths
 from medjax import sharding
@@ -194,7 +194,7 @@ def load_model(config: Any, mesh: jax.sharding.Mesh | None = None):
   m = config.model
   if m.train_workdir:
     sd = exporter.restore_pipeline(m.train_workdir, mesh=mesh)
-    sd = dataclasses.replace(sd, params=distributed.to_host(sd.params))
+    sd = dataclasses.replace(sd, params=hosts.to_host(sd.params))
   elif m.pretrained:
     sd = StableDiffusion.from_pretrained(m.pretrained)
   else:
@@ -202,7 +202,7 @@ def load_model(config: Any, mesh: jax.sharding.Mesh | None = None):
   sd = sd.load_embeddings(list(m.embeddings)) if m.embeddings else sd
   if mesh is None:
     return sd
-  return dataclasses.replace(sd, params=distributed.to_global(sd.params,
+  return dataclasses.replace(sd, params=hosts.to_global(sd.params,
                                                               sharding.replicated(mesh)))
 
 
@@ -230,7 +230,7 @@ def generate_per_class(config: Any, sd, class_names, workdir, mesh=None) -> Spli
   images, labels = [], []
   total = g.num_per_class * len(class_names)
   bar = tqdm.tqdm(total=total, desc="generate", unit="img",
-                  disable=not (config.progress_bar and distributed.is_lead()))
+                  disable=not (config.progress_bar and hosts.is_lead()))
   for k, name in enumerate(class_names):
     kept = []
     for start in range(0, g.num_per_class, g.batch_size):
@@ -246,7 +246,7 @@ def generate_per_class(config: Any, sd, class_names, workdir, mesh=None) -> Spli
     class_images = np.concatenate(kept)
     images.append(class_images * 2 - 1)
     labels.append(np.full(len(class_images), k))
-    if distributed.is_lead():
+    if hosts.is_lead():
       grid = images_lib.grid(images_lib.to_uint8(class_images[:16]))
       images_lib.save_png(grid, workdir / f"samples_{name}.png",
                           {"synthetic": "true", "generator": "medjax.evaluate",
@@ -312,7 +312,7 @@ def train_and_score(config: Any, train: Split, val: Split, test: Split, pos: int
 
 def write_report(workdir, results: dict, table: list[list[str]], title: str) -> None:
   """results.json and results.md, each written to a temp file and renamed (by process 0)."""
-  if not distributed.is_lead():
+  if not hosts.is_lead():
     return
   atomic.write_text(workdir / "results.json", json.dumps(results, indent=1, default=_json) + "\n")
   lines = [f"# {title}", ""]
@@ -378,7 +378,7 @@ def paper_a(config: Any, workdir, mesh=None) -> dict:
     a, b = synth.images[synth.labels == k], train.images[train.labels == k]
     if len(a) >= 2 and len(b) >= 2:
       fid[name] = fid_between(config, params, a, b, mesh)
-  if distributed.is_lead():
+  if hosts.is_lead():
     auc_lib.plot_roc(curves, workdir / "roc.png", title="Test ROC (repeat 1)")
   summary = {s: _mean_std([r["auc"] for r in runs[s]]) for s in settings}
   results = {"protocol": "paper_a", "summary_auc": summary, "runs": runs, "fid": fid,
@@ -431,7 +431,7 @@ def paper_b(config: Any, workdir, mesh=None) -> dict:
                "per_class": per_class}
   fpr, tpr, _ = auc_lib.roc_curve(binary(test, pos), real_scores)
   gfpr, gtpr, _ = auc_lib.roc_curve(y, scores)
-  if distributed.is_lead():
+  if hosts.is_lead():
     auc_lib.plot_roc({"real test": (fpr, tpr, real_metrics["auc"]),
                       "generated": (gfpr, gtpr, generated["auc"])}, workdir / "roc.png",
                      title="Classifier trained on real images")
@@ -462,12 +462,12 @@ def run_protocol(config: Any, workdir) -> dict:
   if config.protocol not in PROTOCOLS:
     raise MedjaxError(f"config.protocol={config.protocol!r}: expected one of {list(PROTOCOLS)}")
   workdir = paths.workdir_path(workdir)
-  if distributed.is_lead():
+  if hosts.is_lead():
     workdir.mkdir(parents=True, exist_ok=True)
     atomic.write_text(workdir / "config.json", config.to_json(indent=1) + "\n")
   mesh = eval_mesh()
   logging.info("evaluation mesh: %d devices %s over %d process(es)", mesh.devices.size,
                dict(mesh.shape), jax.process_count())
   results = PROTOCOLS[config.protocol](config, workdir, mesh)
-  distributed.sync("medjax.evaluate: results written")
+  hosts.sync("medjax.evaluate: results written")
   return results

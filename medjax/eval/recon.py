@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from medjax import distributed
+from medjax import hosts
 from medjax import sharding
 from medjax.errors import MedjaxError
 
@@ -230,11 +230,11 @@ def vae_roundtrip(sd, images, batch_size: int = 8, mesh=None) -> tuple[dict, np.
     if count < size:
       batch = np.concatenate([batch, np.repeat(batch[-1:], size - count, 0)])
     if mesh is not None:
-      batch = distributed.to_global(batch, sharding.batch_sharding(mesh))
+      batch = hosts.to_global(batch, sharding.batch_sharding(mesh))
     out = sd.decode_latents(sd.encode_images(jnp.asarray(batch) * 2.0 - 1.0))
-    decoded.append(distributed.to_host(out)[:count])
+    decoded.append(hosts.to_host(out)[:count])
     recon = jnp.clip((out + 1.0) / 2.0, 0.0, 1.0)
-    values = distributed.to_host(reconstruction_metrics(batch, recon, data_range=1.0))
+    values = hosts.to_host(reconstruction_metrics(batch, recon, data_range=1.0))
     for key, v in values.items():
       sums[key] = sums.get(key, 0.0) + float(np.sum(np.asarray(v, np.float64)[:count]))
   metrics = {k: v / n for k, v in sums.items()}
