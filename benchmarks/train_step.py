@@ -5,6 +5,7 @@
   python benchmarks/train_step.py --configs=sd15         # SD1.5-sized random pipeline (heavy)
   python benchmarks/train_step.py --bf16                 # bf16 compute (GPU; slow on CPU)
   python benchmarks/train_step.py --remat                # medjax remat (PyTorch as is)
+  python benchmarks/train_step.py --configs=mid --kinds=ti8 --loop   # + whole medjax.train loop
 
 Step kinds:
   ti<N>  textual inversion with N vectors per token. medjax: `objective='textual_inversion'`,
@@ -28,6 +29,13 @@ Configs (all random weights; both sides read the same weights):
         suite's tiny VAE, written as a diffusers directory.
   sd15  SD1.5's U-Net, VAE and CLIP sizes at 512^2 (heavy: GBs of memory, minutes per step on
         CPU; not run by default).
+
+--loop also times the whole `trainer.train` loop (data pipeline, prefetch thread, host batches,
+metrics at log steps, checkpoints and the non-finite check: everything but sample grids) on
+the same config, with phantom images: two runs of N and N + repeats steps, each in a fresh
+process sharing a persistent compilation cache, so (seconds(N + repeats) - seconds(N)) / repeats
+is the loop's marginal time per step, compile and the final save cancelling out. Its ratio to
+the bare jitted step (target <= 1.05) is what the loop costs on top of the step.
 
 Each (framework, config, kind) runs in its own subprocess. Times are medians over `--repeats`
 steps after `--warmup` steps (medjax's compile is reported separately). Memory on CPU is the
@@ -64,6 +72,7 @@ LR, BETAS, WEIGHT_DECAY, EPS = 1e-4, (0.9, 0.999), 1e-2, 1e-8
 # The issue's targets (medjax / PyTorch).
 TIME_TARGET = {"ti": 0.8, "ft": 1.0}
 MEM_TARGET = 0.8
+LOOP_TARGET = 1.05  # the whole train loop per step / the bare jitted step
 
 
 def num_threads() -> int:
@@ -155,25 +164,10 @@ def run_steps(step, warmup: int, repeats: int, trim: bool = False) -> dict:
 def run_jax(args) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
 
-  from medjax import sharding, train_config, trainer  # pylint: disable=g-import-not-at-top
+  from medjax import sharding, trainer  # pylint: disable=g-import-not-at-top
 
-  kind, n = parse_kind(args.kinds)
-  config = train_config.base_config()
-  config.objective = "textual_inversion" if kind == "ti" else "unet"
-  config.batch_size = args.batch
-  config.resolution = RESOLUTION[args.configs]
-  config.mixed_precision = "bf16" if args.bf16 else "fp32"
-  config.remat = args.remat
-  config.learning_rate = LR
-  config.adam_b1, config.adam_b2 = BETAS
-  config.weight_decay, config.adam_eps = WEIGHT_DECAY, EPS
-  config.model.pretrained = "" if args.configs == "tiny" else args.path
-  if kind == "ti":
-    config.textual_inversion.tokens = ((TOKEN, INIT_WORD),)
-    config.textual_inversion.num_vectors = n
-    config.max_grad_norm = 0.0  # diffusers' textual_inversion.py does not clip
-  else:
-    config.max_grad_norm = 1.0
+  kind, _ = parse_kind(args.kinds)
+  config = jax_config(args)
   t0 = time.perf_counter()
   run = trainer.setup(config)
   setup_s = time.perf_counter() - t0
@@ -204,6 +198,45 @@ def run_jax(args) -> dict:
   out.update(setup_s=setup_s, compile_s=compile_s, loss=holder["loss"], device=device.platform,
              state_bytes=size(holder["state"]), frozen_bytes=size(run.frozen))
   return out
+
+
+def jax_config(args):
+  """The medjax train config of `--configs`/`--kinds` (the same for the bare step and the loop)."""
+  from medjax import train_config  # pylint: disable=g-import-not-at-top
+
+  kind, n = parse_kind(args.kinds)
+  config = train_config.base_config()
+  config.objective = "textual_inversion" if kind == "ti" else "unet"
+  config.batch_size = args.batch
+  config.resolution = RESOLUTION[args.configs]
+  config.mixed_precision = "bf16" if args.bf16 else "fp32"
+  config.remat = args.remat
+  config.learning_rate = LR
+  config.adam_b1, config.adam_b2 = BETAS
+  config.weight_decay, config.adam_eps = WEIGHT_DECAY, EPS
+  config.model.pretrained = "" if args.configs == "tiny" else args.path
+  if kind == "ti":
+    config.textual_inversion.tokens = ((TOKEN, INIT_WORD),)
+    config.textual_inversion.num_vectors = n
+    config.max_grad_norm = 0.0  # diffusers' textual_inversion.py does not clip
+  else:
+    config.max_grad_norm = 1.0
+  return config
+
+
+def run_jax_loop(args) -> dict:
+  """`trainer.train` for `--loop_steps` steps in a fresh workdir; its summary's seconds."""
+  from medjax import trainer  # pylint: disable=g-import-not-at-top
+
+  config = jax_config(args)
+  config.total_steps = args.loop_steps
+  config.progress_bar = False
+  config.sample.num_per_prompt = 0  # no sample grids: they are generation, not the loop
+  config.checkpoint_every_steps = 10 ** 6  # one save, at the end (cancels out)
+  config.data.phantoms.num = 64
+  with tempfile.TemporaryDirectory() as workdir:
+    summary = trainer.train(config, workdir)
+  return {"seconds": summary["seconds"], "steps": summary["step"], "loss": summary["loss"]}
 
 
 # -- PyTorch (diffusers' example training scripts) -----------------------------------------------
@@ -331,9 +364,9 @@ def run_torch(args) -> dict:
 
 # -- driver --------------------------------------------------------------------------------------
 
-def spawn(framework: str, config: str, kind: str, path: str, args) -> dict:
-  env = dict(os.environ)
-  if framework == "jax" and not args.xla_cpu_default_scheduler:
+def spawn(framework: str, config: str, kind: str, path: str, args, extra=(), env=None) -> dict:
+  env = dict(os.environ, **(env or {}))
+  if framework.startswith("jax") and not args.xla_cpu_default_scheduler:
     # As medjax.train does on CPU (see benchmarks/unet.py): the memory-lean XLA:CPU scheduler.
     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
                         " --xla_cpu_enable_concurrency_optimized_scheduler=false").strip()
@@ -342,12 +375,24 @@ def spawn(framework: str, config: str, kind: str, path: str, args) -> dict:
          f"--warmup={args.warmup}", f"--repeats={args.repeats}", f"--threads={args.threads}"]
   cmd += ["--bf16"] if args.bf16 else []
   cmd += ["--malloc_trim"] if args.malloc_trim else []
-  cmd += ["--remat"] if args.remat and framework == "jax" else []
+  cmd += ["--remat"] if args.remat and framework.startswith("jax") else []
+  cmd += list(extra)
   out = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
   for line in out.stdout.splitlines():
     if line.startswith("RESULT "):
       return json.loads(line[len("RESULT "):])
   raise RuntimeError(f"{framework} {config} {kind} failed:\n{out.stderr[-3000:]}")
+
+
+def loop_time(config: str, kind: str, path: str, args) -> tuple[float, list[dict]]:
+  """Marginal seconds per step of `trainer.train`: runs of N and N + repeats steps."""
+  base = args.warmup + 1
+  with tempfile.TemporaryDirectory() as cache:
+    env = {"JAX_COMPILATION_CACHE_DIR": cache, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+    runs = [spawn("jaxloop", config, kind, path, args, [f"--loop_steps={n}"], env)
+            for n in (base, base, base + args.repeats)]  # the first fills the cache
+  runs = runs[1:]
+  return (runs[1]["seconds"] - runs[0]["seconds"]) / args.repeats, runs
 
 
 def verdict(ratio: float, target: float) -> str:
@@ -376,13 +421,16 @@ def main():
   parser.add_argument("--malloc_trim", action="store_true",
                       help="both sides: glibc malloc_trim(0) before the peak-RSS reset, so freed "
                       "heap (medjax: XLA's compiler arenas) is not counted")
-  parser.add_argument("--worker", choices=["jax", "torch"], help=argparse.SUPPRESS)
+  parser.add_argument("--loop", action="store_true",
+                      help="also time medjax's whole train loop against its bare step")
+  parser.add_argument("--loop_steps", type=int, default=0, help=argparse.SUPPRESS)
+  parser.add_argument("--worker", choices=["jax", "jaxloop", "torch"], help=argparse.SUPPRESS)
   parser.add_argument("--path", help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.warmup < 1:
     parser.error("--warmup must be >= 1")
   if args.worker:
-    result = (run_jax if args.worker == "jax" else run_torch)(args)
+    result = {"jax": run_jax, "jaxloop": run_jax_loop, "torch": run_torch}[args.worker](args)
     print("RESULT " + json.dumps(result))
     return
   for config in args.configs.split(","):
@@ -400,7 +448,7 @@ def main():
             f"{'target':>9} {'medjax MB':>10} {'torch MB':>9} {'mem x':>6} {'target':>9} "
             f"{'xla plan MB':>11} {'compile s':>9}  load")
   print(header, flush=True)
-  details = []
+  details, loops = [], []
   for config in args.configs.split(","):
     with tempfile.TemporaryDirectory() as tmp:
       path = os.path.join(tmp, "pipe")
@@ -417,6 +465,16 @@ def main():
               f"{verdict(mx, MEM_TARGET):>9} {j.get('plan_bytes', 0) / 2**20:11.0f} "
               f"{j['compile_s']:9.1f}  [{load:.1f}] {j['device']}", flush=True)
         details.append((config, kind, j, p))
+        if args.loop:
+          loops.append((config, kind, j, loop_time(config, kind, path, args)))
+  if loops:
+    print(f"\nmedjax's whole train loop vs its bare jitted step (s/step; loop: marginal time of "
+          f"{args.repeats} more steps):")
+    for config, kind, j, (per_step, runs) in loops:
+      ratio = per_step / j["median_s"]
+      print(f"{config:6} {kind:5} step {j['median_s']:.3f} loop {per_step:.3f} x{ratio:.3f} "
+            f"{verdict(ratio, LOOP_TARGET)}  (runs: "
+            + ", ".join(f"{r['steps']} steps {r['seconds']:.1f} s" for r in runs) + ")")
   print("\nmedjax XLA buffer plan (MB: arguments / outputs / temporaries / donated aliases), "
         "state and frozen params, losses, per-step times:")
   for config, kind, j, p in details:
