@@ -114,10 +114,6 @@ class Checkpointer:
       return bool(self._manager.reached_preemption(step))
     return _PREEMPTION.requested
 
-  def preempted(self, step: int) -> bool:
-    """Same as `should_stop` (older name)."""
-    return self.should_stop(step)
-
 
 class _Preemption:
   """The process-wide SIGTERM watch (signal handlers belong to the process, not a Checkpointer).

@@ -203,9 +203,6 @@ def trained_pipeline(run: Setup, state: objectives.TrainState, *, ema: bool = Tr
   return dataclasses.replace(run.sd, params=run.trainable.merge(params, run.frozen))
 
 
-sample_prompts = run_outputs.sample_prompts
-
-
 def abstract_state(run: Setup) -> Any:
   """The state's shapes, dtypes and shardings: what a checkpoint is restored onto."""
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
@@ -318,7 +315,7 @@ def train(config: ml_collections.ConfigDict, workdir) -> dict:
   run = setup(config)
   if run.trainable.kind == "textual_inversion":
     check_prompt_lengths(run.sd, list(dict(config.data.prompt.class_prompts).values())
-                         + sample_prompts(config))
+                         + run_outputs.sample_prompts(config))
   lead = hosts.is_lead()
   if lead:
     workdir.mkdir(parents=True, exist_ok=True)
