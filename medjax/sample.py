@@ -4,8 +4,10 @@
       --steps=50 --outdir=/tmp/samples                  # the embedded tiny model
   python -m medjax.sample --pretrained=DIR --prompt="healthy:0.3 AND diseased:0.7" ...
 
-Writes sample_0000.png ... and grid.png. Every PNG carries tEXt metadata (synthetic=true,
-generator=medjax, prompt, seed, ...) so a generated image is never mistaken for a patient's.
+Writes sample_0000.png ... and grid.png (the first 64 images; every image streams to disk as
+its batch is done, so memory stays flat in --num_images). Every PNG carries tEXt metadata
+(synthetic=true, generator=medjax, prompt, seed, ...) so a generated image is never mistaken
+for a patient's.
 Image i uses seed + i, so the images do not depend on --batch_size.
 """
 from pathlib import Path
@@ -14,7 +16,9 @@ from absl import flags
 
 from medjax import cli
 from medjax import schedulers
+from medjax.errors import MedjaxError
 from medjax.pipeline import StableDiffusion
+from medjax.sample_files import GRID_MAX
 from medjax.sample_files import check_args
 from medjax.sample_files import sample_to_dir
 
@@ -26,12 +30,14 @@ def define_flags():
   flags.DEFINE_string("pretrained", "", "A diffusers directory; empty = the embedded tiny model.")
   flags.DEFINE_string("prompt", "", "Prompt; AUTOMATIC1111 'a:0.3 AND b:0.7' composes.")
   flags.DEFINE_string("negative_prompt", "", "Negative (unconditional) prompt.")
-  flags.DEFINE_integer("num_images", 4, "Number of images.")
+  flags.DEFINE_integer("num_images", 4, "Number of images (each written as it is made; "
+                       f"grid.png shows the first {GRID_MAX}).")
   flags.DEFINE_integer("batch_size", 4, "Images per compiled call.")
   flags.DEFINE_integer("steps", 50, "Inference steps.")
-  flags.DEFINE_float("guidance", 7.5, "Classifier-free guidance scale.")
+  flags.DEFINE_float("guidance", 7.5, "Classifier-free guidance scale (finite, >= 0; <= 1 "
+                     "runs no guidance for a plain prompt).")
   flags.DEFINE_string("scheduler", "ddim", f"One of {', '.join(schedulers.NAMES)}.")
-  flags.DEFINE_integer("seed", 0, "Seed of image 0 (image i uses seed + i).")
+  flags.DEFINE_integer("seed", 0, "Seed of image 0 (image i uses seed + i, < 2^32).")
   flags.DEFINE_integer("height", 0, "Pixels (multiple of 8); 0 = the model's default.")
   flags.DEFINE_integer("width", 0, "Pixels (multiple of 8); 0 = the model's default.")
   flags.DEFINE_string("outdir", None, "Output folder.")
@@ -48,7 +54,10 @@ def main(argv):
               guidance=FLAGS.guidance, scheduler=FLAGS.scheduler, seed=FLAGS.seed,
               height=FLAGS.height, width=FLAGS.width)
   check_args(**{k: args[k] for k in ("num_images", "batch_size", "steps", "scheduler", "height",
-                                     "width")}, outdir=FLAGS.outdir)
+                                     "width", "guidance", "seed")}, outdir=FLAGS.outdir)
+  for path in FLAGS.embeddings:
+    if not Path(path).is_file():
+      raise MedjaxError(f"--embeddings={path}: no such file")
   sd = StableDiffusion.load(FLAGS.pretrained)
   extra = {}
   if FLAGS.embeddings:

@@ -104,11 +104,20 @@ def _as_list(value, name) -> list[str]:
   return values
 
 
-def _check_steps_and_scale(n, guidance_scale) -> None:
+def _check_steps_and_scale(n, guidance_scale, sch: schedulers.Scheduler) -> None:
+  """Steps within the scheduler's training steps; a finite guidance scale >= 0 (NaN would
+  silently switch guidance off, inf give black images, and a negative scale on a plain prompt
+  is no guidance under another name: anti-guidance is a negative composable-prompt weight)."""
   if not validation.is_int(n) or n <= 0:
     raise MedjaxError(f"num_inference_steps = {n!r}; expected a positive integer")
-  if not validation.is_number(guidance_scale):
-    raise MedjaxError(f"guidance_scale = {guidance_scale!r}; expected a number")
+  if n > sch.num_train_timesteps:
+    raise MedjaxError(f"num_inference_steps = {n}; expected at most the scheduler's "
+                      f"num_train_timesteps = {sch.num_train_timesteps}")
+  if not validation.is_number(guidance_scale) or not np.isfinite(guidance_scale):
+    raise MedjaxError(f"guidance_scale = {guidance_scale!r}; expected a finite number")
+  if guidance_scale < 0:
+    raise MedjaxError(f"guidance_scale = {guidance_scale!r}; expected >= 0 (for anti-guidance "
+                      "give a prompt part a negative weight, 'a AND b:-0.5')")
 
 
 def _prompt_parts(prompts, prompt_embeds):
@@ -168,6 +177,14 @@ def _image_batch(x, name, batch, channels, size=None) -> np.ndarray:
   return np.broadcast_to(x, (batch,) + x.shape[1:])
 
 
+def default_size(sd) -> tuple[int, int]:
+  """(height, width) in pixels: the U-Net's sample_size (an int, [h, w], or null for 64)
+  times the VAE factor, as diffusers' pipelines default it."""
+  size = sd.configs["unet"].get("sample_size") or 64
+  h, w = (size, size) if validation.is_int(size) else size
+  return int(h) * sd.vae_scale_factor, int(w) * sd.vae_scale_factor
+
+
 def _image_size(sd, image, height, width) -> tuple[int, int]:
   """(height, width) in pixels: the image's, else the U-Net's sample_size times the VAE factor."""
   f = sd.vae_scale_factor
@@ -178,9 +195,9 @@ def _image_size(sd, image, height, width) -> tuple[int, int]:
         raise MedjaxError(f"{name} = {value!r} but the image is {image.shape[1]}x"
                           f"{image.shape[2]}; leave it out or match the image")
     height, width = image.shape[1:3]
-  default = int(sd.configs["unet"].get("sample_size", 64)) * f
-  height = default if height is None else height
-  width = default if width is None else width
+  default = default_size(sd)
+  height = default[0] if height is None else height
+  width = default[1] if width is None else width
   for name, value in (("height", height), ("width", width)):
     if not validation.is_int(value) or value <= 0 or value % f:
       raise MedjaxError(f"{name} = {value!r}; expected a positive multiple of {f}")
@@ -231,7 +248,7 @@ def check_request(sd, prompts, negative_prompts, *, num_inference_steps, guidanc
   sch = schedulers.make_scheduler(scheduler, pipeline_scheduler_config(sd.scheduler_config),
                                   eta=eta)
   n = num_inference_steps
-  _check_steps_and_scale(n, guidance_scale)
+  _check_steps_and_scale(n, guidance_scale, sch)
   parts, weights, prompt_embeds = _prompt_parts(prompts, prompt_embeds)
   b, k = weights.shape
   guided = guidance_scale > 1 or k > 1 or bool(np.any(weights != 1))
