@@ -16,6 +16,7 @@ splits in full and feeds its devices' rows of each batch; results come back to e
 """
 import dataclasses
 import json
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -256,12 +257,18 @@ def generate_per_class(config: Any, sd, class_names, workdir, mesh=None) -> Spli
 
 
 def inception_params(config: Any):
-  """pytorch-fid's weights, or (when allowed) random ones with a warning in the results."""
+  """pytorch-fid's weights, or (when allowed) random ones with a warning in the results.
+
+  The random fallback applies only when no weights file was named (`fid.weights` empty and
+  $MEDJAX_INCEPTION_WEIGHTS unset): a named file that is missing, unreadable or not the
+  Inception is an error naming it, never an FID that means nothing.
+  """
+  named = config.fid.weights or os.environ.get(inception_weights.ENV_VAR)
   try:
     return inception_weights.load_inception(config.fid.weights or None,
                                             allow_pickle=config.fid.allow_pickle), None
   except MedjaxError as e:
-    if not config.fid.random_weights:
+    if named or not config.fid.random_weights:
       raise
     note = ("FID computed with a randomly initialised Inception (no pytorch-fid weights "
             "found): compare these numbers only with each other. " + str(e).split(";")[0])
@@ -348,6 +355,7 @@ def paper_a(config: Any, workdir, mesh=None) -> dict:
     if len(np.unique(binary(split, pos))) < 2:
       raise MedjaxError(f"the {name} split holds one class only ({len(split.labels)} images): "
                         "AUC needs both; use more images (config.data.split.sizes)")
+  params, note = inception_params(config)  # a bad weights file fails before any generation
   sd = load_model(config, mesh)
   synth = generate_per_class(config, sd, train.class_names, workdir, mesh)
   sets = {"real": train, "synthetic": synth,
@@ -372,7 +380,6 @@ def paper_a(config: Any, workdir, mesh=None) -> dict:
         if config.bootstrap:
           metrics["auc_ci"] = auc_lib.bootstrap_ci(y_test, scores, n=config.bootstrap,
                                                    seed=config.seed)
-  params, note = inception_params(config)
   fid = {"all": fid_between(config, params, synth.images, train.images, mesh)}
   for k, name in enumerate(train.class_names):
     a, b = synth.images[synth.labels == k], train.images[train.labels == k]
@@ -409,13 +416,13 @@ def paper_b(config: Any, workdir, mesh=None) -> dict:
   workdir, mesh = paths.workdir_path(workdir), mesh or eval_mesh()
   train, val, test = (load_split(config, s) for s in ("train", "val", "test"))
   pos = positive_index(config, train.class_names)
+  params, note = inception_params(config)  # a bad weights file fails before any generation
   sd = load_model(config, mesh)
   # VAE study on real test images.
   originals = test.images[:config.recon.num_images]
   recon_metrics, decoded = recon.vae_roundtrip(sd, (originals + 1) / 2,
                                                batch_size=config.recon.batch_size, mesh=mesh)
   reconstructed = np.clip(decoded, -1, 1)
-  params, note = inception_params(config)
   recon_metrics["fid"] = fid_between(config, params, reconstructed, originals, mesh)
   # Classifier on real images, then on generated ones.
   real_scores, real_metrics, state = train_and_score(config, train, val, test, pos, config.seed,
