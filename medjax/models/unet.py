@@ -15,13 +15,13 @@ import jax.numpy as jnp
 
 from medjax.errors import MedjaxError
 from medjax.models import layers
-from medjax.validation import ANY
 from medjax.validation import check_config
+from medjax.validation import int_at_least
 from medjax.validation import is_bool
-from medjax.validation import is_int
 from medjax.validation import is_number
 from medjax.validation import item_or_list
 from medjax.validation import list_of
+from medjax.validation import optional
 from medjax.validation import positive_number
 
 Dtype = Any
@@ -121,11 +121,15 @@ class UpBlock2D(_Block):
     return x
 
 
+_POSITIVE_INT = int_at_least(1)
+# An int or (h, w), or null (informational in diffusers; medjax's default image size).
+_SAMPLE_SIZE = optional(item_or_list(_POSITIVE_INT))
+
 # diffusers 0.42 UNet2DConditionModel keys -> what medjax implements (other values: defaults).
 SUPPORTED_CONFIG = {
-    "sample_size": ANY,
-    "in_channels": is_int,
-    "out_channels": is_int,
+    "sample_size": _SAMPLE_SIZE,
+    "in_channels": _POSITIVE_INT,
+    "out_channels": _POSITIVE_INT,
     "center_input_sample": (False, True),
     "flip_sin_to_cos": (False, True),
     "freq_shift": is_number,
@@ -133,20 +137,20 @@ SUPPORTED_CONFIG = {
     "mid_block_type": (MID,),
     "up_block_types": list_of((CROSS_ATTN_UP, UP)),
     "only_cross_attention": item_or_list(is_bool),
-    "block_out_channels": item_or_list(is_int),
-    "layers_per_block": item_or_list(is_int),
+    "block_out_channels": item_or_list(_POSITIVE_INT),
+    "layers_per_block": item_or_list(_POSITIVE_INT),
     "downsample_padding": (1,),
     "mid_block_scale_factor": (1,),
     "dropout": (0,),
     "act_fn": ("silu", "swish"),
-    "norm_num_groups": is_int,
+    "norm_num_groups": _POSITIVE_INT,
     "norm_eps": positive_number,
-    "cross_attention_dim": item_or_list(is_int),
-    "transformer_layers_per_block": item_or_list(is_int),
+    "cross_attention_dim": item_or_list(_POSITIVE_INT),
+    "transformer_layers_per_block": item_or_list(_POSITIVE_INT),
     "reverse_transformer_layers_per_block": (None,),
     "encoder_hid_dim": (None,),
     "encoder_hid_dim_type": (None,),
-    "attention_head_dim": item_or_list(is_int),
+    "attention_head_dim": item_or_list(_POSITIVE_INT),
     "num_attention_heads": (None,),
     "dual_cross_attention": (False,),
     "use_linear_projection": (False, True),

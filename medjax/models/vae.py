@@ -12,11 +12,12 @@ import jax.numpy as jnp
 
 from medjax.errors import MedjaxError
 from medjax.models import layers
-from medjax.validation import ANY
 from medjax.validation import check_config
-from medjax.validation import is_int
-from medjax.validation import is_number
+from medjax.validation import int_at_least
+from medjax.validation import item_or_list
 from medjax.validation import list_of
+from medjax.validation import optional
+from medjax.validation import positive_number
 
 Dtype = Any
 
@@ -146,19 +147,23 @@ class Decoder(_Coder):
     return self.conv(self.out_channels, "conv_out")(self.norm_act(x))
 
 
+_POSITIVE_INT = int_at_least(1)
+# An int or (h, w), or null (informational in diffusers; medjax's default image size).
+_SAMPLE_SIZE = optional(item_or_list(_POSITIVE_INT))
+
 # diffusers 0.42 AutoencoderKL keys -> what medjax implements.
 SUPPORTED_CONFIG = {
-    "in_channels": is_int,
-    "out_channels": is_int,
+    "in_channels": _POSITIVE_INT,
+    "out_channels": _POSITIVE_INT,
     "down_block_types": list_of(("DownEncoderBlock2D",)),
     "up_block_types": list_of(("UpDecoderBlock2D",)),
-    "block_out_channels": list_of(is_int),
-    "layers_per_block": is_int,
+    "block_out_channels": list_of(_POSITIVE_INT),
+    "layers_per_block": _POSITIVE_INT,
     "act_fn": ("silu", "swish"),
-    "latent_channels": is_int,
-    "norm_num_groups": is_int,
-    "sample_size": ANY,
-    "scaling_factor": is_number,
+    "latent_channels": _POSITIVE_INT,
+    "norm_num_groups": _POSITIVE_INT,
+    "sample_size": _SAMPLE_SIZE,
+    "scaling_factor": positive_number,
     "shift_factor": (None,),
     "latents_mean": (None,),
     "latents_std": (None,),
