@@ -19,7 +19,9 @@ import numpy as np
 
 from medjax import embedded as embedded_lib
 from medjax import sampling
+from medjax import schedulers
 from medjax import tokenizer as tokenizer_lib
+from medjax import validation
 from medjax.convert import diffusers as diffusers_io
 from medjax.convert import embeddings as embeddings_io
 from medjax.convert import single_file
@@ -125,7 +127,8 @@ class StableDiffusion:
     scheduler_config = diffusers_io.read_json(path / "scheduler" / "scheduler_config.json",
                                               "scheduler config")
     return cls._assemble(configs, read, path / "tokenizer", scheduler_config, str(path),
-                         sources={n: str(path / n / "config.json") for n in MODEL_CLASSES},
+                         sources={**{n: str(path / n / "config.json") for n in MODEL_CLASSES},
+                                  "scheduler": str(path / "scheduler" / "scheduler_config.json")},
                          dtype=dtype, param_dtype=param_dtype, remat=remat, attention=attention)
 
   @classmethod
@@ -161,6 +164,8 @@ class StableDiffusion:
   def _assemble(cls, configs, read_params, tokenizer_dir, scheduler_config, name, *,
                 sources=None, **model_kwargs) -> "StableDiffusion":
     """Builds the modules from `configs` and fills them with `read_params(name, shapes)`."""
+    _check_scheduler_config(scheduler_config, (sources or {}).get("scheduler",
+                                                                  "scheduler_config"))
     models = build_models(configs, sources=sources, **model_kwargs)
     params = {n: jax.tree.map(jnp.asarray, read_params(n, param_shapes(m)))
               for n, m in models.items()}
@@ -379,7 +384,26 @@ class StableDiffusion:
 
 
 def _check_vocab(tok, text_config: dict, path: Path) -> None:
+  """The tokenizer fits the text encoder: its ids index the token table, its padded length
+  the position table (checked at load, not at the first prompt)."""
   vocab = int(text_config.get("vocab_size", 0))
   if len(tok) > vocab:
     raise MedjaxError(f"{path}: tokenizer has {len(tok)} tokens but text_encoder/config.json "
                       f"vocab_size is {vocab}")
+  length, positions = tok.model_max_length, int(text_config.get("max_position_embeddings", 77))
+  if not validation.is_int(length) or not 1 <= length <= positions:
+    raise MedjaxError(f"{path}: tokenizer model_max_length = {length!r}; expected an integer "
+                      f"in [1, {positions}] (text_encoder max_position_embeddings)")
+
+
+def _check_scheduler_config(config: dict, source: str) -> None:
+  """Every key and value of the scheduler config, at load rather than at the first sample.
+
+  Checked as its own class when medjax has it, else as DDPM (a pipeline whose class medjax
+  lacks still samples with a scheduler named explicitly).
+  """
+  name = schedulers.CLASS_NAMES.get(config.get("_class_name"), "ddpm")
+  try:
+    schedulers.resolve_config(name, config)
+  except MedjaxError as e:
+    raise MedjaxError(f"{source}: {e}") from None

@@ -143,6 +143,9 @@ COMPONENT_FILES = {
     "text_encoder": ("CLIPTextModel", ("model", "pytorch_model")),
 }
 
+# The tokenizer classes model_index.json may name (both read the same vocab.json + merges.txt).
+TOKENIZERS = ("CLIPTokenizer", "CLIPTokenizerFast")
+
 
 def read_json(path, what: str) -> dict:
   """Reads a JSON file, with an error naming the file and what it should have been."""
@@ -176,6 +179,10 @@ def read_pipeline_index(path) -> dict:
     if entry[1] != cls:
       raise MedjaxError(f"{path / 'model_index.json'}: {name!r} is {entry[1]}, "
                         f"medjax supports {cls}")
+  tokenizer = index.get("tokenizer")
+  if isinstance(tokenizer, list) and len(tokenizer) == 2 and tokenizer[1] not in TOKENIZERS:
+    raise MedjaxError(f"{path / 'model_index.json'}: 'tokenizer' is {tokenizer[1]}, medjax "
+                      f"supports {' or '.join(TOKENIZERS)}")
   return index
 
 
