@@ -37,11 +37,16 @@ def read_safetensors(path) -> dict[str, np.ndarray]:
       buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size > 8 + header_len else b""
   except (OSError, ValueError, struct.error) as e:
     raise MedjaxError(f"{path}: not a readable safetensors file ({e})") from e
+  if not isinstance(header, dict):
+    raise MedjaxError(f"{path}: not a safetensors file (its header is not a JSON object)")
   base = 8 + header_len
   out = {}
   for name, info in header.items():
     if name == "__metadata__":
       continue
+    if not _is_tensor_entry(info):
+      raise MedjaxError(f"{path}: not a safetensors file (header entry {name!r} = "
+                        f"{str(info)[:80]}; expected dtype, shape and data_offsets)")
     dtype = _DTYPES.get(info["dtype"])
     if dtype is None:
       raise MedjaxError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}")
@@ -53,6 +58,16 @@ def read_safetensors(path) -> dict[str, np.ndarray]:
     out[name] = np.frombuffer(buf, dtype=dtype, count=count,
                               offset=base + start).reshape(info["shape"])
   return out
+
+
+def _is_tensor_entry(info) -> bool:
+  """A header entry {'dtype': str, 'shape': [ints >= 0], 'data_offsets': [start, end]}."""
+  if not isinstance(info, dict) or not isinstance(info.get("dtype"), str):
+    return False
+  shape, offsets = info.get("shape"), info.get("data_offsets")
+  ints = lambda xs: isinstance(xs, list) and all(
+      isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in xs)
+  return ints(shape) and ints(offsets) and len(offsets) == 2 and offsets[0] <= offsets[1]
 
 
 def write_safetensors(tensors: dict, path, metadata: dict | None = None) -> None:
@@ -130,10 +145,7 @@ def read_component_weights(folder, names: tuple[str, ...], variant: str | None =
     if not index.is_file():
       index = folder / f"{stem}{suffix}.safetensors.index.json"
     if index.is_file():
-      try:
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-      except (ValueError, KeyError) as e:
-        raise MedjaxError(f"{index}: not a valid safetensors index (needs 'weight_map')") from e
+      shards = _index_shards(index)
       sd = {}
       for shard in shards:
         sd.update(read_safetensors(folder / shard))
@@ -144,6 +156,19 @@ def read_component_weights(folder, names: tuple[str, ...], variant: str | None =
       return read_torch_pickle(binary, allow_pickle=allow_pickle_bin), binary
   expected = ", ".join(f"{s}{suffix}.safetensors" for s in names)
   raise MedjaxError(f"{folder}: no weights found (expected {expected}, a sharded index, or .bin)")
+
+
+def _index_shards(index: Path) -> list[str]:
+  """The shard files a sharded `.safetensors.index.json` names (its weight_map's values)."""
+  try:
+    weight_map = json.loads(index.read_text()).get("weight_map")
+  except (OSError, ValueError, AttributeError) as e:
+    raise MedjaxError(f"{index}: not a valid safetensors index ({e})") from e
+  if not (isinstance(weight_map, dict) and weight_map
+          and all(isinstance(v, str) and v for v in weight_map.values())):
+    raise MedjaxError(f"{index}: not a valid safetensors index (expected 'weight_map': "
+                      "{tensor name: shard file name})")
+  return sorted(set(weight_map.values()))
 
 
 def summarise(items: list[str], limit: int = 5) -> str:
