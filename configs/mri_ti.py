@@ -13,8 +13,10 @@ r"""Prostate MRI textual inversion (paper A on PI-CAI): T2W/ADC/HBV as RGB, slic
 from medjax.config_args import ArgSpec
 from medjax.train_config import base_config
 from medjax.train_config import ti_paper_scale
+from medjax.validation import int_at_least
 
-ARG = ArgSpec(flags=("paper",), settings={"vectors": 64})  # paper A: 64 vectors were needed
+ARG = ArgSpec(flags=("paper",), settings={"vectors": 64},  # paper A: 64 vectors were needed
+              rules={"vectors": int_at_least(1)})
 
 
 def get_config(arg: str = ""):

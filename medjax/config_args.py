@@ -15,15 +15,18 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from medjax import validation
 from medjax.errors import MedjaxError
 
 
 @dataclasses.dataclass(frozen=True)
 class ArgSpec:
   """What one config file accepts: on/off `flags` and `settings` (name -> default value, whose
-  type is the type a given value must parse to)."""
+  type is the type a given value must parse to), and `rules` a parsed setting must pass
+  (name -> a `validation` rule, e.g. `int_at_least(1)`)."""
   flags: tuple[str, ...] = ()
   settings: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  rules: Mapping[str, validation.Rule] = dataclasses.field(default_factory=dict)
 
   def accepted(self) -> str:
     shown = list(self.flags) + [f"{k}=<{type(v).__name__}>" for k, v in self.settings.items()]
@@ -53,11 +56,16 @@ class ArgSpec:
   def _value(self, name: str, text: str, arg: str, config_file: str) -> Any:
     kind = type(self.settings[name])
     try:
-      return kind(text)
+      value = kind(text)
     except ValueError:
       raise MedjaxError(f"{config_file}: arg {name}={text!r} in {arg!r} is not "
                         f"{'an' if kind is int else 'a'} {kind.__name__}; accepted: "
                         f"{self.accepted()}") from None
+    rule = self.rules.get(name, validation.ANY)
+    if not validation.passes(rule, value):
+      raise MedjaxError(f"{config_file}: arg {name}={text!r} in {arg!r} is not "
+                        f"{validation.describe(rule)}; accepted: {self.accepted()}")
+    return value
 
 
 def load_config_module(path) -> types.ModuleType:
