@@ -65,6 +65,30 @@ def test_config_refuses_an_unknown_arg(name, arg, message):
     config_args.load_config_file(f"{ROOT / 'configs' / name}.py:{arg}")
 
 
+def _bad_setting_values():
+  """(config, setting, value, message): a non-number for every setting, and values outside
+  the setting's rule (vectors=0) where it has one."""
+  out = []
+  for name in CONFIGS:
+    spec = _module(name).ARG
+    for key, default in spec.settings.items():
+      if isinstance(default, int):
+        out.append((name, key, "many", "is not an int"))
+      if key in spec.rules:
+        out += [(name, key, v, f"is not {config_args.validation.describe(spec.rules[key])}")
+                for v in ("0", "-3")]
+  return out
+
+
+@pytest.mark.parametrize("name,setting,value,message", _bad_setting_values())
+def test_config_refuses_a_bad_setting_value(name, setting, value, message):
+  arg = f"paper,{setting}={value}"
+  with pytest.raises(MedjaxError) as e:
+    config_args.load_config_file(f"{ROOT / 'configs' / name}.py:{arg}")
+  assert str(e.value) == (f"{ROOT / 'configs' / name}.py: arg {setting}={value!r} in {arg!r} "
+                          f"{message}; accepted: {_module(name).ARG.accepted()}")
+
+
 def test_arg_spec_values():
   spec = config_args.ArgSpec(flags=("paper",), settings={"vectors": 64, "name": "x"})
   opts = spec.parse(" paper , vectors=8,name=y", "c.py")

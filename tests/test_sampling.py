@@ -274,6 +274,11 @@ def test_mesh_without_the_data_axis(sd1):
     (dict(image=np.full((64, 64, 3), 255.0)), "image: values in \\[255, 255\\]"),
     (dict(seed=[1]), "seed = \\[1\\]"),
     (dict(guidance_scale="7"), "guidance_scale"),
+    (dict(guidance_scale=float("nan")), "guidance_scale = nan; expected a finite number"),
+    (dict(guidance_scale=float("inf")), "guidance_scale = inf; expected a finite number"),
+    (dict(guidance_scale=-2.0), "guidance_scale = -2.0; expected >= 0"),
+    (dict(num_inference_steps=1001), "num_inference_steps = 1001; expected at most the "
+                                     "scheduler's num_train_timesteps = 1000"),
 ])
 def test_bad_input(sd1, kwargs, match):
   _, sd = sd1
