@@ -41,6 +41,7 @@ def define_flags():
   flags.DEFINE_integer("height", 0, "Pixels (multiple of 8); 0 = the model's default.")
   flags.DEFINE_integer("width", 0, "Pixels (multiple of 8); 0 = the model's default.")
   flags.DEFINE_string("outdir", None, "Output folder.")
+  flags.DEFINE_bool("overwrite", False, "Replace the images of an earlier run in --outdir.")
   flags.DEFINE_multi_string("embeddings", [], "Textual-inversion files to load (diffusers or "
                             "AUTOMATIC1111 .safetensors); their tokens can be used in --prompt.")
   flags.DEFINE_bool("allow_pickle", False, "Allow .pt/.bin embedding files "
@@ -54,7 +55,8 @@ def main(argv):
               guidance=FLAGS.guidance, scheduler=FLAGS.scheduler, seed=FLAGS.seed,
               height=FLAGS.height, width=FLAGS.width)
   check_args(**{k: args[k] for k in ("num_images", "batch_size", "steps", "scheduler", "height",
-                                     "width", "guidance", "seed")}, outdir=FLAGS.outdir)
+                                     "width", "guidance", "seed")}, outdir=FLAGS.outdir,
+             overwrite=FLAGS.overwrite)
   for path in FLAGS.embeddings:
     if not Path(path).is_file():
       raise MedjaxError(f"--embeddings={path}: no such file")
@@ -63,7 +65,8 @@ def main(argv):
   if FLAGS.embeddings:
     sd = sd.load_embeddings(FLAGS.embeddings, allow_pickle=FLAGS.allow_pickle)
     extra["embeddings"] = ", ".join(Path(p).name for p in FLAGS.embeddings)
-  paths = sample_to_dir(sd, FLAGS.outdir, **args, extra_metadata=extra)
+  paths = sample_to_dir(sd, FLAGS.outdir, **args, extra_metadata=extra,
+                        overwrite=FLAGS.overwrite)
   print(f"wrote {len(paths) - 1} images and {paths[-1]} ({sd.name})")
 
 

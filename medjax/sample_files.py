@@ -35,7 +35,7 @@ _PLACEHOLDER = re.compile(r"<[^<>\s]+>")
 
 
 def check_args(*, num_images, batch_size, steps, scheduler, height, width, outdir,
-               guidance: float = 7.5, seed: int = 0) -> None:
+               guidance: float = 7.5, seed: int = 0, overwrite: bool = False) -> None:
   """Cheap checks before the model loads, so bad flags fail fast and write nothing."""
   for name, value in (("num_images", num_images), ("batch_size", batch_size), ("steps", steps)):
     if value <= 0:
@@ -53,14 +53,22 @@ def check_args(*, num_images, batch_size, steps, scheduler, height, width, outdi
                       f"seed + num_images - 1 <= {MAX_SEED}")
   if not outdir:
     raise MedjaxError("--outdir is required")
-  check_outdir(outdir)
+  check_outdir(outdir, overwrite=overwrite)
 
 
-def check_outdir(outdir) -> None:
-  """`outdir` is a writable folder, or can be created as one (nothing is created here)."""
+def check_outdir(outdir, *, overwrite: bool = False) -> None:
+  """`outdir` is a writable folder, or can be created as one (nothing is created here), and
+  holds no earlier generated images unless `overwrite` (a rerun must not silently replace
+  images already shared or evaluated)."""
   path = Path(outdir).absolute()
   if path.exists() and not path.is_dir():
     raise MedjaxError(f"--outdir={outdir}: is a file; expected a folder (existing or new)")
+  if path.is_dir() and not overwrite:
+    earlier = sorted(p.name for p in path.glob("sample_*.png"))[:1] + (
+        ["grid.png"] if (path / "grid.png").exists() else [])
+    if earlier:
+      raise MedjaxError(f"--outdir={outdir}: already holds generated images ({earlier[0]}, ...); "
+                        "pass --overwrite to replace them, or choose another folder")
   existing = path
   while not existing.exists():
     existing = existing.parent
@@ -119,11 +127,13 @@ class WrittenFiles(Sequence):
 def sample_to_dir(sd, outdir, *, prompt: str, negative_prompt: str = "", num_images: int = 4,
                   batch_size: int = 4, steps: int = 50, guidance: float = 7.5,
                   scheduler: str = "ddim", seed: int = 0, height: int = 0,
-                  width: int = 0, extra_metadata: dict | None = None) -> WrittenFiles:
+                  width: int = 0, extra_metadata: dict | None = None,
+                  overwrite: bool = False) -> WrittenFiles:
   """Generates `num_images` and writes them with a grid of the first `GRID_MAX`; returns the
   paths written (the grid last)."""
   check_args(num_images=num_images, batch_size=batch_size, steps=steps, scheduler=scheduler,
-             height=height, width=width, outdir=outdir, guidance=guidance, seed=seed)
+             height=height, width=width, outdir=outdir, guidance=guidance, seed=seed,
+             overwrite=overwrite)
   check_placeholders(sd, prompt, "--prompt")
   check_placeholders(sd, negative_prompt, "--negative_prompt")
   default = default_size(sd)

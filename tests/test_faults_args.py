@@ -125,6 +125,19 @@ def test_sample_outdir_that_cannot_be_a_folder(tmp_path):
   assert not (tmp_path / "new").exists()
 
 
+def test_sample_into_a_folder_of_earlier_images_needs_overwrite(tmp_path):
+  sd = _FakeModel()
+  first = sample_files.sample_to_dir(sd, tmp_path / "out", prompt="a", num_images=2, steps=2)
+  before = {p.name: p.read_bytes() for p in first}
+  with pytest.raises(MedjaxError, match=r"--outdir=.*/out: already holds generated images "
+                     r"\(sample_0000.png, ...\); pass --overwrite to replace them"):
+    sample_files.sample_to_dir(sd, tmp_path / "out", prompt="a", num_images=2, steps=2, seed=9)
+  assert {p.name: p.read_bytes() for p in first} == before and len(sd.seeds) == 1
+  sample_files.sample_to_dir(sd, tmp_path / "out", prompt="a", num_images=2, steps=2, seed=9,
+                             overwrite=True)
+  assert sd.seeds[-1] == [9, 10]
+
+
 def test_sample_cli_outdir_is_a_file(tmp_path):
   out = tmp_path / "samples.png"
   out.write_text("an earlier file")
