@@ -218,7 +218,8 @@ def test_prefetcher_wakes_for_sigterm_when_data_starved(monkeypatch):
 
   prefetch = batches.Prefetcher(Stuck(), lambda rows, step: rows, first_step=5,
                                 preempted_wait_s=0.2)
-  monkeypatch.setattr(checkpoint_lib._PREEMPTION, "requested", True)  # pylint: disable=protected-access
+  preemption = checkpoint_lib._PREEMPTION  # pylint: disable=protected-access
+  monkeypatch.setattr(preemption, "requested", True)  # as the SIGTERM watcher sets it
   monkeypatch.setattr(batches, "_POLL_S", 0.02)
   try:
     with pytest.raises(MedjaxError, match=r"SIGTERM while waiting for training data: no batch "
