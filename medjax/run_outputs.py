@@ -106,7 +106,7 @@ def skipped_files(data) -> dict:
 def write_summary(workdir, summary: dict) -> None:
   """summary.json, and its gist as the run's last log line."""
   skipped = summary.get("skipped_files") or {"count": 0, "examples": []}
-  logging.info("run done: step %s, loss %.6g, stopped: %s, %d bad file(s) skipped%s",
+  logging.info("run done: step %s, loss %.6g, stopped: %s, %d distinct bad file(s) skipped%s",
                summary.get("step"), summary.get("loss", float("nan")), summary.get("stopped"),
                skipped["count"], f" (e.g. {skipped['examples'][0]})" if skipped["examples"]
                else "")
