@@ -10,6 +10,7 @@ import os
 import queue
 import shutil
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -22,6 +23,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from PIL import Image
 
+from medjax import checkpoint as checkpoint_lib
 from medjax import hosts
 from medjax import images as images_lib
 from medjax import paths
@@ -33,6 +35,10 @@ from medjax.images import rgb_in_unit_range
 from medjax.pipeline import StableDiffusion
 
 PREFETCH = 2  # device batches made ahead of the step that takes them
+# After a SIGTERM, how long the loop still waits for a batch that is not there (a stuck or
+# starved data pipeline) before it stops with an error instead of never reaching the save.
+PREEMPTED_WAIT_S = 30.0
+_POLL_S = 0.5
 
 
 def vae_moments(sd: StableDiffusion, vae_params, images) -> jax.Array:
@@ -135,12 +141,16 @@ class Prefetcher:
   never a collective, so the processes' collectives stay in the same order. `state` is the data
   iterator's state after the batches taken so far (not those made ahead): what a checkpoint
   saves, so a resumed run continues exactly after the last step done.
+
+  Waiting for a batch wakes up for a SIGTERM: the main thread would otherwise sit here, unable
+  to save, for as long as the data pipeline gives nothing.
   """
 
   def __init__(self, data, make: Callable[[dict, int], dict], first_step: int,
-               depth: int = PREFETCH):
+               depth: int = PREFETCH, preempted_wait_s: float = PREEMPTED_WAIT_S):
     self.state = data.get_state()
     self._data, self._make, self._step = data, make, first_step
+    self._taken, self._preempted_wait_s = 0, preempted_wait_s
     self._queue: queue.Queue = queue.Queue(maxsize=depth)
     self._stop = threading.Event()
     self._thread = threading.Thread(target=self._run, name="medjax-prefetch", daemon=True)
@@ -167,12 +177,31 @@ class Prefetcher:
   def next(self) -> dict:
     if self._thread.ident is None:
       self._thread.start()  # on first use: a finished run reads nothing
-    batch, state, error = self._queue.get()
+    batch, state, error = self._get()
     if error is not None:
       self._stop.set()
       raise error
     self.state = state
+    self._taken += 1
     return batch
+
+  def _get(self):
+    since = None  # when the wait first saw the SIGTERM
+    while True:
+      try:
+        return self._queue.get(timeout=_POLL_S)
+      except queue.Empty:
+        pass
+      if not checkpoint_lib._PREEMPTION.requested:  # pylint: disable=protected-access
+        continue
+      since = time.monotonic() if since is None else since
+      if time.monotonic() - since >= self._preempted_wait_s:
+        self._stop.set()
+        raise MedjaxError(
+            f"SIGTERM while waiting for training data: no batch for step "
+            f"{self._step + self._taken + 1} within {self._preempted_wait_s:g} s (the data "
+            "pipeline is stuck or too slow), so nothing newer than the last checkpoint was "
+            "saved; rerun the same command to resume from it")
 
   def close(self) -> None:
     self._stop.set()

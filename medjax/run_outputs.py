@@ -18,6 +18,7 @@ from medjax import hosts
 from medjax import images as images_lib
 from medjax import paths as paths_lib
 from medjax.convert import embeddings as embeddings_lib
+from medjax.data import skips as skips_lib
 from medjax.pipeline import StableDiffusion
 
 
@@ -96,6 +97,18 @@ def _write_file(target, write: Callable[[Path], Any]) -> None:
     atomic.upload(local, target)
 
 
+def skipped_files(data) -> dict:
+  """{'count', 'examples'} of the bad files the run skipped, over all processes (a collective):
+  distinct files, each counted once however often the data repeated."""
+  return skips_lib.merge(hosts.allgather_json(data.skip_summary()))
+
+
 def write_summary(workdir, summary: dict) -> None:
+  """summary.json, and its gist as the run's last log line."""
+  skipped = summary.get("skipped_files") or {"count": 0, "examples": []}
+  logging.info("run done: step %s, loss %.6g, stopped: %s, %d distinct bad file(s) skipped%s",
+               summary.get("step"), summary.get("loss", float("nan")), summary.get("stopped"),
+               skipped["count"], f" (e.g. {skipped['examples'][0]})" if skipped["examples"]
+               else "")
   if hosts.is_lead():
     atomic.write_text(workdir / "summary.json", json.dumps(summary, indent=1) + "\n")

@@ -3,12 +3,14 @@
 Config files under `configs/` start from `base_config()` and change values; a key that is not
 here is an error (`check_train_config`), as is an override of an unknown key on the command line.
 """
+import json
 from typing import Any
 
 import ml_collections
 
 from medjax import sharding
 from medjax.data.defaults import default_config as data_config
+from medjax.data.skips import check_fraction
 from medjax.errors import MedjaxError
 from medjax.validation import check_known_keys
 
@@ -139,7 +141,9 @@ def prior_preservation(c: ml_collections.ConfigDict, class_prompt: str,
 
 def check_train_config(config: Any, base: ml_collections.ConfigDict | None = None,
                        free_maps=FREE_MAPS) -> None:
-  """Unknown keys (typos) are errors naming the key, where it is, and the known keys there."""
+  """Unknown keys (typos) are errors naming the key, where it is, and the known keys there;
+  for a train config (no `base` given) also the values `check_values` checks."""
+  values = base is None
   base = base_config() if base is None else base
 
   def walk(cfg, ref, prefix):
@@ -154,16 +158,45 @@ def check_train_config(config: Any, base: ml_collections.ConfigDict | None = Non
           raise MedjaxError(f"config: {name} must be a group of keys, got {sub!r}")
         walk(sub, sub_ref, name + ".")
   walk(config, base, "")
+  if values:
+    check_values(config)
 
 
-def config_diff(a: dict, b: dict, prefix: str = "") -> list[str]:
-  """Keys whose values differ between two plain-dict configs (nested keys as a.b.c)."""
+def _positive_int(value: Any) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def check_values(config: Any) -> None:
+  """Values whose failure would otherwise surface late or as another complaint (batch_size=0 as
+  'not divisible by the devices', a bad data policy only after config.json is written)."""
+  for key in ("batch_size", "grad_accum"):
+    if not _positive_int(config[key]):
+      raise MedjaxError(f"config.{key}={config[key]!r}: expected a positive integer")
+  if not _positive_int(config.resolution) or config.resolution < 8:
+    raise MedjaxError(f"config.resolution={config.resolution!r}: expected an integer >= 8")
+  if config.data.on_bad_file not in ("error", "skip"):
+    raise MedjaxError(f"config.data.on_bad_file={config.data.on_bad_file!r}: expected 'error' or "
+                      "'skip'")
+  check_fraction(config.data.max_bad_fraction)
+
+
+def config_diff(a: dict, b: dict, prefix: str = "", defaults: dict | None = None) -> list[str]:
+  """Keys whose values differ between two plain-dict configs (nested keys as a.b.c).
+
+  A config key only one side has (one added since the other was saved) differs only if its
+  value is not the default: a new key's default keeps the behaviour from before it existed.
+  """
+  defaults = json.loads(base_config().to_json()) if defaults is None else defaults
   out = []
   for key in sorted(set(a) | set(b)):
     name = f"{prefix}{key}"
     va, vb = a.get(key), b.get(key)
     if isinstance(va, dict) and isinstance(vb, dict):
-      out += config_diff(va, vb, name + ".")
+      sub = defaults.get(key) if name not in FREE_MAPS else None  # free maps: no defaults
+      out += config_diff(va, vb, name + ".", sub if isinstance(sub, dict) else {})
+    elif ((key in a) != (key in b) and key in defaults
+          and _plain(va if key in a else vb) == _plain(defaults[key])):
+      continue
     elif _plain(va) != _plain(vb):
       out.append(name)
   return out

@@ -426,6 +426,7 @@ def train(config: ml_collections.ConfigDict, workdir) -> dict:
   writer.close()
   ckpt.close()
   summary = {"step": step, "loss": last_loss, "stopped": stopped or None,
-             "seconds": time.perf_counter() - t0, "checkpoints": ckpt.all_steps(), **outputs}
+             "seconds": time.perf_counter() - t0, "checkpoints": ckpt.all_steps(),
+             "skipped_files": run_outputs.skipped_files(data), **outputs}
   run_outputs.write_summary(workdir, summary)
   return summary

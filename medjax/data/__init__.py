@@ -22,8 +22,8 @@ Sources (`config.data.source`, root in `config.data.root`):
 Selection: `classes` ((('pleural_effusion', {'Pleural Effusion': 1}), ('no_finding',
 {'No Finding': 1}))), `per_class` (paper A: 100), patient-level `split` (mode 'random'
 fractions, 'sizes' e.g. 200/200/200, or the dataset's own 'source' split). Bad files:
-`on_bad_file` 'error' raises MedjaxError naming the file; 'skip' drops it, counts it
-(`it.num_skipped`, `it.skip_report()`).
+`on_bad_file` 'error' raises MedjaxError naming the file; 'skip' drops it and counts it once
+however often it is re-read (`it.num_skipped`, `it.skip_report()`), up to `max_bad_fraction`.
 
 Lower-level pieces: `read_image(path)` (DICOM, PNG/JPEG 8/16 bit, NIfTI, MHA/MHD/NRRD -> float32
 [0, 1]), `load_chexpert` / `load_mimic` / `load_picai` / `load_folder` (indices of `Record`),

@@ -8,6 +8,11 @@ def default_config() -> ml_collections.ConfigDict:
   c.source = ""  # '' (synthetic phantoms) | 'chexpert' | 'mimic' | 'picai' | 'folder'
   c.root = ""  # dataset root directory (unused for phantoms)
   c.on_bad_file = "error"  # 'error': stop at the first bad file; 'skip': count, report, go on
+  # 'skip' stops with one error when more than this share of a data pass (or, shuffled, of the
+  # files read so far, from 256 reads on) is bad. Half: a partial download or some corrupt files
+  # still train on the rest; more than half bad is a wrong root or format, not a few bad files
+  # (and an all-bad set stops within half a pass instead of skipping forever).
+  c.max_bad_fraction = 0.5
   c.check_files = True  # stat every indexed image up front (CheXpert, MIMIC)
 
   c.phantoms = ml_collections.ConfigDict()

@@ -22,6 +22,7 @@ from medjax.data import picai
 from medjax.data import prompts as prompts_lib
 from medjax.data import records as records_lib
 from medjax.data import selection
+from medjax.data import skips as skips_lib
 from medjax.data import splits as splits_lib
 from medjax.data.read_image import read_image
 from medjax.data.sources import load_index
@@ -29,6 +30,10 @@ from medjax.errors import MedjaxError
 
 RESIZE_MODES = ("crop", "pad", "stretch")
 CROP_MODES = ("center", "random")
+MIN_SIDE = 8  # px: a smaller "image" (a 1 x 1 placeholder) would be upscaled into a flat square
+# resize='crop' keeps a square of the shorter side: beyond this aspect ratio that is a sliver of
+# the file, and its upscaled intermediate (shorter side -> resolution) can take gigabytes.
+MAX_CROP_ASPECT = 16
 _AUTO = "auto"
 
 
@@ -54,11 +59,13 @@ def select_records(config: Any, split: str) -> records_lib.DataIndex:
     MedjaxError for a bad configuration or an empty selection.
   """
   splits_lib.check_split(split)
+  fraction = skips_lib.check_fraction(config.max_bad_fraction)
   index = load_index(config)
+  where = f"{config.root or 'phantoms'} ({config.source or 'phantoms'})"
+  skips_lib.check_index(index.skipped, index.records, fraction, where)
   classes = selection.parse_classes(config.classes)
   class_names = tuple(name for name, _ in classes)
   records = selection.assign_classes(index.records, classes, index.label_names)
-  where = f"{config.root or 'phantoms'} ({config.source or 'phantoms'})"
   if not records:
     raise MedjaxError(f"{where}: no images match the filters and classes {config.classes!r}")
   s = config.split
@@ -78,6 +85,7 @@ def select_records(config: Any, split: str) -> records_lib.DataIndex:
 class BadFile:
   """Produced instead of an example when a file cannot be decoded."""
   message: str
+  key: str = ""  # the file (or record) at fault: bad files are counted once each
 
 
 def _lanczos(image: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -154,12 +162,21 @@ class LoadExample:
     return image[..., None] if image.ndim == 2 else image
 
   def __call__(self, record: records_lib.Record, rng: np.random.Generator):
+    where = record.path or record.key  # also what bad files are counted by (PI-CAI: a study)
     try:
       image = self.pixels(record)
     except MedjaxError as e:
-      return BadFile(str(e))
+      return BadFile(str(e), where)
     if not np.isfinite(image).all():
-      return BadFile(f"{record.path or record.key}: image contains NaN or infinite values")
+      return BadFile(f"{where}: image contains NaN or infinite values", where)
+    short, long = sorted(image.shape[:2])
+    if short < MIN_SIDE:
+      return BadFile(f"{where}: image is {image.shape[1]} x {image.shape[0]} px; expected at "
+                     f"least {MIN_SIDE} px a side", where)
+    if self.resize == "crop" and long > MAX_CROP_ASPECT * short:
+      return BadFile(f"{where}: image is {image.shape[1]} x {image.shape[0]} px, more than "
+                     f"{MAX_CROP_ASPECT}:1; config.data.pipeline.resize='crop' would keep a "
+                     "sliver of it (resize='pad' keeps it whole)", where)
     image = resize_to(image.astype(np.float32), self.resolution, mode=self.resize, crop=self.crop,
                       rng=rng)
     if self.flip and rng.random() < 0.5:
@@ -192,32 +209,38 @@ def _stack(elements: list[dict[str, Any]]) -> dict[str, np.ndarray]:
 class DataIterator(grain.DatasetIterator):
   """Batches examples, applies `on_bad_file`, and checkpoints with its parent iterator.
 
+  Bad files are counted once each however often a repeating stream re-reads them, and bounded
+  by `max_bad_fraction` (`medjax.data.skips`); the count travels in the state.
+
   Attributes:
-    skipped: 'file: problem' for every file skipped while indexing and (this session) reading.
+    skipped: 'file: problem' for every distinct file skipped while indexing and reading.
     label_names, class_names, num_examples: set by `make_dataset` (this process's shard size).
   """
 
   def __init__(self, parent: grain.DatasetIterator, *, batch_size: int, drop_remainder: bool,
-               on_bad_file: str, index_skipped: Sequence[str]):
+               on_bad_file: str, ledger: skips_lib.SkipLedger):
     super().__init__(parent)
     self.batch_size = batch_size
     self.drop_remainder = drop_remainder
     self.on_bad_file = on_bad_file
-    self.skipped = list(index_skipped)
-    self._index_skips = len(index_skipped)
-    self._read_skips = 0  # skips while reading, carried in the state
+    self.ledger = ledger
     self._reported = False
 
   @property
+  def skipped(self) -> list[str]:
+    return self.ledger.messages()
+
+  @property
   def num_skipped(self) -> int:
-    return self._index_skips + self._read_skips
+    """Distinct bad files (indexing and reading), each counted once."""
+    return self.ledger.count
 
   def skip_report(self) -> str:
-    if not self.num_skipped:
-      return "no files skipped"
-    lines = "\n  ".join(self.skipped[:20])
-    more = f"\n  ... and {len(self.skipped) - 20} more" if len(self.skipped) > 20 else ""
-    return f"skipped {self.num_skipped} bad file(s):\n  {lines}{more}"
+    return self.ledger.report()
+
+  def skip_summary(self) -> dict:
+    """This process's skips for `medjax.data.skips.merge` (JSON-able)."""
+    return self.ledger.summary()
 
   def __next__(self) -> dict[str, np.ndarray]:
     elements = []
@@ -234,19 +257,19 @@ class DataIterator(grain.DatasetIterator):
       if isinstance(element, BadFile):
         if self.on_bad_file == "error":
           raise MedjaxError(element.message)
-        self._read_skips += 1
-        self.skipped.append(f"[read] {element.message}")
-        logging.warning("medjax.data: skipping bad file: %s", element.message)
+        self.ledger.bad(element.key, element.message)
         continue
+      self.ledger.good()
       elements.append(element)
     return _stack(elements)
 
   def get_state(self) -> dict[str, Any]:
-    return {"parent": self._parent.get_state(), "read_skips": self._read_skips}
+    skips = self.ledger.get_state()
+    return {"parent": self._parent.get_state(), "read_skips": len(skips["bad"]), "skips": skips}
 
   def set_state(self, state: dict[str, Any]) -> None:
     self._parent.set_state(state["parent"])
-    self._read_skips = int(state.get("read_skips", 0))
+    self.ledger.set_state(state.get("skips"))
 
 
 class _Blocks(grain.MapDataset):
@@ -331,8 +354,12 @@ def make_dataset(config: Any, split: str, batch_size: int, seed: int = 0, resolu
   if resolution < 8:
     raise MedjaxError(f"resolution={resolution} is too small (minimum 8)")
   process_index, process_count = _process(process_index, process_count)
-  index = select_records(config, split)
   p = config.pipeline
+  for key in ("worker_count", "read_threads", "prefetch"):
+    value = p[key]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+      raise MedjaxError(f"config.data.pipeline.{key}={value!r}: expected an integer >= 0")
+  index = select_records(config, split)
   if shuffle is None:
     shuffle = split in _splits(p.shuffle_splits, "pipeline.shuffle_splits")
   num_epochs = (None if shuffle else 1) if num_epochs == _AUTO else num_epochs
@@ -353,6 +380,9 @@ def make_dataset(config: Any, split: str, batch_size: int, seed: int = 0, resolu
   if index.skipped:
     logging.warning("medjax.data: skipped %d bad file(s) while indexing, e.g. %s",
                     len(index.skipped), index.skipped[0])
+  ledger = skips_lib.SkipLedger(
+      index_skipped=index.skipped, file_index=skips_lib.file_index(index.records),
+      pass_size=per_process, max_bad_fraction=config.max_bad_fraction, sampled=shuffle)
 
   prompt = config.prompt
   prompt_config = prompt.to_dict() if hasattr(prompt, "to_dict") else dict(prompt)
@@ -378,7 +408,7 @@ def make_dataset(config: Any, split: str, batch_size: int, seed: int = 0, resolu
     iter_dataset = iter_dataset.mp_prefetch(grain.MultiprocessingOptions(
         num_workers=int(p.worker_count), per_worker_buffer_size=max(1, batch_size)))
   batched = _BatchDataset(iter_dataset, batch_size=batch_size, drop_remainder=drop_remainder,
-                          on_bad_file=config.on_bad_file, index_skipped=index.skipped)
+                          on_bad_file=config.on_bad_file, ledger=ledger)
   iterator = iter(batched)
   iterator.label_names = index.label_names
   iterator.class_names = index.class_names

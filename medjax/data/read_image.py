@@ -63,6 +63,8 @@ def _read_pillow(path: str, window: Window) -> np.ndarray:
       array = np.asarray(image)
   except UnidentifiedImageError:
     raise MedjaxError(f"{path}: not a readable image (Pillow cannot identify it)") from None
+  except Image.DecompressionBombError as e:  # a corrupt header, or far larger than any X-ray
+    raise MedjaxError(f"{path}: {e} (Pillow's limit: PIL.Image.MAX_IMAGE_PIXELS)") from None
   except (OSError, SyntaxError, ValueError) as e:
     raise MedjaxError(f"{path}: corrupt or truncated image ({e})") from None
   if mode in ("L", "RGB"):

@@ -74,7 +74,9 @@ def per_class(records: Sequence[Record], count: int, seed: int, class_names: Seq
   Raises:
     MedjaxError if a class has fewer than `count` records.
   """
-  if count <= 0:
+  if count < 0:
+    raise MedjaxError(f"config.data.per_class={count}: expected >= 0 (0 = all)")
+  if count == 0:
     return list(records)
   groups: dict[int, list[Record]] = {}
   for record in sorted(records, key=lambda r: r.key):

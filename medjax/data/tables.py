@@ -13,6 +13,8 @@ def check_root(root, what: str) -> str:
   root = os.fspath(root or "")
   if not root:
     raise MedjaxError(f"{what}: data root is not set (config.data.root)")
+  if os.path.exists(root) and not os.path.isdir(root):
+    raise MedjaxError(f"{root}: {what} root is a file, not a directory (config.data.root)")
   if not os.path.isdir(root):
     raise MedjaxError(f"{root}: {what} root directory does not exist")
   return root
