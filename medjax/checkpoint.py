@@ -82,8 +82,8 @@ class Checkpointer:
           state=ocp.args.StandardRestore(abstract_state), extra=ocp.args.JsonRestore()))
     except (ValueError, KeyError, FileNotFoundError) as e:
       raise MedjaxError(f"{self.directory}/{step}: cannot restore the train state "
-                        f"({type(e).__name__}: {str(e)[:300]}); was it written by another "
-                        "config?") from None
+                        f"({type(e).__name__}: {' '.join(str(e).split())[:300]}); was it "
+                        "written by another config?") from None
     return out.state, dict(out.extra), step
 
   def wait(self) -> None:
