@@ -17,6 +17,7 @@ from absl import flags
 from medjax import cli
 from medjax import distributed
 from medjax import hosts
+from medjax.exporter import check_target
 from medjax.exporter import export
 from medjax.exporter import load_source
 
@@ -29,9 +30,11 @@ def define_flags():
                       "checkpoints), or empty for the embedded tiny model.")
   flags.DEFINE_integer("step", None, "Training workdir: the checkpoint step (default: latest).")
   flags.DEFINE_bool("ema", True, "Training workdir: export the EMA params when the run kept them.")
-  flags.DEFINE_string("to", None, "Output diffusers directory (must not exist).")
+  flags.DEFINE_string("to", None, "Output diffusers directory (must not exist); not inside "
+                      "--from, nor containing it.")
   flags.DEFINE_integer("seed", 0, "Seed of the embedded tiny model's weights.")
-  flags.DEFINE_bool("overwrite", False, "Replace --to if it exists.")
+  flags.DEFINE_bool("overwrite", False, "Replace --to if it is a diffusers export (never any "
+                    "other folder).")
   flags.DEFINE_enum("save_dtype", "float32", ["float32", "float16", "bfloat16"],
                     "dtype of the written weights.")
 
@@ -42,9 +45,12 @@ def main(argv):
     raise app.UsageError("--to is required")
   distributed.maybe_initialize_distributed()
   source = FLAGS["from"].value
+  # the target first: a refused one costs no model load
+  hosts.lead_only(lambda: check_target(FLAGS.to, source, overwrite=FLAGS.overwrite))
   sd = load_source(source, seed=FLAGS.seed, step=FLAGS.step, ema=FLAGS.ema)  # on every process
   if hosts.is_lead():  # host arrays from here on: no collectives, so process 0 alone
-    error = export(sd, FLAGS.to, overwrite=FLAGS.overwrite, dtype=FLAGS.save_dtype)
+    error = export(sd, FLAGS.to, overwrite=FLAGS.overwrite, dtype=FLAGS.save_dtype,
+                   source=source)
     print(f"exported {sd.name} to {FLAGS.to} (reload check: max abs diff {error:.2e})")
   hosts.sync("medjax.export: written")
 
