@@ -48,7 +48,10 @@ def _stat(path: Path, flag: str) -> os.stat_result | None:
       raise MedjaxError(f"{flag}={path}: a symbolic link to nothing "
                         f"({os.readlink(path)!r})") from None
     return None
-  except OSError as e:  # ELOOP, EACCES on a parent, ENOTDIR (a parent is a file)
+  except NotADirectoryError:
+    parent = next(p for p in path.parents if os.path.isfile(p))
+    raise MedjaxError(f"{flag}={path}: {parent} is a file, not a directory") from None
+  except OSError as e:  # ELOOP, EACCES on a parent
     raise MedjaxError(f"{flag}={path}: {e.strerror}") from None
 
 
