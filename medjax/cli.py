@@ -8,6 +8,7 @@ with the run (orbax's async writers) are kept to one log line each instead of tr
 import contextlib
 import logging
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -57,10 +58,13 @@ _SHUTDOWN_NOISE = ("Event loop is closed", "sys.meta_path is None")
 
 
 class _LibraryTracebacks(logging.Filter):
-  """orbax logs its background threads' failures with tracebacks; the same error reaches the
-  main thread and ends the command as one line, so the log keeps just the message."""
+  """orbax logs its background threads' failures with tracebacks, and asyncio those of orbax's
+  write tasks once they are collected; the same error reaches the main thread and ends the
+  command as one line, so the log keeps just orbax's messages."""
 
   def filter(self, record):
+    if record.name == "asyncio" and "orbax" in record.getMessage():
+      return False  # an orbax write task that failed: the main thread reports it
     if record.exc_info and "orbax" in record.pathname:
       record.exc_info, record.exc_text = None, None
     return True
@@ -77,6 +81,8 @@ def quiet_libraries(main: Callable) -> Callable:
       if not any(text in str(args.exc_value) for text in _SHUTDOWN_NOISE):
         hook(args)
     sys.unraisablehook = unraisable
+    # (a failed save's pending write coroutines, collected at exit)
+    warnings.filterwarnings("ignore", r"coroutine '.*' was never awaited", RuntimeWarning)
     return main(argv)
   return quiet_main
 
