@@ -11,12 +11,12 @@ A training workdir written by several processes (FSDP-split params) exports from
 Run as N processes (e.g. `launch/local.py`, the same cluster job as training), all of them
 restore the checkpoint together and process 0 writes the directory while the others wait.
 """
-from absl import app
 from absl import flags
 
 from medjax import cli
 from medjax import distributed
 from medjax import hosts
+from medjax.errors import MedjaxError
 from medjax.exporter import check_target
 from medjax.exporter import export
 from medjax.exporter import load_source
@@ -42,7 +42,7 @@ def define_flags():
 def main(argv):
   del argv
   if not FLAGS.to:
-    raise app.UsageError("--to is required")
+    raise MedjaxError("--to is required: the diffusers directory to write")
   distributed.maybe_initialize_distributed()
   source = FLAGS["from"].value
   # the target first: a refused one costs no model load
