@@ -37,10 +37,20 @@ def atomic_path(path, mode: int = 0o644):
     yield Path(tmp)
     os.chmod(tmp, mode)  # mkstemp creates 0600
     os.replace(tmp, path)
-  except BaseException:
+  except BaseException as e:
     if os.path.exists(tmp):
       os.unlink(tmp)
+    if isinstance(e, OSError) and e.filename is None and e.errno:
+      raise named(e, path) from e
     raise
+
+
+def named(error: OSError, path) -> OSError:
+  """`error` naming `path` (a failed write() names no file, so `error: ...` could not say which
+  file the disk was full for)."""
+  if error.filename is not None or not error.errno:
+    return error
+  return OSError(error.errno, error.strerror, os.fspath(path))
 
 
 def upload(local, target) -> epath.Path:

@@ -14,9 +14,11 @@ kept: ours passes the signal on to it. After the first SIGTERM, a second SIGTERM
 the process at once (default handlers), also while it is stuck in a collective; with `grace_s`,
 so does a loop that makes no step for that long after the SIGTERM.
 """
+import contextlib
 import ctypes
 import json
 import os
+import re
 import signal
 import sys
 import threading
@@ -63,8 +65,9 @@ class Checkpointer:
       return False
     if step in self._manager.all_steps():
       return False
-    saved = self._manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), extra=ocp.args.JsonSave(extra)), force=True)
+    with self._os_errors():  # (a failed earlier async save surfaces here)
+      saved = self._manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state), extra=ocp.args.JsonSave(extra)), force=True)
     logging.info("checkpoint: %s step %d to %s", "saving" if self._async else "saved", step,
                  self.directory)
     return bool(saved)
@@ -79,16 +82,44 @@ class Checkpointer:
           state=ocp.args.StandardRestore(abstract_state), extra=ocp.args.JsonRestore()))
     except (ValueError, KeyError, FileNotFoundError) as e:
       raise MedjaxError(f"{self.directory}/{step}: cannot restore the train state "
-                        f"({type(e).__name__}: {str(e)[:300]}); was it written by another "
-                        "config?") from None
+                        f"({type(e).__name__}: {' '.join(str(e).split())[:300]}); was it "
+                        "written by another config?") from None
     return out.state, dict(out.extra), step
 
   def wait(self) -> None:
-    self._manager.wait_until_finished()
+    with self._os_errors():
+      self._manager.wait_until_finished()
 
   def close(self) -> None:
-    self._manager.wait_until_finished()
-    self._manager.close()
+    with self._os_errors():
+      self._manager.close()
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, kind, error, tb):
+    """Closes however the block ends, so orbax's threads never outlive the interpreter; a
+    failed save's error is raised only when the block itself did not fail."""
+    if kind is None:
+      self.close()
+      return
+    try:
+      self.close()
+    except Exception:  # pylint: disable=broad-except
+      logging.warning("checkpoint: closing after an error failed as well", exc_info=False)
+
+  @contextlib.contextmanager
+  def _os_errors(self):
+    """tensorstore's write errors (a ValueError ending in [os_error_code='28']) as OSError."""
+    try:
+      yield
+    except ValueError as e:
+      code = re.search(r"os_error_code='(\d+)'", str(e))
+      if code is None:
+        raise
+      number = int(code.group(1))
+      raise OSError(number, f"{os.strerror(number)} (writing a checkpoint)",
+                    str(self.directory)) from None
 
   # -- preemption ------------------------------------------------------------------------------
 
@@ -231,6 +262,12 @@ def _set_default_action(signum: int) -> None:
   libc.signal.argtypes = (ctypes.c_int, ctypes.c_void_p)
   libc.signal.restype = ctypes.c_void_p
   libc.signal(signum, None)  # NULL == SIG_DFL
+
+
+def has_checkpoint(directory) -> bool:
+  """Whether `directory` holds a finished checkpoint (orbax names those by their step)."""
+  directory = paths.workdir_path(directory)
+  return directory.is_dir() and any(p.name.isdigit() for p in directory.iterdir())
 
 
 def read_run_config(workdir) -> dict | None:

@@ -1,5 +1,14 @@
-"""Shared entry-point plumbing for `python -m medjax.<command>`."""
+"""Shared entry-point plumbing for `python -m medjax.<command>`.
+
+Every command ends a fault with one `error: ...` line on stderr and exit status 1 (130 for
+Ctrl-C): bad input (`MedjaxError`) and OS errors reaching the entry point (disk full, permission
+denied, read-only filesystem, a file where a folder belongs) alike. Library threads that die
+with the run (orbax's async writers) are kept to one log line each instead of tracebacks.
+"""
+import contextlib
+import logging
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,10 +26,65 @@ def run(main: Callable, define_flags: Callable[[], None]) -> None:
   Flags are defined here, not at import, so tests can import several entry points at once.
   """
   define_flags()
+  with one_line_errors():
+    app.run(quiet_libraries(main))
+
+
+@contextlib.contextmanager
+def one_line_errors():
+  """MedjaxError, OSError and Ctrl-C as one `error:` line (exit 1, or 130 for Ctrl-C)."""
   try:
-    app.run(main)
+    yield
   except MedjaxError as e:
     raise SystemExit(f"error: {e}") from None
+  except OSError as e:
+    raise SystemExit(f"error: {os_error_text(e)}") from None
+  except KeyboardInterrupt:
+    print("error: interrupted", file=sys.stderr)
+    raise SystemExit(130) from None
+
+
+def os_error_text(e: OSError) -> str:
+  """`<path>: <strerror>` (both paths of a failed rename), or the error's own words."""
+  names = [str(n) for n in (e.filename, e.filename2) if n is not None]
+  text = e.strerror or str(e)
+  return ": ".join([" -> ".join(names), text] if names else [text])
+
+
+# What asyncio prints for callbacks that arrive after orbax closed its event loop (a failed async
+# save), and for its coroutines collected at interpreter exit: symptoms of an error that the main
+# thread reports itself.
+_SHUTDOWN_NOISE = ("Event loop is closed", "sys.meta_path is None")
+
+
+class _LibraryTracebacks(logging.Filter):
+  """orbax logs its background threads' failures with tracebacks, and asyncio those of orbax's
+  write tasks once they are collected; the same error reaches the main thread and ends the
+  command as one line, so the log keeps just orbax's messages."""
+
+  def filter(self, record):
+    if record.name == "asyncio" and "orbax" in record.getMessage():
+      return False  # an orbax write task that failed: the main thread reports it
+    if record.exc_info and "orbax" in record.pathname:
+      record.exc_info, record.exc_text = None, None
+    return True
+
+
+def quiet_libraries(main: Callable) -> Callable:
+  """`main` with library tracebacks off the console (see `_LibraryTracebacks`)."""
+  def quiet_main(argv):
+    for handler in logging.getLogger().handlers + logging.getLogger("absl").handlers:
+      handler.addFilter(_LibraryTracebacks())
+    hook = sys.unraisablehook
+
+    def unraisable(args):
+      if not any(text in str(args.exc_value) for text in _SHUTDOWN_NOISE):
+        hook(args)
+    sys.unraisablehook = unraisable
+    # (a failed save's pending write coroutines, collected at exit)
+    warnings.filterwarnings("ignore", r"coroutine '.*' was never awaited", RuntimeWarning)
+    return main(argv)
+  return quiet_main
 
 
 def parse_command_line(argv) -> list[str]:
@@ -67,8 +131,6 @@ def check_override_keys(argv, spec: str) -> None:
 def run_with_config(main_fn, define_flags_fn):
   """Runs a config-file entry point (train, evaluate): flags parsed once, bad input one line."""
   define_flags_fn()
-  try:
+  with one_line_errors():
     rest = parse_command_line(sys.argv)
-    app.run(main_fn, argv=sys.argv, flags_parser=lambda _: rest)
-  except MedjaxError as e:
-    raise SystemExit(f"error: {e}") from None
+    app.run(quiet_libraries(main_fn), argv=sys.argv, flags_parser=lambda _: rest)

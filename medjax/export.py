@@ -11,12 +11,13 @@ A training workdir written by several processes (FSDP-split params) exports from
 Run as N processes (e.g. `launch/local.py`, the same cluster job as training), all of them
 restore the checkpoint together and process 0 writes the directory while the others wait.
 """
-from absl import app
 from absl import flags
 
 from medjax import cli
 from medjax import distributed
 from medjax import hosts
+from medjax.errors import MedjaxError
+from medjax.exporter import check_target
 from medjax.exporter import export
 from medjax.exporter import load_source
 
@@ -29,9 +30,11 @@ def define_flags():
                       "checkpoints), or empty for the embedded tiny model.")
   flags.DEFINE_integer("step", None, "Training workdir: the checkpoint step (default: latest).")
   flags.DEFINE_bool("ema", True, "Training workdir: export the EMA params when the run kept them.")
-  flags.DEFINE_string("to", None, "Output diffusers directory (must not exist).")
+  flags.DEFINE_string("to", None, "Output diffusers directory (must not exist); not inside "
+                      "--from, nor containing it.")
   flags.DEFINE_integer("seed", 0, "Seed of the embedded tiny model's weights.")
-  flags.DEFINE_bool("overwrite", False, "Replace --to if it exists.")
+  flags.DEFINE_bool("overwrite", False, "Replace --to if it is a diffusers export (never any "
+                    "other folder).")
   flags.DEFINE_enum("save_dtype", "float32", ["float32", "float16", "bfloat16"],
                     "dtype of the written weights.")
 
@@ -39,12 +42,15 @@ def define_flags():
 def main(argv):
   del argv
   if not FLAGS.to:
-    raise app.UsageError("--to is required")
+    raise MedjaxError("--to is required: the diffusers directory to write")
   distributed.maybe_initialize_distributed()
   source = FLAGS["from"].value
+  # the target first: a refused one costs no model load
+  hosts.lead_only(lambda: check_target(FLAGS.to, source, overwrite=FLAGS.overwrite))
   sd = load_source(source, seed=FLAGS.seed, step=FLAGS.step, ema=FLAGS.ema)  # on every process
   if hosts.is_lead():  # host arrays from here on: no collectives, so process 0 alone
-    error = export(sd, FLAGS.to, overwrite=FLAGS.overwrite, dtype=FLAGS.save_dtype)
+    error = export(sd, FLAGS.to, overwrite=FLAGS.overwrite, dtype=FLAGS.save_dtype,
+                   source=source)
     print(f"exported {sd.name} to {FLAGS.to} (reload check: max abs diff {error:.2e})")
   hosts.sync("medjax.export: written")
 

@@ -9,6 +9,7 @@ orbax reshards, so a checkpoint written by N processes with FSDP-split params lo
 with several processes onto all of them.
 """
 import dataclasses
+import os
 import shutil
 from pathlib import Path
 
@@ -21,23 +22,70 @@ from medjax import paths
 from medjax import sharding
 from medjax import train_config
 from medjax import trainer
+from medjax import workdir as workdir_lib
 from medjax.errors import MedjaxError
 from medjax.pipeline import StableDiffusion
 
 
-def export(sd: StableDiffusion, out_dir, *, overwrite: bool = False, dtype="float32") -> float:
-  """Writes `sd` to `out_dir` and returns the max abs difference of a reload's noise prediction."""
-  out_dir = Path(out_dir)
-  if out_dir.exists() and not overwrite:
-    raise MedjaxError(f"{out_dir}: already exists (pass --overwrite to replace it)")
+def check_target(out_dir, source: str = "", *, overwrite: bool = False) -> Path:
+  """The resolved export folder, refused before anything is loaded when it is, is inside or
+  contains `source` (symlinks resolved), exists without `overwrite`, is not a diffusers export
+  (`overwrite` replaces only those), or cannot be written."""
+  if not os.fspath(out_dir).strip():
+    raise MedjaxError("--to is empty: give the diffusers directory to write")
+  out = Path(os.path.realpath(os.path.expanduser(out_dir)))
+  if source and not paths.is_url(source):
+    src = Path(os.path.realpath(os.path.expanduser(source)))
+    where = ("is" if out == src else "is inside" if src in out.parents
+             else "contains" if out in src.parents else None)
+    if where:
+      raise MedjaxError(f"--to={out_dir} {where} --from={source}; export to another directory")
+  if os.path.lexists(out):
+    if not overwrite:
+      raise MedjaxError(f"{out_dir}: already exists (pass --overwrite to replace it)")
+    if not is_diffusers_export(out):
+      raise MedjaxError(f"--to={out_dir}: not a diffusers export (no model_index.json"
+                        f"{', a training workdir' if is_training_workdir(out) else ''}); "
+                        "--overwrite replaces only those")
+  workdir_lib.check_dir(out, "--to")
+  return out
+
+
+def is_diffusers_export(path) -> bool:
+  path = Path(path)
+  return (path / "model_index.json").is_file() and not (path / "checkpoints").exists()
+
+
+def export(sd: StableDiffusion, out_dir, *, overwrite: bool = False, dtype="float32",
+           source: str = "") -> float:
+  """Writes `sd` to `out_dir` and returns the max abs difference of a reload's noise prediction.
+
+  The folder appears complete or not at all: written beside it, checked, then renamed; a folder
+  it replaces is moved aside first and removed last (put back if the rename fails).
+  """
+  out_dir = check_target(out_dir, source, overwrite=overwrite)
   staging = out_dir.with_name(f".{out_dir.name}.new")
-  if staging.exists():
+  if staging.exists():  # a killed export's (complete) staging folder
     shutil.rmtree(staging)
-  sd.save_pretrained(staging, dtype=np.dtype(jax.numpy.dtype(dtype)))
-  error = verify_reload(sd, staging)
-  if out_dir.exists():
-    shutil.rmtree(out_dir)
-  staging.rename(out_dir)
+  try:
+    sd.save_pretrained(staging, dtype=np.dtype(jax.numpy.dtype(dtype)))
+    error = verify_reload(sd, staging)
+    old = out_dir.with_name(f".{out_dir.name}.old")
+    if out_dir.exists():
+      if old.exists():
+        shutil.rmtree(old)
+      out_dir.rename(old)
+    try:
+      staging.rename(out_dir)
+    except BaseException:
+      if old.exists() and not out_dir.exists():
+        old.rename(out_dir)
+      raise
+    if old.exists():
+      shutil.rmtree(old)
+  except BaseException:
+    shutil.rmtree(staging, ignore_errors=True)
+    raise
   return error
 
 

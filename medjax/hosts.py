@@ -5,6 +5,7 @@ hangs the others); only process 0 writes files. These helpers are no-ops, or pla
 `jax.device_get`, with one process, so single-process runs pay nothing for them.
 """
 import json
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -12,6 +13,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from medjax import sharding
+from medjax.errors import MedjaxError
 
 
 def is_lead() -> bool:
@@ -59,6 +61,21 @@ def agree(flag: bool) -> bool:
   if jax.process_count() == 1:
     return bool(flag)
   return bool(multihost_utils.broadcast_one_to_all(np.asarray(flag, np.int32)))
+
+
+def lead_only(fn: Callable[[], Any]) -> Any:
+  """`fn()` on process 0 (None elsewhere), e.g. checking and locking the output folder. When it
+  fails there, every process raises (process 0 its own error), so none waits in a collective
+  for a process that stopped."""
+  result, error = None, None
+  if is_lead():
+    try:
+      result = fn()
+    except (MedjaxError, OSError) as e:
+      error = e
+  if agree(error is not None):
+    raise error or MedjaxError("process 0 stopped with an error (see its output)")
+  return result
 
 
 def sync(name: str) -> None:

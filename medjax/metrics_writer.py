@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 from absl import logging
 
+from medjax import atomic
 from medjax import paths
 
 
@@ -27,8 +28,11 @@ class TensorboardXWriter:
     values = {k: float(np.asarray(v)) for k, v in scalars.items()}
     for k, v in values.items():
       self._tb.add_scalar(k, v, step)
-    with self._jsonl.open("a") as f:
-      f.write(json.dumps({"step": int(step), **values}) + "\n")
+    try:
+      with self._jsonl.open("a") as f:
+        f.write(json.dumps({"step": int(step), **values}) + "\n")
+    except OSError as e:  # (a full disk: the run stops here, the error names the file)
+      raise atomic.named(e, self._jsonl) from e
     if self._log:
       logging.info("[%d] %s", step, ", ".join(f"{k}={v:.6g}" for k, v in values.items()))
 

@@ -37,6 +37,7 @@ from medjax import run_outputs
 from medjax import sharding
 from medjax import tokenizer as tokenizer_lib
 from medjax import train_config
+from medjax import workdir as workdir_lib
 from medjax.data import make_dataset
 from medjax.errors import MedjaxError
 from medjax.models import clip
@@ -306,32 +307,70 @@ def _non_finite(ckpt, first: int, last: int) -> MedjaxError:
                      f"good checkpoint: {where}. Lower config.learning_rate or use fp32.")
 
 
+def out_of_memory(config: Any, error: BaseException) -> MedjaxError | None:
+  """XLA's RESOURCE_EXHAUSTED (from the jitted step or the state's buffers) as the knobs."""
+  if not (isinstance(error, jax.errors.JaxRuntimeError) and "RESOURCE_EXHAUSTED" in str(error)):
+    return None
+  first = str(error).strip().splitlines()[0][:160]
+  return MedjaxError(f"out of device memory ({first}) at config.batch_size={config.batch_size}, "
+                     f"config.remat={config.remat}, config.mixed_precision="
+                     f"{config.mixed_precision!r}: lower config.batch_size (or raise "
+                     "config.grad_accum), set config.remat=True or config.mixed_precision='bf16'")
+
+
 def train(config: ml_collections.ConfigDict, workdir) -> dict:
-  """Runs (or resumes) a training run; returns a summary dict (also written to the workdir)."""
+  """Runs (or resumes) a training run; returns a summary dict (also written to the workdir).
+
+  Cheap checks first: the config, the workdir (writable, not in use: process 0 locks it, see
+  `medjax.workdir`), the data; then the model. config.json is written once the starting state
+  is known (restored or fresh), so a failed restore changes nothing, and a fresh run that fails
+  before its first checkpoint removes what it created.
+  """
   check_run_config(config)
   distributed.maybe_initialize_distributed()
-  workdir = paths.workdir_path(workdir)
+  workdir = workdir_lib.output_path(workdir)
+  held = hosts.lead_only(lambda: workdir_lib.take(workdir, "medjax.train"))
+  fresh = held is not None and not checkpoint_lib.has_checkpoint(workdir / "checkpoints")
+  try:
+    return _train(config, workdir)
+  except BaseException as e:
+    if fresh and not checkpoint_lib.has_checkpoint(workdir / "checkpoints"):
+      held.discard()
+    oom = out_of_memory(config, e)
+    if oom is not None:
+      raise oom from None
+    raise
+  finally:
+    if held is not None:
+      held.close()
+
+
+def _train(config: ml_collections.ConfigDict, workdir) -> dict:
   check_workdir(config, workdir)
-  run = setup(config)
-  if run.trainable.kind == "textual_inversion":
-    check_prompt_lengths(run.sd, list(dict(config.data.prompt.class_prompts).values())
-                         + run_outputs.sample_prompts(config))
-  lead = hosts.is_lead()
-  if lead:
-    workdir.mkdir(parents=True, exist_ok=True)
-    write_config(config, workdir)
-  ckpt = checkpoint_lib.Checkpointer(workdir / "checkpoints", keep=config.keep_checkpoints,
-                                     every=config.checkpoint_every_steps, async_save=True)
-  shard = hosts.data_shard(run.mesh, config.batch_size)
+  mesh = sharding.mesh_from_config(config.mesh)
+  sharding.check_batch_size(config.batch_size, mesh)
+  shard = hosts.data_shard(mesh, config.batch_size)
   data = make_dataset(config.data, "train", config.batch_size // jax.process_count(),
                       seed=config.seed, resolution=config.resolution, process_index=shard[0],
                       process_count=shard[1], drop_remainder=True, blocks=True)
+  run = setup(config, mesh=mesh)
+  if run.trainable.kind == "textual_inversion":
+    check_prompt_lengths(run.sd, list(dict(config.data.prompt.class_prompts).values())
+                         + run_outputs.sample_prompts(config))
+  with checkpoint_lib.Checkpointer(workdir / "checkpoints", keep=config.keep_checkpoints,
+                                   every=config.checkpoint_every_steps, async_save=True) as ckpt:
+    return _loop(config, workdir, run, ckpt, data, shard, hosts.is_lead())
+
+
+def _loop(config, workdir, run: Setup, ckpt, data, shard, lead: bool) -> dict:
   state, start = run.state, 0
   if ckpt.latest_step() is not None:
     abstract = abstract_state(run)
     state, extra, start = ckpt.restore(abstract)
     data.set_state(data_state_for(extra, shard, f"{ckpt.directory}/{start}"))
     logging.info("resumed from step %d", start)
+  if lead:  # only now: a failed restore leaves the workdir as it was
+    write_config(config, workdir)
   encoder = (batches.LocalEncoder(run) if config.cache_latents or config.prior.enabled
              else None)
   cache = batches.LatentCache() if config.cache_latents else None
@@ -424,7 +463,7 @@ def train(config: ml_collections.ConfigDict, workdir) -> dict:
           step)]
   writer.flush()
   writer.close()
-  ckpt.close()
+  ckpt.wait()  # a failed async save raises here, before the summary claims its step
   summary = {"step": step, "loss": last_loss, "stopped": stopped or None,
              "seconds": time.perf_counter() - t0, "checkpoints": ckpt.all_steps(),
              "skipped_files": run_outputs.skipped_files(data), **outputs}

@@ -17,7 +17,8 @@ ENTRY = {"medjax.train", "medjax.sample", "medjax.export", "medjax.evaluate",
 # layer or lower ones. Order as in README "Layout".
 LAYERS = [
     ("base", ["medjax.errors", "medjax.atomic", "medjax.validation", "medjax.cli",
-              "medjax.images", "medjax.paths", "medjax.metrics_writer", "medjax.config_args"]),
+              "medjax.images", "medjax.paths", "medjax.metrics_writer", "medjax.config_args",
+              "medjax.workdir"]),
     ("beside", ["medjax.data", "medjax.sharding", "medjax.checkpoint", "medjax.distributed",
                 "medjax.hosts"]),
     ("models", ["medjax.models", "medjax.tokenizer", "medjax.schedulers"]),

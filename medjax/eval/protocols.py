@@ -32,6 +32,7 @@ from medjax import hosts
 from medjax import images as images_lib
 from medjax import paths
 from medjax import sharding
+from medjax import workdir as workdir_lib
 from medjax.data import make_dataset
 from medjax.data.defaults import default_config as data_config
 from medjax.errors import MedjaxError
@@ -468,13 +469,21 @@ def run_protocol(config: Any, workdir) -> dict:
                                 "generation.prompts"))
   if config.protocol not in PROTOCOLS:
     raise MedjaxError(f"config.protocol={config.protocol!r}: expected one of {list(PROTOCOLS)}")
-  workdir = paths.workdir_path(workdir)
-  if hosts.is_lead():
-    workdir.mkdir(parents=True, exist_ok=True)
-    atomic.write_text(workdir / "config.json", config.to_json(indent=1) + "\n")
-  mesh = eval_mesh()
-  logging.info("evaluation mesh: %d devices %s over %d process(es)", mesh.devices.size,
-               dict(mesh.shape), jax.process_count())
-  results = PROTOCOLS[config.protocol](config, workdir, mesh)
-  hosts.sync("medjax.evaluate: results written")
+  workdir = workdir_lib.output_path(workdir)
+  if exporter.is_training_workdir(workdir):
+    raise MedjaxError(f"--workdir={workdir} is a training workdir; evaluation would replace its "
+                      "config.json: use another --workdir (config.model.train_workdir evaluates "
+                      "that run)")
+  held = hosts.lead_only(lambda: workdir_lib.take(workdir, "medjax.evaluate"))
+  try:
+    if hosts.is_lead():
+      atomic.write_text(workdir / "config.json", config.to_json(indent=1) + "\n")
+    mesh = eval_mesh()
+    logging.info("evaluation mesh: %d devices %s over %d process(es)", mesh.devices.size,
+                 dict(mesh.shape), jax.process_count())
+    results = PROTOCOLS[config.protocol](config, workdir, mesh)
+    hosts.sync("medjax.evaluate: results written")
+  finally:
+    if held is not None:
+      held.close()
   return results
