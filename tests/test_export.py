@@ -1,4 +1,6 @@
 """Export to a diffusers directory: PyTorch loads it, weights are bit-identical, outputs match."""
+import os
+
 import numpy as np
 import pytest
 
@@ -46,6 +48,9 @@ def test_round_trip_of_a_diffusers_dir_is_bit_exact(tmp_path):
   tiny_diffusers.make_pipeline_dir(tmp_path / "src", style="sd2")
   sd = StableDiffusion.from_pretrained(tmp_path / "src")
   exporter.export(sd, tmp_path / "dst")
+  mask = os.umask(0o022)
+  os.umask(mask)
+  assert (tmp_path / "dst").stat().st_mode & 0o777 == 0o777 & ~mask  # not mkdtemp's 0700
   for name, stem in [("unet", "diffusion_pytorch_model"), ("vae", "diffusion_pytorch_model"),
                      ("text_encoder", "model")]:
     a = read_safetensors(tmp_path / "src" / name / f"{stem}.safetensors")

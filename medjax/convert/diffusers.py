@@ -14,7 +14,7 @@ missing, unexpected or mis-shaped tensor in one error, never returning a partial
 import json
 import os
 import shutil
-import tempfile
+import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -217,7 +217,9 @@ def write_pipeline(out_dir, *, configs: Mapping[str, dict], params: Mapping[str,
   if out_dir.exists():
     raise MedjaxError(f"{out_dir}: already exists; refusing to overwrite")
   out_dir.parent.mkdir(parents=True, exist_ok=True)
-  tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".tmp"))
+  # A folder of the usual mode (mkdtemp's would stay 0700 after the rename).
+  tmp = out_dir.parent / f".{out_dir.name}.{uuid.uuid4().hex[:12]}.tmp"
+  tmp.mkdir()
   try:
     weight_names = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model",
                     "text_encoder": "model"}
