@@ -33,6 +33,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
@@ -358,15 +359,28 @@ def _check_writable(directory) -> None:
 
 @jax.jit
 def _all_finite(tree: Any) -> jax.Array:
-  flags = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
-           if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+  flags = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if _is_float(x)]
   return jnp.all(jnp.stack(flags)) if flags else jnp.bool_(True)
 
 
 def all_finite(tree: Any) -> bool:
   """Whether every floating leaf is free of NaN/Inf: one jitted reduction on the devices (no
-  copy of the arrays to the host; with several processes a global value all of them agree on)."""
-  return bool(hosts.to_host(_all_finite(tree)))
+  copy of the arrays to the host; with several processes a global value all of them agree on).
+
+  With one process on CPU the arrays already are host memory: NumPy reads them in place, which
+  spares compiling the reduction (~2 s for a U-Net state's 600 leaves on 2 cores).
+  """
+  leaves = [x for x in jax.tree.leaves(tree) if _is_float(x)]
+  on_cpu = all(d.platform == "cpu" for x in leaves if isinstance(x, jax.Array)
+               for d in x.sharding.device_set)
+  if jax.process_count() == 1 and on_cpu:
+    return all(bool(np.isfinite(v).all()) for v in jax.device_get(leaves))
+  return bool(hosts.to_host(_all_finite(leaves)))
+
+
+def _is_float(x: Any) -> bool:
+  dtype = getattr(x, "dtype", None)
+  return jnp.issubdtype(np.result_type(x) if dtype is None else dtype, jnp.inexact)
 
 
 # Why restore skips a step, as the warnings say it.
