@@ -176,6 +176,11 @@ def test_read_only_restore_keeps_tmp_folders_and_damaged_steps(run_copy, caplog)
   assert warning.endswith("; left in place (read-only); using step 2")
   with pytest.raises(RuntimeError, match="read-only"):
     ckpt.save(9, _state(9), {})
+  only_tmp = run_copy.parent / "only_tmp"
+  (only_tmp / TMP_NAMES[0]).mkdir(parents=True)
+  with pytest.raises(MedjaxError, match=r"only_tmp: no checkpoint to restore$"):
+    checkpoint_lib.Checkpointer(only_tmp, read_only=True).restore(_abstract(_state(0)))
+  assert (only_tmp / TMP_NAMES[0]).is_dir()
   writer = checkpoint_lib.Checkpointer(run_copy, every=1)  # the run itself does clean them up
   writer.save(6, _state(6), {})  # (which waits for that)
   writer.close()
