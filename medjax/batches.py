@@ -23,10 +23,10 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from PIL import Image
 
-from medjax import checkpoint as checkpoint_lib
 from medjax import hosts
 from medjax import images as images_lib
 from medjax import paths
+from medjax import preemption
 from medjax import sharding
 from medjax.data import loader as data_loader
 from medjax.data import read_image
@@ -192,7 +192,7 @@ class Prefetcher:
         return self._queue.get(timeout=_POLL_S)
       except queue.Empty:
         pass
-      if not checkpoint_lib._PREEMPTION.requested:  # pylint: disable=protected-access
+      if not preemption.WATCH.requested:
         continue
       since = time.monotonic() if since is None else since
       if time.monotonic() - since >= self._preempted_wait_s:

@@ -8,7 +8,6 @@ with the run (orbax's async writers) are kept to one log line each instead of tr
 import contextlib
 import logging
 import sys
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -51,12 +50,6 @@ def os_error_text(e: OSError) -> str:
   return ": ".join([" -> ".join(names), text] if names else [text])
 
 
-# What asyncio prints for callbacks that arrive after orbax closed its event loop (a failed async
-# save), and for its coroutines collected at interpreter exit: symptoms of an error that the main
-# thread reports itself.
-_SHUTDOWN_NOISE = ("Event loop is closed", "sys.meta_path is None")
-
-
 class _LibraryTracebacks(logging.Filter):
   """orbax logs its background threads' failures with tracebacks, and asyncio those of orbax's
   write tasks once they are collected; the same error reaches the main thread and ends the
@@ -71,18 +64,11 @@ class _LibraryTracebacks(logging.Filter):
 
 
 def quiet_libraries(main: Callable) -> Callable:
-  """`main` with library tracebacks off the console (see `_LibraryTracebacks`)."""
+  """`main` with library tracebacks off the console (see `_LibraryTracebacks`; the unraisable
+  ones of orbax's aborted reads and writes: `medjax.checkpoint`)."""
   def quiet_main(argv):
     for handler in logging.getLogger().handlers + logging.getLogger("absl").handlers:
       handler.addFilter(_LibraryTracebacks())
-    hook = sys.unraisablehook
-
-    def unraisable(args):
-      if not any(text in str(args.exc_value) for text in _SHUTDOWN_NOISE):
-        hook(args)
-    sys.unraisablehook = unraisable
-    # (a failed save's pending write coroutines, collected at exit)
-    warnings.filterwarnings("ignore", r"coroutine '.*' was never awaited", RuntimeWarning)
     return main(argv)
   return quiet_main
 

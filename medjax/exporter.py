@@ -134,7 +134,7 @@ def restore_pipeline(workdir, *, step: int | None = None, ema: bool = True,
   config.mesh.data, config.mesh.fsdp = mesh.shape[sharding.DATA], mesh.shape[sharding.FSDP]
   config.batch_size, config.grad_accum = sharding.data_parallel_size(mesh), 1
   run = trainer.setup(config, mesh=mesh)
-  ckpt = checkpoint_lib.Checkpointer(workdir / "checkpoints", keep=10 ** 6)
+  ckpt = checkpoint_lib.Checkpointer(workdir / "checkpoints", read_only=True)
   abstract = trainer.abstract_state(run)
   try:
     state, _, _ = ckpt.restore(abstract, step)

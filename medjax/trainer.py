@@ -237,7 +237,7 @@ def check_workdir(config: Any, workdir) -> None:
   """Refuses a workdir whose checkpoints came from another config (unless allowed)."""
   workdir = paths.workdir_path(workdir)
   old = checkpoint_lib.read_run_config(workdir)
-  has_ckpt = (workdir / "checkpoints").exists() and any((workdir / "checkpoints").iterdir())
+  has_ckpt = (workdir / "checkpoints").is_dir() and any((workdir / "checkpoints").iterdir())
   if old is None or not has_ckpt:
     return
   new = json.loads(config.to_json())
@@ -260,6 +260,7 @@ def check_run_config(config: Any) -> None:
                       "data.pipeline.flip=False and data.pipeline.crop='center'")
   if config.total_steps < 1:
     raise MedjaxError(f"config.total_steps={config.total_steps}: expected a positive integer")
+  checkpoint_lib.check_options(config.keep_checkpoints, config.checkpoint_every_steps)
 
 
 def data_state_for(extra: dict, shard: tuple[int, int], where: str) -> dict:

@@ -17,6 +17,7 @@ from PIL import Image
 
 from medjax import batches
 from medjax import checkpoint as checkpoint_lib
+from medjax import preemption
 from medjax import trainer
 from medjax.data import default_config
 from medjax.data import make_dataset
@@ -218,8 +219,7 @@ def test_prefetcher_wakes_for_sigterm_when_data_starved(monkeypatch):
 
   prefetch = batches.Prefetcher(Stuck(), lambda rows, step: rows, first_step=5,
                                 preempted_wait_s=0.2)
-  preemption = checkpoint_lib._PREEMPTION  # pylint: disable=protected-access
-  monkeypatch.setattr(preemption, "requested", True)  # as the SIGTERM watcher sets it
+  monkeypatch.setattr(preemption.WATCH, "requested", True)  # as the SIGTERM watcher sets it
   monkeypatch.setattr(batches, "_POLL_S", 0.02)
   try:
     with pytest.raises(MedjaxError, match=r"SIGTERM while waiting for training data: no batch "

@@ -15,6 +15,7 @@ from fsspec.implementations.memory import MemoryFileSystem
 
 from medjax import atomic
 from medjax import checkpoint
+from medjax import preemption
 from medjax import paths
 from medjax.errors import MedjaxError
 
@@ -119,9 +120,9 @@ def test_run_config_and_orbax_get_the_url(fake_gcs, monkeypatch):
 
 def test_local_checkpointer_async_save_restore_and_no_preemption(tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
-  fresh = checkpoint._Preemption()  # pylint: disable=protected-access
+  fresh = preemption.SigtermWatch()
   monkeypatch.setattr(fresh, "install", lambda *a: None)  # keep pytest's own signal handling
-  monkeypatch.setattr(checkpoint, "_PREEMPTION", fresh)
+  monkeypatch.setattr(preemption, "WATCH", fresh)
   ckpt = checkpoint.Checkpointer(pathlib.Path("ckpt"), keep=2, every=2, async_save=True)
   assert str(ckpt.directory) == str(tmp_path / "ckpt")
   state = {"w": jax.numpy.arange(4.0)}

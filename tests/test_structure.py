@@ -20,7 +20,7 @@ LAYERS = [
               "medjax.images", "medjax.paths", "medjax.metrics_writer", "medjax.config_args",
               "medjax.workdir"]),
     ("beside", ["medjax.data", "medjax.sharding", "medjax.checkpoint", "medjax.distributed",
-                "medjax.hosts"]),
+                "medjax.hosts", "medjax.preemption"]),
     ("models", ["medjax.models", "medjax.tokenizer", "medjax.schedulers"]),
     ("convert", ["medjax.convert"]),
     ("assembly", ["medjax.embedded", "medjax.sampling", "medjax.sample_files"]),
