@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from train_support import set_dotted
+from train_support import tiny_config
 
 from medjax import batches
 from medjax import checkpoint as checkpoint_lib
@@ -25,7 +27,6 @@ from medjax.data import make_phantoms
 from medjax.data import read_image
 from medjax.data import skips
 from medjax.errors import MedjaxError
-from train_support import tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -53,13 +54,7 @@ def _data_config(root, **changes):
   c = default_config()
   c.source, c.root, c.on_bad_file = "chexpert", str(root), "skip"
   c.split.mode = "source"
-  for key, value in changes.items():
-    node = c
-    *path, last = key.split(".")
-    for name in path:
-      node = node[name]
-    node[last] = value
-  return c
+  return set_dotted(c, changes)
 
 
 def _train_config(root, **changes):

@@ -15,8 +15,8 @@ from fsspec.implementations.memory import MemoryFileSystem
 
 from medjax import atomic
 from medjax import checkpoint
-from medjax import preemption
 from medjax import paths
+from medjax import preemption
 from medjax.errors import MedjaxError
 
 

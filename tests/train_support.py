@@ -26,13 +26,18 @@ def tiny_config(objective: str = "unet", **overrides):
     c.data.prompt.class_prompts = {"pleural_effusion": "a chest x-ray with <effusion>",
                                    "no_finding": "a chest x-ray with <healthy-cxr>"}
     c.learning_rate = 5e-3
-  for key, value in overrides.items():
-    node = c
+  return set_dotted(c, overrides)
+
+
+def set_dotted(config, changes: dict):
+  """`config` with {'a.b': value} set in place (as `--config.a.b=value` would); returns it."""
+  for key, value in changes.items():
+    node = config
     *path, last = key.split(".")
     for name in path:
       node = node[name]
     node[last] = value
-  return c
+  return config
 
 
 def run_steps(config, n, mesh=None):
