@@ -50,12 +50,17 @@ def os_error_text(e: OSError) -> str:
   return ": ".join([" -> ".join(names), text] if names else [text])
 
 
-class _LibraryTracebacks(logging.Filter):
-  """orbax logs its background threads' failures with tracebacks, and asyncio those of orbax's
-  write tasks once they are collected; the same error reaches the main thread and ends the
-  command as one line, so the log keeps just orbax's messages."""
+class _LibraryNoise(logging.Filter):
+  """Drops orbax's INFO chatter (a dozen lines per checkpoint save or restore; its warnings stay)
+  and the tracebacks of its failed background writes (logged by orbax, and by asyncio once the
+  tasks are collected): the same error reaches the main thread and ends the command as one
+  line."""
 
   def filter(self, record):
+    if record.levelno < logging.WARNING and "orbax" in record.pathname:
+      return False  # orbax's per-save/restore INFO chatter (a dozen lines per checkpoint)
+    if "Given directory is read only" in record.getMessage():
+      return False  # readers open checkpoints read-only on purpose (medjax.checkpoint)
     if record.name == "asyncio" and "orbax" in record.getMessage():
       return False  # an orbax write task that failed: the main thread reports it
     if record.exc_info and "orbax" in record.pathname:
@@ -64,11 +69,11 @@ class _LibraryTracebacks(logging.Filter):
 
 
 def quiet_libraries(main: Callable) -> Callable:
-  """`main` with library tracebacks off the console (see `_LibraryTracebacks`; the unraisable
+  """`main` with library tracebacks off the console (see `_LibraryNoise`; the unraisable
   ones of orbax's aborted reads and writes: `medjax.checkpoint`)."""
   def quiet_main(argv):
     for handler in logging.getLogger().handlers + logging.getLogger("absl").handlers:
-      handler.addFilter(_LibraryTracebacks())
+      handler.addFilter(_LibraryNoise())
     return main(argv)
   return quiet_main
 

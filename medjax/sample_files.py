@@ -5,7 +5,6 @@ batch by batch: memory stays flat in the number of images, and the grid shows th
 `GRID_MAX` of them. Used by `python -m medjax.sample`.
 """
 import math
-import os
 import re
 import shutil
 from collections.abc import Sequence
@@ -16,6 +15,7 @@ import tqdm
 
 from medjax import schedulers
 from medjax import tokenizer as tokenizer_lib
+from medjax import workdir
 from medjax.errors import MedjaxError
 from medjax.images import grid
 from medjax.images import save_png
@@ -57,25 +57,16 @@ def check_args(*, num_images, batch_size, steps, scheduler, height, width, outdi
 
 
 def check_outdir(outdir, *, overwrite: bool = False) -> None:
-  """`outdir` is a writable folder, or can be created as one (nothing is created here), and
-  holds no earlier generated images unless `overwrite` (a rerun must not silently replace
-  images already shared or evaluated)."""
-  path = Path(outdir).absolute()
-  if path.exists() and not path.is_dir():
-    raise MedjaxError(f"--outdir={outdir}: is a file; expected a folder (existing or new)")
+  """`outdir` is a folder where a file can be written, or can be made (`medjax.workdir`; nothing
+  is created here), and holds no earlier generated images unless `overwrite` (a rerun must not
+  silently replace images already shared or evaluated)."""
+  path = Path(workdir.check_dir(outdir, "--outdir"))
   if path.is_dir() and not overwrite:
     earlier = sorted(p.name for p in path.glob("sample_*.png"))[:1] + (
         ["grid.png"] if (path / "grid.png").exists() else [])
     if earlier:
       raise MedjaxError(f"--outdir={outdir}: already holds generated images ({earlier[0]}, ...); "
                         "pass --overwrite to replace them, or choose another folder")
-  existing = path
-  while not existing.exists():
-    existing = existing.parent
-  if not existing.is_dir():
-    raise MedjaxError(f"--outdir={outdir}: cannot be created, {existing} is a file")
-  if not os.access(existing, os.W_OK | os.X_OK):
-    raise MedjaxError(f"--outdir={outdir}: {existing} is not writable")
 
 
 def check_disk_space(outdir, num_images: int, height: int, width: int) -> None:

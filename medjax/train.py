@@ -6,7 +6,6 @@ learned embeddings (`medjax.trainer`). Re-running the same command resumes exact
 last checkpoint was.
 """
 import json
-import logging as pylogging
 import os
 
 from absl import flags
@@ -24,18 +23,9 @@ def define_flags():
   flags.mark_flags_as_required(["config", "workdir"])
 
 
-class _QuietLibraries(pylogging.Filter):
-  """Drops orbax's per-save INFO chatter (a dozen lines per checkpoint); warnings still show."""
-
-  def filter(self, record):
-    return record.levelno >= pylogging.WARNING or "orbax" not in record.pathname
-
-
 def main(argv):
   if len(argv) > 1:
     raise MedjaxError(f"unexpected arguments {argv[1:]}")
-  for handler in pylogging.getLogger().handlers + pylogging.getLogger("absl").handlers:
-    handler.addFilter(_QuietLibraries())
   _cpu_defaults()
   summary = trainer.train(flags.FLAGS.config, flags.FLAGS.workdir)
   print(json.dumps(summary, indent=1))
