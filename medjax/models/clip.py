@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from medjax.errors import MedjaxError
+from medjax.models import attention as attention_lib
 from medjax.models import layers
 from medjax.validation import ANY
 from medjax.validation import check_config
@@ -74,7 +75,7 @@ class CLIPAttention(nn.Module):
     q = proj("q_proj", (layers.EMBED, layers.HEADS))(x)
     k = proj("k_proj", (layers.EMBED, layers.HEADS))(x)
     v = proj("v_proj", (layers.EMBED, layers.HEADS))(x)
-    out = layers.attention(q, k, v, num_heads=self.num_heads, is_causal=True,
+    out = attention_lib.attention(q, k, v, num_heads=self.num_heads, is_causal=True,
                            implementation=self.attention)
     return proj("out_proj", (layers.HEADS, layers.EMBED))(out)
 
@@ -213,8 +214,8 @@ class CLIPTextModel(nn.Module):
       raise MedjaxError(f"{source}: config key 'num_attention_heads' = "
                         f"{arch['num_attention_heads']} does not divide hidden_size "
                         f"{arch['hidden_size']}")
-    if attention not in layers.ATTENTION_IMPLEMENTATIONS:
-      raise MedjaxError(f"attention={attention!r} is not one of {layers.ATTENTION_IMPLEMENTATIONS}")
+    if attention not in attention_lib.IMPLEMENTATIONS:
+      raise MedjaxError(f"attention={attention!r} is not one of {attention_lib.IMPLEMENTATIONS}")
     return cls(config=arch, remat=remat, attention=attention, dtype=dtype,
                param_dtype=param_dtype)
 

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from medjax.errors import MedjaxError
+from medjax.models import attention as attention_lib
 from medjax.models import layers
 from medjax.validation import check_config
 from medjax.validation import int_at_least
@@ -235,8 +236,8 @@ class UNet2DConditionModel(nn.Module):
       raise MedjaxError(f"{source}: config key '_class_name' is {config['_class_name']!r}, "
                         "expected 'UNet2DConditionModel'")
     config = check_config(config, SUPPORTED_CONFIG, source)
-    if attention not in layers.ATTENTION_IMPLEMENTATIONS:
-      raise MedjaxError(f"attention={attention!r} not in {layers.ATTENTION_IMPLEMENTATIONS}")
+    if attention not in attention_lib.IMPLEMENTATIONS:
+      raise MedjaxError(f"attention={attention!r} not in {attention_lib.IMPLEMENTATIONS}")
     down = tuple(config.get("down_block_types", cls.down_block_types))
     up = tuple(config.get("up_block_types", cls.up_block_types))
     n = len(down)

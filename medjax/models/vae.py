@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from medjax.errors import MedjaxError
+from medjax.models import attention as attention_lib
 from medjax.models import layers
 from medjax.validation import check_config
 from medjax.validation import int_at_least
@@ -199,12 +200,12 @@ class AutoencoderKL(nn.Module):
                   remat: bool = False, attention: str = "auto") -> "AutoencoderKL":
     """Builds the module from a diffusers `AutoencoderKL` config dict.
 
-    `attention` picks the mid-block attention implementation (see `layers.attention`; SD's
+    `attention` picks the mid-block attention implementation (see `attention.attention`; SD's
     512-wide single head is beyond cuDNN, so 'auto' uses XLA there). Raises MedjaxError naming
     an unsupported key or value.
     """
-    if attention not in layers.ATTENTION_IMPLEMENTATIONS:
-      raise MedjaxError(f"attention={attention!r} not in {layers.ATTENTION_IMPLEMENTATIONS}")
+    if attention not in attention_lib.IMPLEMENTATIONS:
+      raise MedjaxError(f"attention={attention!r} not in {attention_lib.IMPLEMENTATIONS}")
     if config.get("_class_name", "AutoencoderKL") != "AutoencoderKL":
       raise MedjaxError(f"{source}: config key '_class_name' is {config['_class_name']!r}, "
                         "expected 'AutoencoderKL'")
