@@ -116,7 +116,7 @@ class StableDiffusion:
       param_dtype: dtype the params are kept in.
       variant: weight file variant, e.g. 'fp16' for `diffusion_pytorch_model.fp16.safetensors`.
       remat: rematerialise blocks in the backward pass (less memory for training).
-      attention: 'auto' | 'xla' | 'cudnn' (see medjax.models.attention).
+      attention: 'auto' | 'xla' | 'blocked' | 'cudnn' | 'pallas_tpu' (see medjax.models.attention).
     """
     path = Path(path)
     diffusers_io.read_pipeline_index(path)

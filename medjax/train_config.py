@@ -12,13 +12,14 @@ from medjax import sharding
 from medjax.data.defaults import default_config as data_config
 from medjax.data.skips import check_fraction
 from medjax.errors import MedjaxError
+from medjax.models import attention as attention_lib
 from medjax.validation import check_known_keys
 
 # Keys that may differ between a run and the checkpoints in its workdir (they don't change what
 # the steps compute): a resumed run may extend total_steps or log/save at other intervals.
 RESUMABLE_KEYS = ("total_steps", "log_every_steps", "checkpoint_every_steps", "keep_checkpoints",
                   "sample_every_steps", "sample", "allow_config_change", "progress_bar",
-                  "stop_after_steps")
+                  "stop_after_steps", "attention")
 # Free-form maps: their keys are names chosen by the user, not config keys.
 FREE_MAPS = ("data.prompt.class_prompts", "data.prompt.label_texts")
 
@@ -47,6 +48,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.mixed_precision = "fp32"  # 'fp32' | 'bf16' (bf16 compute, fp32 params and optimizer)
   c.remat = False  # recompute U-Net/VAE/CLIP blocks in the backward pass (less memory)
+  c.attention = "auto"  # 'auto' | 'xla' | 'blocked' | 'cudnn' | 'pallas_tpu' (models/attention.py)
   c.cache_latents = False  # encode each image once (needs a deterministic pipeline: no flips)
 
   c.checkpoint_every_steps = 20
@@ -178,6 +180,9 @@ def check_values(config: Any) -> None:
     raise MedjaxError(f"config.data.on_bad_file={config.data.on_bad_file!r}: expected 'error' or "
                       "'skip'")
   check_fraction(config.data.max_bad_fraction)
+  if config.attention not in attention_lib.IMPLEMENTATIONS:
+    raise MedjaxError(f"config.attention={config.attention!r}: expected one of "
+                      f"{', '.join(attention_lib.IMPLEMENTATIONS)}")
 
 
 def config_diff(a: dict, b: dict, prefix: str = "", defaults: dict | None = None) -> list[str]:

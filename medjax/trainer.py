@@ -80,7 +80,7 @@ def build_model(config: Any) -> tuple[StableDiffusion, objectives.Trainable]:
   dtype = DTYPES.get(config.mixed_precision)
   if dtype is None:
     raise MedjaxError(f"config.mixed_precision={config.mixed_precision!r}: expected fp32 or bf16")
-  kw = {"dtype": dtype, "remat": config.remat}
+  kw = {"dtype": dtype, "remat": config.remat, "attention": config.attention}
   if config.model.pretrained:
     sd = StableDiffusion.from_pretrained(config.model.pretrained,
                                          variant=config.model.variant or None, **kw)

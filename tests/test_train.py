@@ -181,6 +181,8 @@ def test_bad_inputs():
     trainer.parse_tokens(())
   with pytest.raises(MedjaxError, match="mixed_precision"):
     trainer.build_model(tiny_config(mixed_precision="fp8"))
+  with pytest.raises(MedjaxError, match=r"config.attention='flash': expected one of auto, xla"):
+    train_config.check_train_config(tiny_config(attention="flash"))
 
 
 def _with_extra_key():

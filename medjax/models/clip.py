@@ -194,7 +194,7 @@ class CLIPTextModel(nn.Module):
     config: architecture keys of a transformers CLIPTextConfig (see `DEFAULT_CONFIG`).
     remat: rematerialise each encoder layer in the backward pass (saves activation memory
       when training through the encoder, e.g. textual inversion).
-    attention: implementation for `layers.attention` ('auto', 'xla', 'cudnn').
+    attention: implementation for `attention.attention` (one of `attention.IMPLEMENTATIONS`).
     dtype: compute dtype (bf16 on accelerators); params stay in `param_dtype`.
   """
   config: Mapping[str, Any]
