@@ -1,8 +1,9 @@
-"""A medjax model as a diffusers directory PyTorch can load, written safely.
+"""A medjax model as a diffusers directory PyTorch can load, or as one single-file checkpoint
+(AUTOMATIC1111, ComfyUI), written safely.
 
-The directory is written to a temporary path and renamed when complete, then reloaded and
-checked against the in-memory model, so an interrupted or faulty export never leaves a
-directory that looks usable. `python -m medjax.export` is its command line.
+The output is written to a temporary path, reloaded and checked against the in-memory model,
+then renamed into place, so an interrupted or faulty export never leaves an output that looks
+usable. `python -m medjax.export` is its command line.
 
 A training workdir's checkpoint is restored onto whatever devices this run has (`restore_pipeline`:
 orbax reshards, so a checkpoint written by N processes with FSDP-split params loads in one), and
@@ -26,14 +27,23 @@ from medjax import workdir as workdir_lib
 from medjax.errors import MedjaxError
 from medjax.pipeline import StableDiffusion
 
+FORMATS = ("diffusers", "single_file")
 
-def check_target(out_dir, source: str = "", *, overwrite: bool = False) -> Path:
-  """The resolved export folder, refused before anything is loaded when it is, is inside or
-  contains `source` (symlinks resolved), exists without `overwrite`, is not a diffusers export
-  (`overwrite` replaces only those), or cannot be written."""
+
+def check_target(out_dir, source: str = "", *, overwrite: bool = False,
+                 fmt: str = "diffusers") -> Path:
+  """The resolved export path, refused before anything is loaded when it is, is inside or
+  contains `source` (symlinks resolved), exists without `overwrite`, is not an export of the
+  format (`overwrite` replaces only those), or cannot be written."""
+  if fmt not in FORMATS:
+    raise MedjaxError(f"--format={fmt!r}; expected one of {', '.join(FORMATS)}")
   if not os.fspath(out_dir).strip():
-    raise MedjaxError("--to is empty: give the diffusers directory to write")
+    raise MedjaxError("--to is empty: give the diffusers directory (or .safetensors file) to "
+                      "write")
   out = Path(os.path.realpath(os.path.expanduser(out_dir)))
+  single = fmt == "single_file"
+  if single and out.suffix != ".safetensors":
+    raise MedjaxError(f"--to={out_dir}: --format=single_file writes a .safetensors file")
   if source and not paths.is_url(source):
     src = Path(os.path.realpath(os.path.expanduser(source)))
     where = ("is" if out == src else "is inside" if src in out.parents
@@ -43,11 +53,14 @@ def check_target(out_dir, source: str = "", *, overwrite: bool = False) -> Path:
   if os.path.lexists(out):
     if not overwrite:
       raise MedjaxError(f"{out_dir}: already exists (pass --overwrite to replace it)")
-    if not is_diffusers_export(out):
+    if single and not out.is_file():
+      raise MedjaxError(f"--to={out_dir}: not a file; --overwrite replaces only a "
+                        ".safetensors file")
+    if not single and not is_diffusers_export(out):
       raise MedjaxError(f"--to={out_dir}: not a diffusers export (no model_index.json"
                         f"{', a training workdir' if is_training_workdir(out) else ''}); "
                         "--overwrite replaces only those")
-  workdir_lib.check_dir(out, "--to")
+  workdir_lib.check_dir(out.parent if single else out, "--to")
   return out
 
 
@@ -57,18 +70,30 @@ def is_diffusers_export(path) -> bool:
 
 
 def export(sd: StableDiffusion, out_dir, *, overwrite: bool = False, dtype="float32",
-           source: str = "") -> float:
-  """Writes `sd` to `out_dir` and returns the max abs difference of a reload's noise prediction.
+           source: str = "", fmt: str = "diffusers") -> float:
+  """Writes `sd` to `out_dir` (a diffusers directory, or with fmt='single_file' one
+  `.safetensors` checkpoint) and returns the max abs difference of a reload's forward pass.
 
-  The folder appears complete or not at all: written beside it, checked, then renamed; a folder
+  The output appears complete or not at all: written beside it, checked, then renamed; a folder
   it replaces is moved aside first and removed last (put back if the rename fails).
   """
-  out_dir = check_target(out_dir, source, overwrite=overwrite)
+  out_dir = check_target(out_dir, source, overwrite=overwrite, fmt=fmt)
+  np_dtype = np.dtype(jax.numpy.dtype(dtype))
+  if fmt == "single_file":
+    staging = out_dir.with_name(f".{out_dir.stem}.new.safetensors")
+    try:
+      sd.save_single_file(staging, dtype=np_dtype)
+      error = verify_reload(sd, staging, single_file=True)
+      os.replace(staging, out_dir)
+    except BaseException:
+      staging.unlink(missing_ok=True)
+      raise
+    return error
   staging = out_dir.with_name(f".{out_dir.name}.new")
   if staging.exists():  # a killed export's (complete) staging folder
     shutil.rmtree(staging)
   try:
-    sd.save_pretrained(staging, dtype=np.dtype(jax.numpy.dtype(dtype)))
+    sd.save_pretrained(staging, dtype=np_dtype)
     error = verify_reload(sd, staging)
     old = out_dir.with_name(f".{out_dir.name}.old")
     if out_dir.exists():
@@ -89,9 +114,10 @@ def export(sd: StableDiffusion, out_dir, *, overwrite: bool = False, dtype="floa
   return error
 
 
-def verify_reload(sd: StableDiffusion, path) -> float:
+def verify_reload(sd: StableDiffusion, path, *, single_file: bool = False) -> float:
   """Reloads `path` and compares a full forward (prompt -> U-Net -> VAE) with `sd`'s."""
-  other = StableDiffusion.from_pretrained(path)
+  other = (StableDiffusion.from_single_file(path) if single_file
+           else StableDiffusion.from_pretrained(path))
   size = int(sd.configs["unet"].get("sample_size", 8))
   rng = np.random.default_rng(0)
   latents = rng.standard_normal((1, size, size, sd.latent_channels)).astype(np.float32)
@@ -143,13 +169,15 @@ def restore_pipeline(workdir, *, step: int | None = None, ema: bool = True,
   return trainer.trained_pipeline(run, state, ema=ema)
 
 
-def load_source(source: str, *, seed: int = 0, step: int | None = None,
-                ema: bool = True) -> StableDiffusion:
-  """A diffusers directory / single file, a training workdir, or '' (the embedded model).
+def load_source(source: str, *, seed: int = 0, step: int | None = None, ema: bool = True,
+                allow_pickle: bool = False) -> StableDiffusion:
+  """A training workdir, '' (the embedded model), or any weights `StableDiffusion.load` reads
+  (a diffusers directory, a single file, a Hugging Face id in the local cache).
 
   The params come back as host (NumPy) arrays on every process, ready to write.
   """
   if source and is_training_workdir(source):
     sd = restore_pipeline(source, step=step, ema=ema)
     return dataclasses.replace(sd, params=hosts.to_host(sd.params))
-  return StableDiffusion.load(source, **({} if source else {"seed": seed}))
+  return StableDiffusion.load(source, allow_pickle=allow_pickle,
+                              **({} if source else {"seed": seed}))

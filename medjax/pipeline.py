@@ -25,6 +25,8 @@ from medjax import validation
 from medjax.convert import diffusers as diffusers_io
 from medjax.convert import embeddings as embeddings_io
 from medjax.convert import single_file
+from medjax.convert import single_file_meta
+from medjax.convert import sources
 from medjax.errors import MedjaxError
 from medjax.models import AutoencoderKL
 from medjax.models import CLIPTextModel
@@ -120,12 +122,12 @@ class StableDiffusion:
     """
     path = Path(path)
     diffusers_io.read_pipeline_index(path)
-    configs = {name: diffusers_io.read_json(path / name / "config.json", f"{name} config")
+    configs = {name: diffusers_io.read_component_config(path / name / "config.json", name)
                for name in MODEL_CLASSES}
     read = lambda name, shapes: diffusers_io.read_component_params(
         path / name, name, shapes, variant=variant, dtype=np.dtype(param_dtype))
-    scheduler_config = diffusers_io.read_json(path / "scheduler" / "scheduler_config.json",
-                                              "scheduler config")
+    scheduler_config = diffusers_io.read_scheduler_config(
+        path / "scheduler" / "scheduler_config.json")
     return cls._assemble(configs, read, path / "tokenizer", scheduler_config, str(path),
                          sources={**{n: str(path / n / "config.json") for n in MODEL_CLASSES},
                                   "scheduler": str(path / "scheduler" / "scheduler_config.json")},
@@ -139,25 +141,34 @@ class StableDiffusion:
                        attention: str = "auto") -> "StableDiffusion":
     """Loads an original single-file SD checkpoint (the AUTOMATIC1111 / CompVis layout).
 
+    A file medjax wrote (`save_single_file`) carries its configs, scheduler and tokenizer and
+    loads back as exactly the exported model; for others see `convert.single_file_meta`.
+
     Args:
       path: a `.safetensors` file (`.ckpt`/`.pt` only with `allow_pickle=True`, read with
         `torch.load(weights_only=True)`).
-      tokenizer: a CLIP tokenizer folder. A single file holds none; by default the real CLIP
-        vocabulary is built from open_clip's `bpe_simple_vocab_16e6.txt.gz` if installed.
+      tokenizer: a CLIP tokenizer folder. By default the file's own (medjax exports), else the
+        real CLIP vocabulary built from open_clip's `bpe_simple_vocab_16e6.txt.gz` if installed.
       configs: per-component config overrides for what the weights do not determine
         (e.g. {'unet': {'attention_head_dim': 8}}); see `convert.single_file`.
-      scheduler_config: defaults to SD's PNDM config; set 'prediction_type': 'v_prediction'
-        for SD2 768-v checkpoints.
+      scheduler_config: defaults to the file's own, else SD's PNDM config (v-prediction when an
+        AUTOMATIC1111 `<file>.yaml` says `parameterization: "v"`, as for SD2 768-v).
       ema: take the EMA weights of the U-Net when the checkpoint has them.
     """
+    extras = single_file_meta.read(path)
+    overrides = {n: {**(extras.configs or {}).get(n, {}), **(configs or {}).get(n, {})}
+                 for n in MODEL_CLASSES}
     state_dicts, configs = single_file.load_single_file(
-        path, allow_pickle=allow_pickle, configs=configs, ema=ema)
-    tokenizer_dir = Path(tokenizer) if tokenizer else tokenizer_lib.default_clip_tokenizer_dir(
-        **configs.pop("tokenizer", {}))
+        path, allow_pickle=allow_pickle, configs=overrides, ema=ema)
+    tokenizer_dir = (Path(tokenizer) if tokenizer else extras.tokenizer_dir
+                     or tokenizer_lib.default_clip_tokenizer_dir(**configs.pop("tokenizer", {})))
+    if scheduler_config is None:
+      scheduler_config = extras.scheduler_config or dict(embedded_lib.SD_SCHEDULER_CONFIG)
+      if extras.prediction_type:
+        scheduler_config["prediction_type"] = extras.prediction_type
     read = lambda name, shapes: diffusers_io.state_dict_to_params(
         state_dicts[name], shapes, source=str(path), dtype=np.dtype(param_dtype))
-    return cls._assemble(configs, read, tokenizer_dir,
-                         scheduler_config or dict(embedded_lib.SD_SCHEDULER_CONFIG), str(path),
+    return cls._assemble(configs, read, tokenizer_dir, scheduler_config, str(path),
                          dtype=dtype, param_dtype=param_dtype, remat=remat, attention=attention)
 
   @classmethod
@@ -193,17 +204,40 @@ class StableDiffusion:
                scheduler_config=tiny.scheduler_config, name=tiny.name)
 
   @classmethod
-  def load(cls, pretrained: str | None, **kwargs) -> "StableDiffusion":
-    """`from_pretrained(pretrained)`, or the embedded tiny model when `pretrained` is empty."""
-    if pretrained:
-      return cls.from_pretrained(pretrained, **kwargs)
-    return cls.embedded(**kwargs)
+  def load(cls, pretrained: str | None, *, allow_pickle: bool = False,
+           variant: str | None = None, **kwargs) -> "StableDiffusion":
+    """The model a command's `pretrained` names; '' = the embedded tiny model (`seed=` then
+    picks its weights).
+
+    Otherwise a diffusers directory (PyTorch or old Flax weights), a single-file checkpoint
+    (`.ckpt` only with `allow_pickle`), or a Hugging Face id from the local cache; see
+    `medjax.convert.sources`. `variant` applies to diffusers directories, the other keywords
+    to every loader (dtype, param_dtype, remat, attention).
+    """
+    if not pretrained:
+      return cls.embedded(**kwargs)
+    source = sources.resolve(pretrained)
+    if source.kind == sources.SINGLE_FILE:
+      sd = cls.from_single_file(source.path, allow_pickle=allow_pickle, **kwargs)
+    else:
+      sd = cls.from_pretrained(source.path, variant=variant or None, **kwargs)
+    return sd if sd.name == source.name else dataclasses.replace(sd, name=source.name)
 
   def save_pretrained(self, out_dir, dtype=np.float32) -> None:
     """Writes a diffusers directory that `diffusers.StableDiffusionPipeline` loads."""
     diffusers_io.write_pipeline(
         out_dir, configs=self.configs, params=jax.device_get(self.params),
         scheduler_config=self.scheduler_config, tokenizer_dir=self.tokenizer_dir, dtype=dtype)
+
+  def save_single_file(self, path, dtype=np.float32) -> None:
+    """Writes one `.safetensors` checkpoint in the original SD layout, which AUTOMATIC1111,
+    ComfyUI and diffusers' `from_single_file` load; medjax reloads it exactly (its configs,
+    scheduler and tokenizer ride in the metadata: `convert.single_file_meta`)."""
+    params = jax.device_get(self.params)
+    state_dicts = {n: diffusers_io.params_to_state_dict(params[n], dtype=dtype)
+                   for n in MODEL_CLASSES}
+    single_file.save_single_file(path, state_dicts, self.configs, metadata=single_file_meta.encode(
+        self.configs, self.scheduler_config, self.tokenizer_dir))
 
   # -- properties ----------------------------------------------------------------------------
 

@@ -3,6 +3,8 @@
   python -m medjax.sample --prompt="a chest x-ray with pleural effusion" --num_images=8 \
       --steps=50 --outdir=/tmp/samples                  # the embedded tiny model
   python -m medjax.sample --pretrained=DIR --prompt="healthy:0.3 AND diseased:0.7" ...
+  python -m medjax.sample --pretrained=model.safetensors ...      # an AUTOMATIC1111 single file
+  python -m medjax.sample --pretrained=runwayml/stable-diffusion-v1-5 ...  # local HF cache
 
 Writes sample_0000.png ... and grid.png (the first 64 images; every image streams to disk as
 its batch is done, so memory stays flat in --num_images). Every PNG carries tEXt metadata
@@ -27,7 +29,9 @@ FLAGS = flags.FLAGS
 
 def define_flags():
   """Defines the command-line flags (only when run as a program, so imports never clash)."""
-  flags.DEFINE_string("pretrained", "", "A diffusers directory; empty = the embedded tiny model.")
+  flags.DEFINE_string("pretrained", "", "A diffusers directory (PyTorch or old Flax weights), a "
+                      "single-file checkpoint (.safetensors; .ckpt with --allow_pickle), or a "
+                      "Hugging Face id in the local cache; empty = the embedded tiny model.")
   flags.DEFINE_string("prompt", "", "Prompt; AUTOMATIC1111 'a:0.3 AND b:0.7' composes.")
   flags.DEFINE_string("negative_prompt", "", "Negative (unconditional) prompt.")
   flags.DEFINE_integer("num_images", 4, "Number of images (each written as it is made; "
@@ -44,8 +48,8 @@ def define_flags():
   flags.DEFINE_bool("overwrite", False, "Replace the images of an earlier run in --outdir.")
   flags.DEFINE_multi_string("embeddings", [], "Textual-inversion files to load (diffusers or "
                             "AUTOMATIC1111 .safetensors); their tokens can be used in --prompt.")
-  flags.DEFINE_bool("allow_pickle", False, "Allow .pt/.bin embedding files "
-                    "(read with torch.load(weights_only=True)).")
+  flags.DEFINE_bool("allow_pickle", False, "Allow a .ckpt --pretrained and .pt/.bin embedding "
+                    "files (read with torch.load(weights_only=True)).")
 
 
 def main(argv):
@@ -60,7 +64,7 @@ def main(argv):
   for path in FLAGS.embeddings:
     if not Path(path).is_file():
       raise MedjaxError(f"--embeddings={path}: no such file")
-  sd = StableDiffusion.load(FLAGS.pretrained)
+  sd = StableDiffusion.load(FLAGS.pretrained, allow_pickle=FLAGS.allow_pickle)
   extra = {}
   if FLAGS.embeddings:
     sd = sd.load_embeddings(FLAGS.embeddings, allow_pickle=FLAGS.allow_pickle)

@@ -72,8 +72,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh.rules = tuple(tuple(r) for r in sharding.DEFAULT_RULES)  # logical name -> mesh axis
 
   c.model = ml_collections.ConfigDict()
-  c.model.pretrained = ""  # a diffusers directory or single .safetensors; '' = embedded tiny SD
+  # a diffusers directory (PyTorch or old Flax weights), a single-file checkpoint, or a Hugging
+  # Face id in the local cache (medjax.convert.sources); '' = the embedded tiny SD
+  c.model.pretrained = ""
   c.model.variant = ""  # weight variant, e.g. 'fp16'
+  c.model.allow_pickle = False  # read a .ckpt/.pt pretrained (torch.load(weights_only=True))
   c.model.embedded_seed = 0  # seed of the embedded tiny model's random weights
 
   c.textual_inversion = ml_collections.ConfigDict()

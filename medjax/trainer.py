@@ -82,8 +82,8 @@ def build_model(config: Any) -> tuple[StableDiffusion, objectives.Trainable]:
     raise MedjaxError(f"config.mixed_precision={config.mixed_precision!r}: expected fp32 or bf16")
   kw = {"dtype": dtype, "remat": config.remat, "attention": config.attention}
   if config.model.pretrained:
-    sd = StableDiffusion.from_pretrained(config.model.pretrained,
-                                         variant=config.model.variant or None, **kw)
+    sd = StableDiffusion.load(config.model.pretrained, variant=config.model.variant or None,
+                              allow_pickle=config.model.allow_pickle, **kw)
   else:
     sd = StableDiffusion.embedded(seed=config.model.embedded_seed, **kw)
   if config.objective == "textual_inversion":

@@ -22,8 +22,11 @@ from typing import Any
 import flax
 import numpy as np
 
+from medjax.convert.weights import find_component_weights
 from medjax.convert.weights import raise_if_mismatched
 from medjax.convert.weights import read_component_weights
+from medjax.convert.weights import read_flax_msgpack
+from medjax.convert.weights import weight_variants
 from medjax.convert.weights import write_safetensors
 from medjax.errors import MedjaxError
 
@@ -89,6 +92,26 @@ def _upgrade_legacy_names(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.
   return out
 
 
+def flax_params_to_state_dict(flat: Mapping[tuple[str, ...], np.ndarray], *,
+                              source: str) -> dict[str, np.ndarray]:
+  """The old diffusers/transformers Flax params ({path: array}) as a PyTorch state dict.
+
+  diffusers' Flax modules (before diffusers dropped Flax) named list children `name_<i>`
+  (`down_blocks_0`, `resnets_1`, `to_out_0`, `net_2`), as medjax does, and the VAE's attention
+  `query`/`key`/`value`/`proj_attn` (the names before diffusers 0.14, upgraded on import);
+  transformers' FlaxCLIPTextModel named its layers `layers/<i>`. So the same path and layout
+  rule as for medjax's own params applies.
+  """
+  out = {}
+  for path, value in flat.items():
+    try:
+      key = flax_path_to_torch_key(tuple(str(p) for p in path))
+    except ValueError as e:
+      raise MedjaxError(f"{source}: not a Flax Stable Diffusion params tree ({e})") from None
+    out[key] = flax_to_torch_array(path[-1], np.asarray(value))
+  return out
+
+
 def state_dict_to_params(state_dict: Mapping[str, np.ndarray], param_shapes: Any, *,
                          source: str, prefix: str = "", dtype=np.float32) -> dict:
   """Builds Flax params shaped like `param_shapes` from a PyTorch `state_dict`.
@@ -143,6 +166,10 @@ COMPONENT_FILES = {
     "text_encoder": ("CLIPTextModel", ("model", "pytorch_model")),
 }
 
+# The old Flax pipelines' weight files (FlaxStableDiffusionPipeline.save_pretrained).
+FLAX_FILES = {"unet": "diffusion_flax_model.msgpack", "vae": "diffusion_flax_model.msgpack",
+              "text_encoder": "flax_model.msgpack"}
+
 # The tokenizer classes model_index.json may name (both read the same vocab.json + merges.txt).
 TOKENIZERS = ("CLIPTokenizer", "CLIPTokenizerFast")
 
@@ -176,7 +203,7 @@ def read_pipeline_index(path) -> dict:
     entry = index.get(name)
     if not (isinstance(entry, list) and len(entry) == 2):
       raise MedjaxError(f"{path / 'model_index.json'}: no {name!r} component")
-    if entry[1] != cls:
+    if entry[1] not in (cls, "Flax" + cls):  # FlaxStableDiffusionPipeline's classes
       raise MedjaxError(f"{path / 'model_index.json'}: {name!r} is {entry[1]}, "
                         f"medjax supports {cls}")
   tokenizer = index.get("tokenizer")
@@ -197,10 +224,48 @@ def canonical_text_encoder_keys(state_dict: Mapping[str, np.ndarray]) -> dict[st
   return {k: v for k, v in out.items() if k not in IGNORED_KEYS}
 
 
+# Keys of diffusers' Flax model configs that choose how Flax ran, not what the model is.
+FLAX_ONLY_KEYS = ("dtype", "use_memory_efficient_attention", "split_head_dim")
+
+
+def read_component_config(path, name: str) -> dict:
+  """A component's config.json; a Flax pipeline's (`FlaxUNet2DConditionModel`, ...) read as its
+  PyTorch class's, without the Flax execution keys."""
+  config = read_json(path, f"{name} config")
+  cls = config.get("_class_name")
+  if isinstance(cls, str) and cls.startswith("Flax"):
+    config = {k: v for k, v in config.items() if k not in FLAX_ONLY_KEYS}
+    config["_class_name"] = cls.removeprefix("Flax")
+  return config
+
+
+def read_scheduler_config(path) -> dict:
+  """scheduler/scheduler_config.json; a Flax pipeline's (`FlaxPNDMScheduler`, maybe a `dtype`)
+  read as its PyTorch class's."""
+  config = read_json(path, "scheduler config")
+  cls = config.get("_class_name")
+  if isinstance(cls, str) and cls.startswith("Flax"):
+    config = {k: v for k, v in config.items() if k != "dtype"}
+    config["_class_name"] = cls.removeprefix("Flax")
+  return config
+
+
 def read_component_params(folder, name: str, param_shapes, variant: str | None = None,
                           dtype=np.float32) -> dict:
-  """Reads one component's weights and converts them to params shaped like `param_shapes`."""
-  state_dict, source = read_component_weights(folder, COMPONENT_FILES[name][1], variant=variant)
+  """Reads one component's weights and converts them to params shaped like `param_shapes`.
+
+  PyTorch weights (safetensors, then .bin) come first; a folder with none but the old Flax
+  msgpack (`FLAX_FILES`) reads that.
+  """
+  folder, stems = Path(folder), COMPONENT_FILES[name][1]
+  flax_file = folder / FLAX_FILES[name]
+  if (flax_file.is_file() and not variant and find_component_weights(folder, stems) is None
+      and not weight_variants(folder, stems)):
+    state_dict = flax_params_to_state_dict(read_flax_msgpack(flax_file), source=str(flax_file))
+    source = flax_file
+  else:
+    state_dict, source = read_component_weights(folder, stems, variant=variant,
+                                                alternatives=f", or {FLAX_FILES[name]}")
   if name == "text_encoder":
     state_dict = canonical_text_encoder_keys(state_dict)
   return state_dict_to_params(state_dict, param_shapes, source=str(source), dtype=dtype)

@@ -458,11 +458,13 @@ def load_single_file(path, *, allow_pickle: bool = False,
 
 def save_single_file(path, state_dicts: Mapping[str, Mapping[str, np.ndarray]],
                      configs: Mapping[str, Mapping[str, Any]], *,
-                     text_encoder_layout: str = "auto", dtype=None) -> None:
-  """Writes `diffusers_to_ldm(...)` as one `.safetensors` file (atomically), cast to `dtype`."""
+                     text_encoder_layout: str = "auto", dtype=None,
+                     metadata: Mapping[str, str] | None = None) -> None:
+  """Writes `diffusers_to_ldm(...)` as one `.safetensors` file (atomically), cast to `dtype`,
+  with `metadata` beside 'format': 'pt'."""
   if Path(path).suffix != ".safetensors":
     raise MedjaxError(f"{path}: medjax writes single files as .safetensors only")
   sd = diffusers_to_ldm(state_dicts, configs, text_encoder_layout=text_encoder_layout)
   if dtype is not None:
     sd = {k: v.astype(dtype) for k, v in sd.items()}
-  weights.write_safetensors(sd, path, metadata={"format": "pt"})
+  weights.write_safetensors(sd, path, metadata={"format": "pt", **(metadata or {})})

@@ -62,7 +62,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.resolution = 64  # generated and real images (pixels)
 
   c.model = ml_collections.ConfigDict()
-  c.model.pretrained = ""  # diffusers dir; '' = embedded tiny SD
+  # a diffusers directory, a single-file checkpoint or a Hugging Face id in the local cache
+  # (medjax.convert.sources); '' = the embedded tiny SD
+  c.model.pretrained = ""
+  c.model.allow_pickle = False  # read a .ckpt/.pt pretrained (torch.load(weights_only=True))
   c.model.embedded_seed = 0
   c.model.train_workdir = ""  # a medjax training workdir: use its trained pipeline instead
   c.model.embeddings = ()  # textual-inversion files to load (diffusers or A1111)
@@ -198,7 +201,7 @@ def load_model(config: Any, mesh: jax.sharding.Mesh | None = None):
     sd = exporter.restore_pipeline(m.train_workdir, mesh=mesh)
     sd = dataclasses.replace(sd, params=hosts.to_host(sd.params))
   elif m.pretrained:
-    sd = StableDiffusion.from_pretrained(m.pretrained)
+    sd = StableDiffusion.load(m.pretrained, allow_pickle=m.allow_pickle)
   else:
     sd = StableDiffusion.embedded(seed=m.embedded_seed)
   sd = sd.load_embeddings(list(m.embeddings)) if m.embeddings else sd
