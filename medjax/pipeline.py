@@ -390,31 +390,46 @@ class StableDiffusion:
                                params={**self.params, "text_encoder": text_params},
                                tokenizer=tok, tokenizer_dir=tokenizer_dir, configs=configs)
 
-  # -- jitted pure functions (built once per instance; one compile per input shape) -----------
+  # -- jitted pure functions (one compile per input shape). The U-Net's and VAE's are shared by
+  # every instance of one architecture, so a reload or a second copy compiles nothing new (the
+  # text encoder's module holds its config dict, which cannot key a cache) ---------------------
 
   @functools.cached_property
   def _text_fn(self):
     return jax.jit(lambda p, ids: self.text_encoder.apply({"params": p}, ids)[0])
 
-  @functools.cached_property
+  @property
   def _unet_fn(self):
-    return jax.jit(lambda p, x, t, c: self.unet.apply({"params": p}, x, t, c))
+    return _unet_program(self.unet)
 
-  @functools.cached_property
+  @property
   def _encode_fn(self):
-    scale = self.scaling_factor
+    return _encode_program(self.vae, self.scaling_factor)
 
-    def encode(p, x, key):
-      mean, logvar = self.vae.apply({"params": p}, x, method="encode")
-      if key is not None:
-        mean = mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape, mean.dtype)
-      return mean * scale
-    return jax.jit(encode)
-
-  @functools.cached_property
+  @property
   def _decode_fn(self):
-    scale = self.scaling_factor
-    return jax.jit(lambda p, z: self.vae.apply({"params": p}, z / scale, method="decode"))
+    return _decode_program(self.vae, self.scaling_factor)
+
+
+# Keyed by the (hashable, compared by config) Flax modules, as `sampling` keys its programs.
+@functools.lru_cache(maxsize=16)
+def _unet_program(unet):
+  return jax.jit(lambda p, x, t, c: unet.apply({"params": p}, x, t, c))
+
+
+@functools.lru_cache(maxsize=16)
+def _encode_program(vae, scale: float):
+  def encode(p, x, key):
+    mean, logvar = vae.apply({"params": p}, x, method="encode")
+    if key is not None:
+      mean = mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape, mean.dtype)
+    return mean * scale
+  return jax.jit(encode)
+
+
+@functools.lru_cache(maxsize=16)
+def _decode_program(vae, scale: float):
+  return jax.jit(lambda p, z: vae.apply({"params": p}, z / scale, method="decode"))
 
 
 def _check_vocab(tok, text_config: dict, path: Path) -> None:

@@ -290,6 +290,9 @@ def _split(checkpoint: Mapping[str, np.ndarray], ema: bool, source: str) -> dict
       if part == "clip" and not key.startswith("text_model."):
         key = "text_model." + key  # transformers' flattened CLIPTextModel layout
       parts[part][key] = value
+  if unknown and not any(parts.values()):  # e.g. one component of a diffusers folder
+    raise MedjaxError(f"{source}: is a file; expected a diffusers pipeline directory or an SD "
+                      f"single-file checkpoint, and it holds neither ({sorted(unknown)[0]}, ...)")
   if unknown:
     raise MedjaxError(f"{source}: {len(unknown)} tensors of an unsupported model part (medjax "
                       f"reads SD 1.x/2.x: {UNET_PREFIX}, {VAE_PREFIX}, {CLIP_PREFIX}, "

@@ -8,7 +8,9 @@ the caller opts in. The old diffusers/transformers Flax weights (`*.msgpack`) ar
 with `flax.serialization` (no code runs on load).
 """
 import json
+import os
 import re
+import struct
 from pathlib import Path
 
 import flax
@@ -45,9 +47,10 @@ def read_safetensors(path) -> dict[str, np.ndarray]:
         return {name: f.get_tensor(name) for name in names}
     return {name: np.frombuffer(info["data"], _DTYPES[info["dtype"]]).reshape(info["shape"])
             for name, info in safetensors.deserialize(path.read_bytes())}
-  except (safetensors.SafetensorError, OSError) as e:
-    raise MedjaxError(f"{path}: not a readable safetensors file, truncated or corrupt "
-                      f"({_reason(e)})") from e
+  except safetensors.SafetensorError as e:
+    raise _refused(path, e) from e
+  except OSError as e:
+    raise MedjaxError(f"{path}: cannot read ({e.strerror or e})") from e
 
 
 def read_safetensors_metadata(path) -> dict[str, str]:
@@ -56,14 +59,41 @@ def read_safetensors_metadata(path) -> dict[str, str]:
   try:
     with safetensors.safe_open(path, framework="numpy") as f:
       return dict(f.metadata() or {})
-  except (safetensors.SafetensorError, OSError) as e:
-    raise MedjaxError(f"{path}: not a readable safetensors file, truncated or corrupt "
-                      f"({_reason(e)})") from e
+  except safetensors.SafetensorError as e:
+    raise _refused(path, e) from e
+  except OSError as e:
+    raise MedjaxError(f"{path}: cannot read ({e.strerror or e})") from e
 
 
-def _reason(error: Exception) -> str:
-  text = str(error).removeprefix("Error while deserializing header: ")
-  return text.strip() or type(error).__name__
+def _refused(path: Path, error: Exception) -> MedjaxError:
+  """The library's refusal of `path` as one line: what is wrong with the header when that can
+  be said (it is JSON, but not tensor entries), else the library's reason."""
+  try:
+    with open(path, "rb") as f:
+      size = os.fstat(f.fileno()).st_size
+      (length,) = struct.unpack("<Q", f.read(8))
+      header = json.loads(f.read(length)) if 8 + length <= size else {}
+  except (OSError, ValueError, struct.error):
+    header = {}
+  if not isinstance(header, dict):
+    return MedjaxError(f"{path}: not a safetensors file (its header is not a JSON object)")
+  for name, info in header.items():
+    if name != "__metadata__" and not _is_tensor_entry(info):
+      return MedjaxError(f"{path}: not a safetensors file (header entry {name!r} = "
+                         f"{str(info)[:80]}; expected dtype, shape and data_offsets)")
+  reason = str(error).removeprefix("Error while deserializing header: ").strip()
+  return MedjaxError(f"{path}: not a readable safetensors file, truncated or corrupt "
+                     f"({reason or type(error).__name__})")
+
+
+def _is_tensor_entry(info) -> bool:
+  """A header entry {'dtype': str, 'shape': [ints >= 0], 'data_offsets': [start, end]}."""
+  if not isinstance(info, dict) or not isinstance(info.get("dtype"), str):
+    return False
+  shape, offsets = info.get("shape"), info.get("data_offsets")
+  ints = lambda xs: isinstance(xs, list) and all(
+      isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in xs)
+  return ints(shape) and ints(offsets) and len(offsets) == 2 and offsets[0] <= offsets[1]
 
 
 def write_safetensors(tensors: dict, path, metadata: dict | None = None) -> None:
