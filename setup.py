@@ -24,7 +24,8 @@ setup(
         "absl-py>=2.0",
         "numpy>=1.26",
         "ml_dtypes>=0.4",
-        "safetensors>=0.4.3",
+        "safetensors>=0.4.3",  # its NumPy path reads/writes bf16 (ml_dtypes) from 0.4.1 on
+        "huggingface_hub>=0.23",  # Hugging Face ids from the local cache (transformers brings it)
         "transformers>=4.44",  # CLIPTokenizer only; no torch needed
         "tqdm>=4.66",
         "Pillow>=10.0",
