@@ -101,7 +101,8 @@ if command -v nvidia-smi >/dev/null 2>&1; then
 else
   log "nvidia-smi: not found"
 fi
-log "load: $(cut -d' ' -f1-3 /proc/loadavg 2>/dev/null), git $(git rev-parse --short HEAD 2>/dev/null)"
+REV=$(git rev-parse --short HEAD 2>/dev/null || echo "- (no .git)")
+log "load: $(cut -d' ' -f1-3 /proc/loadavg 2>/dev/null), git $REV"
 timeout 60 "$PY" benchmarks/gpu_report.py env 2>&1 | tee -a "$LOG"
 
 # The shared random pipeline, written on the CPU (4 threads) while (a) uses the GPU.

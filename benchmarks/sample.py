@@ -15,6 +15,10 @@ train_step.py). `--bf16`: both sides hold bf16 weights and compute in bf16 (diff
 `torch_dtype=bfloat16`, whose attention is PyTorch SDPA; medjax `dtype` and `param_dtype`
 bfloat16), as inference is run. Memory: peak RSS while sampling on CPU, peak device bytes on
 GPU (the loaded weights included on both sides).
+
+On a GPU, `bash benchmarks/gpu.sh` runs unet.py, train_step.py and sample.py (and more) at the
+SD1.5 shape in bf16, batch 8, in under 8 minutes, and prints one summary table (its header
+says what it prints and how its budget is spent).
 """
 import argparse
 import json

@@ -60,6 +60,10 @@ works). `--matmul_peak` also times a large bf16 matmul on the device and quotes 
 `--pipeline_dir` keeps the random diffusers directory there (written once, reused by later runs
 and by benchmarks/sample.py); `--write_only` writes it and exits. `--timeout` bounds each
 subprocess; `--json` writes every result.
+
+On a GPU, `bash benchmarks/gpu.sh` runs unet.py, train_step.py and sample.py (and more) at the
+SD1.5 shape in bf16, batch 8, in under 8 minutes, and prints one summary table (its header
+says what it prints and how its budget is spent).
 """
 import argparse
 import ctypes

@@ -27,7 +27,9 @@ from train_step import run_steps
 def run_torch(args) -> dict:
   import torch  # pylint: disable=g-import-not-at-top
   import torch.nn.functional as F  # pylint: disable=g-import-not-at-top,invalid-name
-  from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel  # pylint: disable=g-import-not-at-top
+  from diffusers import AutoencoderKL  # pylint: disable=g-import-not-at-top
+  from diffusers import DDPMScheduler  # pylint: disable=g-import-not-at-top
+  from diffusers import UNet2DConditionModel  # pylint: disable=g-import-not-at-top
   from transformers import CLIPTextModel, CLIPTokenizer  # pylint: disable=g-import-not-at-top
 
   torch.set_num_threads(args.threads)

@@ -25,6 +25,10 @@ each subprocess (a side that runs past it is reported as a timeout and the rest 
 `--json` writes every result (rewritten after each row, so a killed run keeps what finished).
 Both sides keep fp32 params: `--bf16` is medjax `dtype=bfloat16` and PyTorch autocast(bf16),
 whose attention is diffusers' default processor (PyTorch SDPA).
+
+On a GPU, `bash benchmarks/gpu.sh` runs unet.py, train_step.py and sample.py (and more) at the
+SD1.5 shape in bf16, batch 8, in under 8 minutes, and prints one summary table (its header
+says what it prints and how its budget is spent).
 """
 import argparse
 import json
