@@ -19,9 +19,9 @@
 #       the budget still allows it (its compile alone takes about a minute)
 # and ends with one summary table: medjax / PyTorch ratios of time and of peak device memory.
 # Everything printed is also appended to $OUT/gpu_log.txt; results as JSON in $OUT (unet.json,
-# train_step.json, sample.json, unet_compile.json), each section's exit and seconds in
-# $OUT/sections.txt. The SD1.5-sized random pipeline (4.1 GB) is written once, on the CPU, in the
-# background while (a) runs, and read by (b) and (c).
+# train_step.json, sample.json, unet_compile.json; attention.txt): six files at most, as the
+# device tool brings back eight. The SD1.5-sized random pipeline (4.1 GB) is written once, on the
+# CPU, in the background while (a) runs, and read by (b) and (c).
 #
 # Budget: GPU_SH_BUDGET seconds in all (default 480); a section that would start with less
 # than its minimum left is skipped, so the summary always prints. On an H200 the expected times
@@ -37,6 +37,10 @@ cd "$(dirname "$0")/.." || exit 1
 OUT="${OUT:-/tmp/gpu_out}"
 mkdir -p "$OUT" || exit 1
 LOG="$OUT/gpu_log.txt"
+WORK="${GPU_SH_WORK:-/tmp/gpu_sh_work}"  # scratch that does not come back (the device tool
+mkdir -p "$WORK" || exit 1                # returns at most 8 files from $OUT)
+: >"$WORK/sections.txt"
+rm -f "$OUT"/{unet,unet_compile,train_step,sample}.json "$OUT/attention.txt"  # this run's only
 PY="${PYTHON:-python3}"
 SMOKE="${GPU_SH_SMOKE:-0}"
 WHEELS="${GPU_SH_WHEELS:-.whl}"
@@ -55,7 +59,7 @@ fi
 
 if [ "$SMOKE" = 1 ]; then
   BUDGET="${GPU_SH_BUDGET:-3600}"
-  PIPE="${GPU_SH_PIPELINE:-$OUT/pipeline_tiny}"
+  PIPE="${GPU_SH_PIPELINE:-$WORK/pipeline_tiny}"
   CONFIG=tiny BATCH=1
   UNET="--repeats=1" TRAIN="--warmup=1 --repeats=2" SAMPLE="--steps=3 --repeats=1"
   ATTN="--seqs=64,128"
@@ -81,7 +85,7 @@ section() {
   local limit=$((cap < left ? cap : left))
   if [ "$limit" -lt "$min" ]; then
     log "== $name: skipped ($left s of the budget left, needs $min s)"
-    echo "$name skipped 0" >>"$OUT/sections.txt"
+    echo "$name skipped 0" >>"$WORK/sections.txt"
     return
   fi
   log ""
@@ -91,7 +95,7 @@ section() {
   local rc=${PIPESTATUS[0]}
   [ "$rc" = 124 ] && log "== $name: TIMEOUT after ${limit}s"
   log "== $name: exit $rc in $((SECONDS - t0))s"
-  echo "$name $rc $((SECONDS - t0))" >>"$OUT/sections.txt"
+  echo "$name $rc $((SECONDS - t0))" >>"$WORK/sections.txt"
 }
 
 log "== medjax gpu.sh $(date -u +%FT%TZ) smoke=$SMOKE budget=${BUDGET}s out=$OUT"
@@ -108,14 +112,14 @@ timeout 60 "$PY" benchmarks/gpu_report.py env 2>&1 | tee -a "$LOG"
 # The shared random pipeline, written on the CPU (4 threads) while (a) uses the GPU.
 (JAX_PLATFORMS=cpu CUDA_VISIBLE_DEVICES= OMP_NUM_THREADS=4 timeout 240 nice -n 10 \
   "$PY" benchmarks/train_step.py --configs=$CONFIG --write_only --pipeline_dir="$PIPE" \
-  >"$OUT/pipeline_log.txt" 2>&1; echo "pipeline writer: exit $?" >>"$OUT/pipeline_log.txt") &
+  >"$WORK/pipeline_log.txt" 2>&1; echo "pipeline writer: exit $?" >>"$WORK/pipeline_log.txt") &
 WRITER=$!
 
 section "(a) unet" "$CAP_A" 60 "$PY" benchmarks/unet.py --configs=$CONFIG --modes=forward,grad \
   --batch=$BATCH --bf16 $UNET --timeout=$SIDE_TIMEOUT --json="$OUT/unet.json"
 
 wait "$WRITER"
-tail -n 3 "$OUT/pipeline_log.txt" | tee -a "$LOG"
+tail -n 3 "$WORK/pipeline_log.txt" | tee -a "$LOG"
 section "(b) train_step" "$CAP_B" 90 "$PY" benchmarks/train_step.py --configs=$CONFIG \
   --kinds=$KINDS --bf16 --batch=$BATCH $TRAIN --matmul_peak --model_flops \
   --pipeline_dir="$PIPE" --timeout=$((SIDE_TIMEOUT + 30)) --json="$OUT/train_step.json"
@@ -137,4 +141,4 @@ section "(e) unet torch.compile" "$CAP_E" 80 "$PY" benchmarks/unet.py --configs=
 
 log ""
 log "== summary ($((SECONDS - START)) s in all)"
-"$PY" benchmarks/gpu_report.py summary "$OUT" 2>&1 | tee -a "$LOG"
+"$PY" benchmarks/gpu_report.py summary "$OUT" "$WORK/sections.txt" 2>&1 | tee -a "$LOG"

@@ -2,7 +2,7 @@
 
   python benchmarks/gpu_report.py install WHEEL_DIR SITE_DIR   # wheels of missing packages only
   python benchmarks/gpu_report.py env                          # versions, devices
-  python benchmarks/gpu_report.py summary OUT_DIR              # the table of OUT_DIR/*.json
+  python benchmarks/gpu_report.py summary OUT_DIR [SECTIONS]   # the table of OUT_DIR/*.json
 
 `install` installs (pip --target, no index, no deps) only the wheels whose distribution this
 Python lacks, so a carried wheel never shadows the machine's own jax, torch or numpy; without
@@ -100,7 +100,7 @@ def _row(label: str, j: dict, p: dict, extra: str = "") -> str:
           f"{_cell(p, 'peak_bytes', '.2f', 2**-30):>9} {_ratio(j, p, 'peak_bytes'):>6}  {extra}")
 
 
-def summary(out_dir: str) -> int:
+def summary(out_dir: str, sections: str | None = None) -> int:
   print(f"{'section / shape':38} {'medjax s':>9} {'torch s':>9} {'time x':>6} {'medjax GB':>9} "
         f"{'torch GB':>9} {'mem x':>6}  (x = medjax / PyTorch; below 1 is better)")
   unet = _load(out_dir, "unet.json").get("rows", [])
@@ -138,8 +138,7 @@ def summary(out_dir: str) -> int:
                f"{_cell(p, 'images_per_s', '.2f')}"))
   if os.path.exists(os.path.join(out_dir, "attention.txt")):
     print("(d) attention: see attention.txt / gpu_log.txt")
-  sections = os.path.join(out_dir, "sections.txt")
-  if os.path.exists(sections):
+  if sections and os.path.exists(sections):
     with open(sections) as f:
       print("sections (name exit seconds): " + "; ".join(line.strip() for line in f))
   return 0
@@ -150,8 +149,8 @@ def main(argv: list[str]) -> int:
     return install(argv[1], argv[2])
   if argv == ["env"]:
     return env()
-  if len(argv) == 2 and argv[0] == "summary":
-    return summary(argv[1])
+  if len(argv) in (2, 3) and argv[0] == "summary":
+    return summary(*argv[1:])
   print(__doc__, file=sys.stderr)
   return 2
 

@@ -41,7 +41,7 @@ def test_summary_prints_ratios_and_mfu(tmp_path, capsys):
        "throughput": {"medjax_images_per_s": 80.0, "torch_images_per_s": 64.0,
                       "medjax_model_flops_mfu": 0.283, "peak_tflops": 989.4}}]}))
   (tmp_path / "sections.txt").write_text("(a) unet 0 160\n")
-  gpu_report.summary(str(tmp_path))
+  gpu_report.summary(str(tmp_path), str(tmp_path / "sections.txt"))
   out = capsys.readouterr().out
   assert "(a) unet forward sd15 b8 bf16" in out and " 0.50 " in out and " 0.75 " in out
   assert "vs torch.compile" in out and " 0.80 " in out
