@@ -29,8 +29,9 @@
 # and torch.compile's compiles); see the README's benchmark section for measured ones.
 # Wheels in .whl/ (carried to a machine without a package index) are installed first, only
 # those whose package the machine lacks (benchmarks/gpu_report.py install), into /tmp/site.
-# Other knobs: GPU_SH_TI=1 adds textual inversion (ti8) to (b); GPU_SH_PIPELINE (the pipeline's
-# folder); GPU_SH_WHEELS, GPU_SH_SITE; PYTHON (default python3).
+# Other knobs: GPU_SH_ONLY=a,b,c,d,e (the sections to run); GPU_SH_TI=1 adds textual inversion
+# (ti8) to (b); GPU_SH_PIPELINE (the pipeline's folder); GPU_SH_WHEELS, GPU_SH_SITE, GPU_SH_WORK;
+# PYTHON (default python3); XLA_FLAGS reaches JAX's workers.
 set -u -o pipefail
 cd "$(dirname "$0")/.." || exit 1
 
@@ -76,6 +77,7 @@ else
   ATTN="--seqs=1024,4096"
   CAP_A=240 CAP_B=210 CAP_C=150 CAP_D=90 CAP_E=150 SIDE_TIMEOUT=150
 fi
+ONLY="${GPU_SH_ONLY:-a,b,c,d,e}"  # sections to run, e.g. GPU_SH_ONLY=c,e for a second call
 KINDS=ft
 [ "${GPU_SH_TI:-0}" = 1 ] && KINDS=ft,ti8
 RESERVE=15  # seconds kept for the summary
@@ -85,6 +87,10 @@ RESERVE=15  # seconds kept for the summary
 section() {
   local name=$1 cap=$2 min=$3
   shift 3
+  case ",$ONLY," in
+    *",${name:1:1},"*) ;;
+    *) log "== $name: not in GPU_SH_ONLY=$ONLY"; return ;;
+  esac
   local left=$((BUDGET - RESERVE - (SECONDS - START)))
   local limit=$((cap < left ? cap : left))
   if [ "$limit" -lt "$min" ]; then
@@ -114,16 +120,21 @@ log "load: $(cut -d' ' -f1-3 /proc/loadavg 2>/dev/null), git $REV"
 timeout 60 "$PY" benchmarks/gpu_report.py env 2>&1 | tee -a "$LOG"
 
 # The shared random pipeline, written on the CPU (4 threads) while (a) uses the GPU.
-(JAX_PLATFORMS=cpu CUDA_VISIBLE_DEVICES= OMP_NUM_THREADS=4 timeout 240 nice -n 10 \
-  "$PY" benchmarks/train_step.py --configs=$CONFIG --write_only --pipeline_dir="$PIPE" \
-  >"$WORK/pipeline_log.txt" 2>&1; echo "pipeline writer: exit $?" >>"$WORK/pipeline_log.txt") &
-WRITER=$!
+WRITER=
+if [[ ",$ONLY," == *,[bc],* ]]; then
+  (JAX_PLATFORMS=cpu CUDA_VISIBLE_DEVICES= OMP_NUM_THREADS=4 timeout 240 nice -n 10 \
+    "$PY" benchmarks/train_step.py --configs=$CONFIG --write_only --pipeline_dir="$PIPE" \
+    >"$WORK/pipeline_log.txt" 2>&1; echo "pipeline writer: exit $?" >>"$WORK/pipeline_log.txt") &
+  WRITER=$!
+fi
 
 section "(a) unet" "$CAP_A" 60 "$PY" benchmarks/unet.py --configs=$CONFIG --modes=forward,grad \
   --batch=$BATCH --bf16 $UNET --timeout=$SIDE_TIMEOUT --json="$OUT/unet.json"
 
-wait "$WRITER"
-tail -n 3 "$WORK/pipeline_log.txt" | tee -a "$LOG"
+if [ -n "$WRITER" ]; then
+  wait "$WRITER"
+  tail -n 3 "$WORK/pipeline_log.txt" | tee -a "$LOG"
+fi
 section "(b) train_step" "$CAP_B" 90 "$PY" benchmarks/train_step.py --configs=$CONFIG \
   --kinds=$KINDS --bf16 --batch=$BATCH $TRAIN --matmul_peak --model_flops \
   --pipeline_dir="$PIPE" --timeout=$((SIDE_TIMEOUT + 30)) --json="$OUT/train_step.json"
