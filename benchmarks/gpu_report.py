@@ -53,7 +53,7 @@ def env() -> int:
   print(f"python {platform.python_version()} on {platform.machine()}, {os.cpu_count()} CPUs")
   versions = []
   for name in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "torch", "diffusers",
-               "transformers", "huggingface-hub", "numpy", "grain"):
+               "transformers", "huggingface-hub", "numpy", "protobuf", "etils", "grain"):
     try:
       versions.append(f"{name} {importlib.metadata.version(name)}")
     except importlib.metadata.PackageNotFoundError:
