@@ -1,11 +1,13 @@
-"""Training step: medjax `trainer.setup(...).step` vs diffusers' PyTorch training scripts, same run.
+"""Training step: medjax `trainer.setup(...).step` vs diffusers' PyTorch training scripts.
 
-  python benchmarks/train_step.py                        # tiny and mid: TI (8, 64 vectors), fine-tune
+  python benchmarks/train_step.py                # tiny and mid: TI (8, 64 vectors), fine-tune
   python benchmarks/train_step.py --configs=mid --kinds=ft --repeats=5 --batch=2
   python benchmarks/train_step.py --configs=sd15         # SD1.5-sized random pipeline (heavy)
   python benchmarks/train_step.py --bf16                 # bf16 compute (GPU; slow on CPU)
   python benchmarks/train_step.py --remat                # medjax remat (PyTorch as is)
   python benchmarks/train_step.py --configs=mid --kinds=ti8 --loop   # + whole medjax.train loop
+  python benchmarks/train_step.py --configs=sd15 --kinds=ft --bf16 --batch=8 --matmul_peak \
+      --model_flops --pipeline_dir=/tmp/sd15    # GPU (benchmarks/gpu.sh): images/s and MFU
 
 Step kinds:
   ti<N>  textual inversion with N vectors per token. medjax: `objective='textual_inversion'`,
@@ -47,12 +49,26 @@ PyTorch gets as many intra-op threads as the process may use (`os.sched_getaffin
 is what XLA:CPU's thread pool uses. Ratios are medjax / PyTorch: below 1.0 means medjax is
 faster or smaller. The load average before each run is printed: other processes on the machine
 skew the times.
+
+Throughput and MFU: images/s is batch / median step time. MFU = FLOPs per step / step time /
+the device's dense bf16 peak (device_stats.PEAK_BF16_TFLOPS: 989.4 TFLOP/s on H100/H200 SXM;
+`--peak_tflops` to override), the same FLOPs for both sides (the same work): XLA's cost
+analysis of medjax's compiled step ('xla'; kernels XLA cannot see into, such as cuDNN's fused
+attention, are left out), and with `--model_flops` also of the same step lowered on XLA:CPU
+(attention as plain einsums, nothing hidden: 'model'; a CPU subprocess, run while the device
+works). `--matmul_peak` also times a large bf16 matmul on the device and quotes MFU against it.
+`--pipeline_dir` keeps the random diffusers directory there (written once, reused by later runs
+and by benchmarks/sample.py); `--write_only` writes it and exits. `--timeout` bounds each
+subprocess; `--json` writes every result.
+
+On a GPU, `bash benchmarks/gpu.sh` runs unet.py, train_step.py and sample.py (and more) at the
+SD1.5 shape in bf16, batch 8, in under 8 minutes, and prints one summary table (its header
+says what it prints and how its budget is spent).
 """
 import argparse
 import ctypes
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -62,9 +78,11 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import device_stats  # pylint: disable=g-import-not-at-top,wrong-import-position
+import pipelines  # pylint: disable=g-import-not-at-top,wrong-import-position
 import unet as unet_bench  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-RESOLUTION = {"tiny": 64, "mid": 256, "sd15": 512}
+RESOLUTION = pipelines.RESOLUTION
 TOKEN, INIT_WORD = "<x>", "chest"
 TI_PROMPT = "a chest x-ray of {}"
 FT_PROMPT = "a chest x-ray with pleural effusion"
@@ -89,40 +107,6 @@ def parse_kind(kind: str) -> tuple[str, int]:
   if kind.startswith("ti") and kind[2:].isdigit() and int(kind[2:]) > 0:
     return "ti", int(kind[2:])
   raise ValueError(f"step kind {kind!r}: expected 'ft' or 'ti<num_vectors>' (e.g. ti8)")
-
-
-# -- the pipelines -------------------------------------------------------------------------------
-
-def write_pipeline(config: str, out_dir: str) -> None:
-  """The random diffusers directory both sides read (the embedded tiny model, or mid/sd15)."""
-  if config == "tiny":
-    from medjax import StableDiffusion  # pylint: disable=g-import-not-at-top
-    StableDiffusion.embedded(0).save_pretrained(out_dir)
-    return
-  import torch  # pylint: disable=g-import-not-at-top
-  from diffusers import AutoencoderKL, UNet2DConditionModel  # pylint: disable=g-import-not-at-top
-  from transformers import CLIPTextConfig, CLIPTextModel  # pylint: disable=g-import-not-at-top
-
-  from tests import tiny_diffusers  # pylint: disable=g-import-not-at-top
-  pipe = tiny_diffusers.make_pipeline_dir(out_dir, style="sd1")
-  shutil.rmtree(out_dir)
-  torch.manual_seed(0)
-  sd15 = config == "sd15"
-  text = tiny_diffusers.configs("sd1")["text_encoder"]
-  text.update(hidden_size=768, intermediate_size=3072, num_attention_heads=12,
-              num_hidden_layers=12 if sd15 else 4, projection_dim=768)
-  pipe.text_encoder = CLIPTextModel(CLIPTextConfig(**text)).eval()
-  unet_cfg = unet_bench.unet_config(config)
-  unet_cfg.update(sample_size=RESOLUTION[config] // 8)
-  pipe.unet = UNet2DConditionModel(**unet_cfg).eval()
-  if sd15:
-    pipe.vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2,
-        block_out_channels=(128, 256, 512, 512), norm_num_groups=32, sample_size=512,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4).eval()
-  pipe.register_modules(unet=pipe.unet, text_encoder=pipe.text_encoder, vae=pipe.vae)
-  pipe.save_pretrained(out_dir)
 
 
 def images(batch: int, resolution: int):
@@ -186,8 +170,10 @@ def run_jax(args) -> dict:
 
   out = run_steps(step, args.warmup, args.repeats, args.malloc_trim)
   device = jax.devices()[0]
-  stats = device.memory_stats() if device.platform == "gpu" else None
-  out["peak_bytes"] = stats["peak_bytes_in_use"] if stats else unet_bench.peak_host_bytes()
+  out["peak_bytes"] = device_stats.jax_peak_bytes(device, unet_bench.peak_host_bytes)
+  out["flops"] = device_stats.xla_flops(compiled)
+  if args.matmul_peak:
+    out["matmul_tflops"] = device_stats.matmul_tflops()
   plan = compiled.memory_analysis()
   if plan is not None:
     out["plan"] = {k: int(getattr(plan, f"{k}_size_in_bytes")) for k in
@@ -196,8 +182,34 @@ def run_jax(args) -> dict:
                          + plan.temp_size_in_bytes - plan.alias_size_in_bytes)
   size = lambda tree: sum(x.nbytes for x in jax.tree.leaves(tree))
   out.update(setup_s=setup_s, compile_s=compile_s, loss=holder["loss"], device=device.platform,
-             state_bytes=size(holder["state"]), frozen_bytes=size(run.frozen))
+             state_bytes=size(holder["state"]), frozen_bytes=size(run.frozen),
+             device_kind=device.device_kind, jax=jax.__version__)
   return out
+
+
+def run_jax_flops(args) -> dict:
+  """FLOPs of medjax's step lowered (not compiled) on this process's backend (XLA:CPU when
+  spawned by --model_flops): every matmul and convolution visible, attention included."""
+  import jax  # pylint: disable=g-import-not-at-top
+
+  from medjax import sharding, trainer  # pylint: disable=g-import-not-at-top
+
+  from medjax.models import attention as attention_lib  # pylint: disable=g-import-not-at-top
+
+  forced = "xla" in getattr(attention_lib, "IMPLEMENTATIONS", ())
+  if forced:  # attention as einsums, so no kernel hides its FLOPs (nor a loop its trip count)
+    fn = attention_lib.attention
+    attention_lib.attention = lambda *a, **kw: fn(*a, **{**kw, "implementation": "xla"})
+  kind, _ = parse_kind(args.kinds)
+  config = jax_config(args)
+  t0 = time.perf_counter()
+  run = trainer.setup(config)
+  prompt = TI_PROMPT.format(TOKEN) if kind == "ti" else FT_PROMPT
+  batch = sharding.shard_batch({"image": images(args.batch, config.resolution),
+                                "input_ids": run.sd.tokenize([prompt] * args.batch)}, run.mesh)
+  lowered = run.step.lower(run.state, run.frozen, batch)
+  return {"model_flops": device_stats.xla_flops(lowered), "backend": jax.default_backend(),
+          "attention": "xla" if forced else "default", "seconds": time.perf_counter() - t0}
 
 
 def jax_config(args):
@@ -239,132 +251,10 @@ def run_jax_loop(args) -> dict:
   return {"seconds": summary["seconds"], "steps": summary["step"], "loss": summary["loss"]}
 
 
-# -- PyTorch (diffusers' example training scripts) -----------------------------------------------
-
-def run_torch(args) -> dict:
-  import torch  # pylint: disable=g-import-not-at-top
-  import torch.nn.functional as F  # pylint: disable=g-import-not-at-top,invalid-name
-  from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel  # pylint: disable=g-import-not-at-top
-  from transformers import CLIPTextModel, CLIPTokenizer  # pylint: disable=g-import-not-at-top
-
-  torch.set_num_threads(args.threads)
-  torch.manual_seed(0)
-  kind, n = parse_kind(args.kinds)
-  device = "cuda" if torch.cuda.is_available() else "cpu"
-  weight_dtype = torch.bfloat16 if args.bf16 else torch.float32
-  path = args.path
-  t0 = time.perf_counter()
-  tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
-  noise_scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler")
-  text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder")
-  vae = AutoencoderKL.from_pretrained(path, subfolder="vae")
-  unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet")
-  vae.requires_grad_(False)
-
-  if kind == "ti":
-    # examples/textual_inversion/textual_inversion.py
-    placeholder_tokens = [TOKEN] + [f"{TOKEN}_{i}" for i in range(1, n)]
-    if tokenizer.add_tokens(placeholder_tokens) != n:
-      raise RuntimeError(f"tokenizer already has {TOKEN}")
-    initializer_token_id = tokenizer.encode(INIT_WORD, add_special_tokens=False)[0]
-    placeholder_token_ids = tokenizer.convert_tokens_to_ids(placeholder_tokens)
-    text_encoder.resize_token_embeddings(len(tokenizer))
-    token_embeds = text_encoder.get_input_embeddings().weight.data
-    with torch.no_grad():
-      for token_id in placeholder_token_ids:
-        token_embeds[token_id] = token_embeds[initializer_token_id].clone()
-    unet.requires_grad_(False)
-    text_model = getattr(text_encoder, "text_model", text_encoder)  # transformers 5: flattened
-    text_model.encoder.requires_grad_(False)
-    text_model.final_layer_norm.requires_grad_(False)
-    text_model.embeddings.position_embedding.requires_grad_(False)
-    if args.bf16:  # the script casts the frozen U-Net and VAE; the text encoder stays fp32
-      unet.to(weight_dtype)
-      vae.to(weight_dtype)
-    text_encoder.to(device).train()
-    unet.to(device)
-    vae.to(device)
-    optimizer = torch.optim.AdamW(text_encoder.get_input_embeddings().parameters(), lr=LR,
-                                  betas=BETAS, weight_decay=WEIGHT_DECAY, eps=EPS)
-    orig_embeds_params = text_encoder.get_input_embeddings().weight.data.clone()
-    prompt = TI_PROMPT.format(" ".join(placeholder_tokens))
-    lo, hi = min(placeholder_token_ids), max(placeholder_token_ids)
-  else:
-    # examples/text_to_image/train_text_to_image.py
-    text_encoder.requires_grad_(False)
-    if args.bf16:  # the script casts the frozen text encoder and VAE; the U-Net stays fp32
-      text_encoder.to(weight_dtype)
-      vae.to(weight_dtype)
-    text_encoder.to(device)
-    vae.to(device)
-    unet.to(device).train()
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=LR, betas=BETAS,
-                                  weight_decay=WEIGHT_DECAY, eps=EPS)
-    prompt = FT_PROMPT
-  setup_s = time.perf_counter() - t0
-  input_ids = tokenizer([prompt] * args.batch, padding="max_length", truncation=True,
-                        max_length=tokenizer.model_max_length, return_tensors="pt"
-                        ).input_ids.to(device)
-  pixel_values = torch.from_numpy(images(args.batch, RESOLUTION[args.configs])).permute(
-      0, 3, 1, 2).contiguous().to(device)
-  sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-  autocast = lambda: torch.autocast(device, dtype=torch.bfloat16, enabled=args.bf16)
-  holder = {}
-
-  def noisy_latents():
-    with torch.no_grad():
-      latents = vae.encode(pixel_values.to(dtype=weight_dtype)).latent_dist.sample()
-      latents = latents * vae.config.scaling_factor
-    noise = torch.randn_like(latents)
-    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps,
-                              (latents.shape[0],), device=device).long()
-    return noise_scheduler.add_noise(latents, noise, timesteps), noise, timesteps
-
-  def ti_step():
-    noisy, noise, timesteps = noisy_latents()
-    with autocast():
-      encoder_hidden_states = text_encoder(input_ids)[0].to(dtype=weight_dtype)
-      model_pred = unet(noisy, timesteps, encoder_hidden_states).sample
-    loss = F.mse_loss(model_pred.float(), noise.float(), reduction="mean")
-    loss.backward()
-    optimizer.step()
-    optimizer.zero_grad()
-    index_no_updates = torch.ones((len(tokenizer),), dtype=torch.bool)
-    index_no_updates[lo:hi + 1] = False
-    with torch.no_grad():
-      text_encoder.get_input_embeddings().weight[index_no_updates] = (
-          orig_embeds_params[index_no_updates])
-    holder["loss"] = loss.item()
-    sync()
-
-  def ft_step():
-    noisy, noise, timesteps = noisy_latents()
-    with torch.no_grad():
-      encoder_hidden_states = text_encoder(input_ids, return_dict=False)[0]
-    with autocast():
-      model_pred = unet(noisy, timesteps, encoder_hidden_states, return_dict=False)[0]
-    loss = F.mse_loss(model_pred.float(), noise.float(), reduction="mean")
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-    optimizer.step()
-    optimizer.zero_grad()
-    holder["loss"] = loss.item()
-    sync()
-
-  if device == "cuda":
-    torch.cuda.reset_peak_memory_stats()
-  out = run_steps(ti_step if kind == "ti" else ft_step, args.warmup, args.repeats,
-                  args.malloc_trim)
-  out["peak_bytes"] = (torch.cuda.max_memory_allocated() if device == "cuda"
-                       else unet_bench.peak_host_bytes())
-  out.update(setup_s=setup_s, loss=holder["loss"], device=device,
-             threads=torch.get_num_threads())
-  return out
-
-
 # -- driver --------------------------------------------------------------------------------------
 
-def spawn(framework: str, config: str, kind: str, path: str, args, extra=(), env=None) -> dict:
+def worker_cmd(framework: str, config: str, kind: str, path: str, args, extra=(),
+               env=None) -> tuple[list[str], dict]:
   env = dict(os.environ, **(env or {}))
   if framework.startswith("jax") and not args.xla_cpu_default_scheduler:
     # As medjax.train does on CPU (see benchmarks/unet.py): the memory-lean XLA:CPU scheduler.
@@ -376,12 +266,59 @@ def spawn(framework: str, config: str, kind: str, path: str, args, extra=(), env
   cmd += ["--bf16"] if args.bf16 else []
   cmd += ["--malloc_trim"] if args.malloc_trim else []
   cmd += ["--remat"] if args.remat and framework.startswith("jax") else []
-  cmd += list(extra)
-  out = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
-  for line in out.stdout.splitlines():
+  cmd += ["--matmul_peak"] if args.matmul_peak and framework == "jax" else []
+  return cmd + list(extra), env
+
+
+def result_of(name: str, stdout: str, stderr: str, returncode: int) -> dict:
+  """The worker's RESULT line, or {'error': ...} with its stderr's tail printed."""
+  for line in stdout.splitlines():
     if line.startswith("RESULT "):
       return json.loads(line[len("RESULT "):])
-  raise RuntimeError(f"{framework} {config} {kind} failed:\n{out.stderr[-3000:]}")
+  print(f"{name} failed (exit {returncode}):\n{stderr[-3000:]}", flush=True)
+  return {"error": f"exit {returncode}: {stderr.strip().splitlines()[-1:]}"}
+
+
+def spawn(framework: str, config: str, kind: str, path: str, args, extra=(), env=None) -> dict:
+  cmd, env = worker_cmd(framework, config, kind, path, args, extra, env)
+  try:
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env,
+                         timeout=args.timeout)
+  except subprocess.TimeoutExpired:
+    print(f"{framework} {config} {kind}: timeout after {args.timeout} s", flush=True)
+    return {"error": f"timeout after {args.timeout} s"}
+  return result_of(f"{framework} {config} {kind}", out.stdout, out.stderr, out.returncode)
+
+
+def start_model_flops(config: str, kind: str, path: str, args) -> subprocess.Popen:
+  """The XLA:CPU lowering of medjax's step in the background (no device, no compile), niced
+  and on at most 4 CPUs so that it slows the timed workers as little as it can."""
+  cmd, env = worker_cmd("jaxflops", config, kind, path, args,
+                        env={"JAX_PLATFORMS": "cpu", "CUDA_VISIBLE_DEVICES": ""})
+
+  def lower_priority():
+    os.nice(10)
+    if hasattr(os, "sched_setaffinity"):
+      os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:4])
+  # Files, not pipes: nothing reads them until the end, and a full pipe would stall the child.
+  out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
+  proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, env=env,
+                          preexec_fn=lower_priority)
+  proc.logs = (out, err)
+  return proc
+
+
+def finish_model_flops(proc: subprocess.Popen, wait_s: float) -> dict:
+  try:
+    proc.wait(timeout=wait_s)
+  except subprocess.TimeoutExpired:
+    proc.kill()
+    proc.wait()
+    return {"error": f"model flops: no result within {wait_s:.0f} s of the step runs"}
+  out, err = proc.logs
+  out.seek(0)
+  err.seek(0)
+  return result_of("model flops", out.read(), err.read(), proc.returncode)
 
 
 def loop_time(config: str, kind: str, path: str, args) -> tuple[float, list[dict]]:
@@ -392,11 +329,19 @@ def loop_time(config: str, kind: str, path: str, args) -> tuple[float, list[dict
     runs = [spawn("jaxloop", config, kind, path, args, [f"--loop_steps={n}"], env)
             for n in (base, base, base + args.repeats)]  # the first fills the cache
   runs = runs[1:]
+  if any("error" in r for r in runs):
+    raise RuntimeError(f"train loop {config} {kind} failed: {runs}")
   return (runs[1]["seconds"] - runs[0]["seconds"]) / args.repeats, runs
 
 
 def verdict(ratio: float, target: float) -> str:
   return f"{'ok' if ratio <= target else 'MISS'}<={target:g}"
+
+
+def write_json(path: str | None, details: list, loops: list) -> None:
+  if path:
+    with open(path, "w") as f:
+      json.dump({"benchmark": "train_step", "rows": details, "loops": loops}, f, indent=1)
 
 
 def main():
@@ -423,40 +368,83 @@ def main():
                       "heap (medjax: XLA's compiler arenas) is not counted")
   parser.add_argument("--loop", action="store_true",
                       help="also time medjax's whole train loop against its bare step")
+  parser.add_argument("--pipeline_dir", help="the random diffusers directory: read if there, "
+                      "else written there and kept (one config)")
+  parser.add_argument("--write_only", action="store_true",
+                      help="write --pipeline_dir for --configs and exit")
+  parser.add_argument("--matmul_peak", action="store_true",
+                      help="also time a bf16 matmul on the device: MFU against it")
+  parser.add_argument("--model_flops", action="store_true",
+                      help="also count the step's FLOPs on XLA:CPU (attention as einsums)")
+  parser.add_argument("--peak_tflops", type=float, default=None,
+                      help="the device's peak TFLOP/s for MFU (default: from its kind)")
+  parser.add_argument("--timeout", type=float, default=None, help="seconds per subprocess")
+  parser.add_argument("--json", help="write all results to this file")
   parser.add_argument("--loop_steps", type=int, default=0, help=argparse.SUPPRESS)
-  parser.add_argument("--worker", choices=["jax", "jaxloop", "torch"], help=argparse.SUPPRESS)
+  parser.add_argument("--worker", choices=["jax", "jaxflops", "jaxloop", "torch"],
+                      help=argparse.SUPPRESS)
   parser.add_argument("--path", help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.warmup < 1:
     parser.error("--warmup must be >= 1")
   if args.worker:
-    result = {"jax": run_jax, "jaxloop": run_jax_loop, "torch": run_torch}[args.worker](args)
+    if args.worker == "torch":
+      import train_step_torch  # pylint: disable=g-import-not-at-top
+      result = train_step_torch.run_torch(args)
+    else:
+      result = {"jax": run_jax, "jaxflops": run_jax_flops, "jaxloop": run_jax_loop}[args.worker](
+          args)
     print("RESULT " + json.dumps(result))
-    return
-  for config in args.configs.split(","):
+    return 0
+  configs = args.configs.split(",")
+  for config in configs:
     if config not in RESOLUTION:
       parser.error(f"--configs: unknown config {config!r}")
+  if args.pipeline_dir and len(configs) != 1:
+    parser.error("--pipeline_dir holds one pipeline: give one --configs")
+  if args.write_only:
+    if not args.pipeline_dir:
+      parser.error("--write_only needs --pipeline_dir")
+    pipelines.ensure(configs[0], args.pipeline_dir)
+    return 0
   kinds = args.kinds.split(",")
   for kind in kinds:
     parse_kind(kind)
 
   print(f"batch {args.batch}, {'bf16' if args.bf16 else 'fp32'}"
         f"{', medjax remat' if args.remat else ''}"
-        f"{', malloc_trim before RSS reset' if args.malloc_trim else ''}, median of {args.repeats} steps after "
-        f"{args.warmup} warm-up, {args.threads} threads, load avg before each pair in []")
+        f"{', malloc_trim before RSS reset' if args.malloc_trim else ''}, median of "
+        f"{args.repeats} steps after {args.warmup} warm-up, {args.threads} threads, load avg "
+        "before each pair in []")
   header = (f"{'config':6} {'step':5} {'medjax s':>9} {'torch s':>9} {'time x':>7} "
             f"{'target':>9} {'medjax MB':>10} {'torch MB':>9} {'mem x':>6} {'target':>9} "
             f"{'xla plan MB':>11} {'compile s':>9}  load")
   print(header, flush=True)
-  details, loops = [], []
-  for config in args.configs.split(","):
+  details, loops, failed = [], [], False
+  for config in configs:
     with tempfile.TemporaryDirectory() as tmp:
-      path = os.path.join(tmp, "pipe")
-      write_pipeline(config, path)
+      path = args.pipeline_dir or os.path.join(tmp, "pipe")
+      pipelines.ensure(config, path)
       for kind in kinds:
         load = os.getloadavg()[0]
+        flops_proc = (start_model_flops(config, kind, path, args) if args.model_flops
+                      else None)
         j = spawn("jax", config, kind, path, args)
         p = spawn("torch", config, kind, path, args)
+        if flops_proc is not None:  # an extra: its failure is noted, the row stands
+          counted = finish_model_flops(flops_proc, 60.0)
+          j["model_flops"] = counted.get("model_flops")
+          if "error" in counted:
+            j["model_flops_error"] = counted["error"]
+        failed |= "error" in j or "error" in p
+        peak = args.peak_tflops or device_stats.peak_bf16_tflops(j.get("device_kind", ""))
+        t = device_stats.throughput(j, p, args.batch, peak)
+        details.append({"config": config, "kind": kind, "batch": args.batch,
+                        "dtype": "bf16" if args.bf16 else "fp32", "jax": j, "torch": p,
+                        "throughput": t})
+        write_json(args.json, details, loops)
+        if "median_s" not in j or "median_s" not in p:
+          continue
         tx = j["median_s"] / p["median_s"]
         mx = j["peak_bytes"] / p["peak_bytes"]
         print(f"{config:6} {kind:5} {j['median_s']:9.3f} {p['median_s']:9.3f} {tx:7.2f} "
@@ -464,27 +452,35 @@ def main():
               f"{j['peak_bytes'] / 2**20:10.0f} {p['peak_bytes'] / 2**20:9.0f} {mx:6.2f} "
               f"{verdict(mx, MEM_TARGET):>9} {j.get('plan_bytes', 0) / 2**20:11.0f} "
               f"{j['compile_s']:9.1f}  [{load:.1f}] {j['device']}", flush=True)
-        details.append((config, kind, j, p))
+        device_stats.print_throughput(f"{config:6} {kind:5}", t)
         if args.loop:
-          loops.append((config, kind, j, loop_time(config, kind, path, args)))
+          per_step, runs = loop_time(config, kind, path, args)
+          loops.append({"config": config, "kind": kind, "step_s": j["median_s"],
+                        "loop_s": per_step, "runs": runs})
+          write_json(args.json, details, loops)
   if loops:
     print(f"\nmedjax's whole train loop vs its bare jitted step (s/step; loop: marginal time of "
           f"{args.repeats} more steps):")
-    for config, kind, j, (per_step, runs) in loops:
-      ratio = per_step / j["median_s"]
-      print(f"{config:6} {kind:5} step {j['median_s']:.3f} loop {per_step:.3f} x{ratio:.3f} "
-            f"{verdict(ratio, LOOP_TARGET)}  (runs: "
-            + ", ".join(f"{r['steps']} steps {r['seconds']:.1f} s" for r in runs) + ")")
+    for loop in loops:
+      ratio = loop["loop_s"] / loop["step_s"]
+      print(f"{loop['config']:6} {loop['kind']:5} step {loop['step_s']:.3f} loop "
+            f"{loop['loop_s']:.3f} x{ratio:.3f} {verdict(ratio, LOOP_TARGET)}  (runs: "
+            + ", ".join(f"{r['steps']} steps {r['seconds']:.1f} s" for r in loop["runs"]) + ")")
   print("\nmedjax XLA buffer plan (MB: arguments / outputs / temporaries / donated aliases), "
         "state and frozen params, losses, per-step times:")
-  for config, kind, j, p in details:
+  for row in details:
+    j, p = row["jax"], row["torch"]
+    if "median_s" not in j or "median_s" not in p:
+      continue
     mb = {k: v / 2**20 for k, v in j.get("plan", {}).items()}
-    print(f"{config:6} {kind:5} args {mb.get('argument', 0):.1f} out {mb.get('output', 0):.1f} "
-          f"temp {mb.get('temp', 0):.1f} alias {mb.get('alias', 0):.1f} | state {j['state_bytes'] / 2**20:.1f} "
+    print(f"{row['config']:6} {row['kind']:5} args {mb.get('argument', 0):.1f} "
+          f"out {mb.get('output', 0):.1f} temp {mb.get('temp', 0):.1f} "
+          f"alias {mb.get('alias', 0):.1f} | state {j['state_bytes'] / 2**20:.1f} "
           f"frozen {j['frozen_bytes'] / 2**20:.1f} | loss medjax {j['loss']:.4f} torch "
           f"{p['loss']:.4f} | medjax {[f'{t:.3f}' for t in j['times']]} torch "
           f"{[f'{t:.3f}' for t in p['times']]}")
+  return 1 if failed else 0
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(main())

@@ -4,6 +4,7 @@
   python benchmarks/unet.py --configs=mid --modes=forward --repeats=5
   python benchmarks/unet.py --bf16               # bf16 compute (GPU; slow on CPU)
   python benchmarks/unet.py --remat              # medjax with rematerialised blocks (PyTorch as is)
+  python benchmarks/unet.py --configs=sd15 --batch=8 --bf16 --torch_compile   # GPU (gpu.sh)
 
 Each (framework, config, mode) runs in its own subprocess so peak memory is its own: on CPU the
 process's peak RSS while running the timed calls (reset after the warm-up call, so XLA's
@@ -16,6 +17,18 @@ Ratios printed are medjax / PyTorch: below 1.0 means medjax is faster or smaller
 process RSS of medjax also holds XLA's compiled code and compiler arenas (~1 GB); 'xla plan MB'
 is the buffer plan of the compiled step alone (params + temporaries + outputs), the figure
 comparable to GPU device memory.
+
+`--torch_compile` adds a third side, the diffusers U-Net under `torch.compile` (default mode;
+its first call, which compiles, is the warm-up); `--sides` picks the sides to run (e.g.
+`--sides=torch_compile` alone, as benchmarks/gpu.sh does late in its budget). `--timeout` bounds
+each subprocess (a side that runs past it is reported as a timeout and the rest go on);
+`--json` writes every result (rewritten after each row, so a killed run keeps what finished).
+Both sides keep fp32 params: `--bf16` is medjax `dtype=bfloat16` and PyTorch autocast(bf16),
+whose attention is diffusers' default processor (PyTorch SDPA).
+
+On a GPU, `bash benchmarks/gpu.sh` runs unet.py, train_step.py and sample.py (and more) at the
+SD1.5 shape in bf16, batch 8, in under 8 minutes, and prints one summary table (its header
+says what it prints and how its budget is spent).
 """
 import argparse
 import json
@@ -28,12 +41,17 @@ import time
 
 # Runnable from a checkout without installing medjax.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import device_stats  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 CONFIGS = {
     # block_out_channels, latent size, cross-attention width, heads (SD1 style: 8 heads)
+    "tiny": dict(block_out_channels=[32, 32, 64, 64], latent=16, cross_attention_dim=64),
     "mid": dict(block_out_channels=[64, 128, 256, 256], latent=32, cross_attention_dim=768),
     "sd15": dict(block_out_channels=[320, 640, 1280, 1280], latent=64, cross_attention_dim=768),
 }
+SIDES = ("jax", "torch", "torch_compile")
 
 
 def unet_config(name: str) -> dict:
@@ -81,22 +99,45 @@ def timed(fn, repeats):
   return first, statistics.median(times)
 
 
-def run_jax(config_name, mode, repeats, bf16, remat):
+def random_params(unet, seed: int):
+  """Random U-Net params: pipeline.init_params on CPU (as before); on accelerators the same
+  kinds drawn in float32 (its float64 draw of SD1.5's 860M params costs ~10 s per process)."""
+  import flax  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+
+  from medjax import pipeline  # pylint: disable=g-import-not-at-top
+  if jax.default_backend() == "cpu":
+    return pipeline.init_params(unet, seed)
+  rng = np.random.default_rng(seed)
+  flat = flax.traverse_util.flatten_dict(pipeline.param_shapes(unet))
+  params = {}
+  for path, leaf in flat.items():
+    if path[-1] in ("kernel", "embedding"):
+      value = rng.standard_normal(leaf.shape, dtype=np.float32)
+      value *= 0.02 if path[-1] == "embedding" else 1 / np.sqrt(np.prod(leaf.shape[:-1]))
+    else:
+      value = (np.ones if path[-1] == "scale" else np.zeros)(leaf.shape, np.float32)
+    params[path] = jax.device_put(value)
+  return flax.traverse_util.unflatten_dict(params)
+
+
+def run_jax(config_name, mode, repeats, bf16, remat, batch):
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from medjax import pipeline  # pylint: disable=g-import-not-at-top
   from medjax.models import UNet2DConditionModel  # pylint: disable=g-import-not-at-top
 
   cfg = CONFIGS[config_name]
   unet = UNet2DConditionModel.from_config(
       unet_config(config_name), dtype=jnp.bfloat16 if bf16 else jnp.float32, remat=remat)
-  params = pipeline.init_params(unet, 0)
+  params = random_params(unet, 0)
   k1, k2, k3 = jax.random.split(jax.random.key(1), 3)
-  x = jax.random.normal(k1, (1, cfg["latent"], cfg["latent"], 4))
-  c = jax.random.normal(k2, (1, 77, cfg["cross_attention_dim"]))
+  x = jax.random.normal(k1, (batch, cfg["latent"], cfg["latent"], 4))
+  c = jax.random.normal(k2, (batch, 77, cfg["cross_attention_dim"]))
   target = jax.random.normal(k3, x.shape)
-  t = jnp.array([500], jnp.int32)
+  t = jnp.full((batch,), 500, jnp.int32)
 
+  t0 = time.perf_counter()
   if mode == "forward":
     fwd = jax.jit(lambda p, x, t, c: unet.apply({"params": p}, x, t, c))
     compiled = fwd.lower(params, x, t, c).compile()
@@ -115,18 +156,19 @@ def run_jax(config_name, mode, repeats, bf16, remat):
     def fn():
       state["p"], loss = compiled(state["p"])
       loss.block_until_ready()
+  compile_s = time.perf_counter() - t0
   first, median = timed(fn, repeats)
   device = jax.devices()[0]
-  stats = device.memory_stats() if device.platform == "gpu" else None
-  peak = stats["peak_bytes_in_use"] if stats else peak_host_bytes()
   plan = compiled.memory_analysis()
   plan_bytes = (plan.argument_size_in_bytes + plan.output_size_in_bytes + plan.temp_size_in_bytes
                 - plan.alias_size_in_bytes) if plan else 0
-  return dict(first_s=first, median_s=median, peak_bytes=peak, plan_bytes=plan_bytes,
-              device=str(device.platform))
+  return dict(first_s=first, median_s=median, plan_bytes=plan_bytes,
+              peak_bytes=device_stats.jax_peak_bytes(device, peak_host_bytes),
+              device=str(device.platform), compile_s=compile_s, device_kind=device.device_kind,
+              flops=device_stats.xla_flops(compiled), jax=jax.__version__)
 
 
-def run_torch(config_name, mode, repeats, bf16, remat):
+def run_torch(config_name, mode, repeats, bf16, remat, batch, compile_model=False):
   del remat  # the issue's memory target allows remat on the medjax side only
   import torch  # pylint: disable=g-import-not-at-top
   from diffusers import UNet2DConditionModel  # pylint: disable=g-import-not-at-top
@@ -134,20 +176,22 @@ def run_torch(config_name, mode, repeats, bf16, remat):
   cfg = CONFIGS[config_name]
   device = "cuda" if torch.cuda.is_available() else "cpu"
   torch.manual_seed(0)
-  unet = UNet2DConditionModel(**unet_config(config_name)).to(device)
-  x = torch.randn(1, 4, cfg["latent"], cfg["latent"], device=device)
-  c = torch.randn(1, 77, cfg["cross_attention_dim"], device=device)
+  with torch.device(device):  # built on the device: SD1.5's init on the host takes ~10 s
+    unet = UNet2DConditionModel(**unet_config(config_name))
+  x = torch.randn(batch, 4, cfg["latent"], cfg["latent"], device=device)
+  c = torch.randn(batch, 77, cfg["cross_attention_dim"], device=device)
   target = torch.randn_like(x)
-  t = torch.tensor([500], device=device)
+  t = torch.full((batch,), 500, device=device)
   sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
   autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=bf16)
+  model = torch.compile(unet) if compile_model else unet
 
   if mode == "forward":
     unet.eval()
 
     def fn():
       with torch.no_grad(), autocast:
-        unet(x, t, c).sample
+        model(x, t, c).sample
       sync()
   else:
     unet.train()
@@ -156,22 +200,28 @@ def run_torch(config_name, mode, repeats, bf16, remat):
     def fn():
       opt.zero_grad(set_to_none=True)
       with autocast:
-        loss = torch.mean((unet(x, t, c).sample.float() - target) ** 2)
+        loss = torch.mean((model(x, t, c).sample.float() - target) ** 2)
       loss.backward()
       opt.step()
       sync()
   first, median = timed(fn, repeats)
   peak = torch.cuda.max_memory_allocated() if device == "cuda" else peak_host_bytes()
-  return dict(first_s=first, median_s=median, peak_bytes=peak, device=device)
+  return dict(first_s=first, median_s=median, peak_bytes=peak, device=device,
+              device_kind=torch.cuda.get_device_name() if device == "cuda" else "cpu",
+              torch=torch.__version__)
 
 
 def worker(args):
-  runner = run_jax if args.worker == "jax" else run_torch
-  result = runner(args.configs, args.modes, args.repeats, args.bf16, args.remat)
+  common = (args.configs, args.modes, args.repeats, args.bf16, args.remat, args.batch)
+  if args.worker == "jax":
+    result = run_jax(*common)
+  else:
+    result = run_torch(*common, compile_model=args.worker == "torch_compile")
   print("RESULT " + json.dumps(result))
 
 
-def spawn(framework, config, mode, args):
+def spawn(framework, config, mode, args) -> dict:
+  """One side in its own process: its result, or {'error': ...} (failure or timeout)."""
   env = dict(os.environ)
   if framework == "jax" and not args.xla_cpu_default_scheduler:
     # XLA:CPU's default scheduler trades memory for concurrency; on these U-Nets it doubles the
@@ -179,41 +229,92 @@ def spawn(framework, config, mode, args):
     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
                         " --xla_cpu_enable_concurrency_optimized_scheduler=false").strip()
   cmd = [sys.executable, os.path.abspath(__file__), f"--worker={framework}", f"--configs={config}",
-         f"--modes={mode}", f"--repeats={args.repeats}"] + (["--bf16"] if args.bf16 else []) + (
-             ["--remat"] if args.remat and framework == "jax" else [])
-  out = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
+         f"--modes={mode}", f"--repeats={args.repeats}", f"--batch={args.batch}"]
+  cmd += ["--bf16"] if args.bf16 else []
+  cmd += ["--remat"] if args.remat and framework == "jax" else []
+  start = time.perf_counter()
+  try:
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env,
+                         timeout=args.timeout)
+  except subprocess.TimeoutExpired:
+    print(f"{framework} {config} {mode}: timeout after {args.timeout} s", flush=True)
+    return {"error": f"timeout after {args.timeout} s"}
   for line in out.stdout.splitlines():
     if line.startswith("RESULT "):
-      return json.loads(line[len("RESULT "):])
-  raise RuntimeError(f"{framework} {config} {mode} failed:\n{out.stderr[-3000:]}")
+      result = json.loads(line[len("RESULT "):])
+      result["wall_s"] = time.perf_counter() - start
+      return result
+  print(f"{framework} {config} {mode} failed (exit {out.returncode}):\n{out.stderr[-3000:]}",
+        flush=True)
+  return {"error": f"exit {out.returncode}: {out.stderr.strip().splitlines()[-1:]}"}
+
+
+def ratio(a: dict, b: dict, key: str) -> float | None:
+  return a[key] / b[key] if key in a and key in b and b[key] else None
+
+
+def fmt(value, spec: str, width: int) -> str:
+  return format(value, spec) if value is not None else "-".rjust(width)
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--configs", default="mid,sd15")
+  parser.add_argument("--configs", default="mid,sd15", help="comma-separated: tiny, mid, sd15")
   parser.add_argument("--modes", default="forward,grad")
+  parser.add_argument("--batch", type=int, default=1)
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--bf16", action="store_true")
   parser.add_argument("--remat", action="store_true", help="medjax remat (PyTorch: off)")
+  parser.add_argument("--sides", default="jax,torch", help=f"comma-separated: {', '.join(SIDES)}")
+  parser.add_argument("--torch_compile", action="store_true",
+                      help="also the PyTorch side under torch.compile (adds it to --sides)")
+  parser.add_argument("--timeout", type=float, default=None, help="seconds per side (subprocess)")
+  parser.add_argument("--json", help="write all results to this file")
   parser.add_argument("--xla_cpu_default_scheduler", action="store_true",
                       help="keep XLA:CPU's concurrency-optimised scheduler (more memory)")
-  parser.add_argument("--worker", choices=["jax", "torch"], help=argparse.SUPPRESS)
+  parser.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.worker:
     return worker(args)
+  sides = [s for s in args.sides.split(",") if s]
+  if args.torch_compile and "torch_compile" not in sides:
+    sides.append("torch_compile")
+  for name in sides:
+    if name not in SIDES:
+      parser.error(f"--sides: unknown side {name!r}; expected some of {', '.join(SIDES)}")
+  for config in args.configs.split(","):
+    if config not in CONFIGS:
+      parser.error(f"--configs: unknown config {config!r}; expected some of {', '.join(CONFIGS)}")
+  print(f"batch {args.batch}, {'bf16' if args.bf16 else 'fp32'}, sides {','.join(sides)}")
   print(f"{'config':6} {'mode':8} {'medjax s':>9} {'torch s':>9} {'time x':>7} "
         f"{'medjax MB':>10} {'torch MB':>9} {'mem x':>6} {'xla plan MB':>11}  "
-        f"(medjax compile+first s)")
+        f"(medjax compile s + first call s)"
+        + ("  tcompile s  x tc" if "torch_compile" in sides else ""))
+  rows, failed = [], False
   for config in args.configs.split(","):
     for mode in args.modes.split(","):
-      j = spawn("jax", config, mode, args)
-      p = spawn("torch", config, mode, args)
-      print(f"{config:6} {mode:8} {j['median_s']:9.3f} {p['median_s']:9.3f} "
-            f"{j['median_s'] / p['median_s']:7.2f} {j['peak_bytes'] / 2**20:10.0f} "
-            f"{p['peak_bytes'] / 2**20:9.0f} {j['peak_bytes'] / p['peak_bytes']:6.2f} "
-            f"{j['plan_bytes'] / 2**20:11.0f}  "
-            f"({j['first_s']:.1f}) [{j['device']}]", flush=True)
+      res = {s: spawn(s, config, mode, args) for s in sides}
+      failed |= any("error" in r for r in res.values())
+      j, p, pc = (res.get(s, {}) for s in SIDES)
+      mb = lambda r: r["peak_bytes"] / 2**20 if "peak_bytes" in r else None
+      line = (f"{config:6} {mode:8} {fmt(j.get('median_s'), '9.3f', 9)} "
+              f"{fmt(p.get('median_s'), '9.3f', 9)} {fmt(ratio(j, p, 'median_s'), '7.2f', 7)} "
+              f"{fmt(mb(j), '10.0f', 10)} {fmt(mb(p), '9.0f', 9)} "
+              f"{fmt(ratio(j, p, 'peak_bytes'), '6.2f', 6)} "
+              f"{fmt(j['plan_bytes'] / 2**20 if 'plan_bytes' in j else None, '11.0f', 11)}  "
+              f"({fmt(j.get('compile_s'), '.1f', 1)} + {fmt(j.get('first_s'), '.1f', 1)}) "
+              f"[{j.get('device', p.get('device', '-'))}]")
+      if "torch_compile" in sides:
+        line += (f"  {fmt(pc.get('median_s'), '9.3f', 9)} "
+                 f"{fmt(ratio(j, pc, 'median_s'), '7.2f', 7)}")
+      print(line, flush=True)
+      rows.append(dict(config=config, mode=mode, batch=args.batch,
+                       dtype="bf16" if args.bf16 else "fp32", remat=args.remat, **res))
+      if args.json:
+        with open(args.json, "w") as f:
+          json.dump({"benchmark": "unet", "rows": rows}, f, indent=1)
+  return 1 if failed else 0
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(main())
