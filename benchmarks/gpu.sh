@@ -67,14 +67,14 @@ if [ "$SMOKE" = 1 ]; then
   PIPE="${GPU_SH_PIPELINE:-$WORK/pipeline_tiny}"
   CONFIG=tiny BATCH=1
   UNET="--repeats=1" TRAIN="--warmup=1 --repeats=2" SAMPLE="--steps=3 --repeats=1"
-  ATTN="--seqs=64,128"
+  ATTN="--cases=mid --repeats=2"
   CAP_A=900 CAP_B=900 CAP_C=600 CAP_D=300 CAP_E=600 SIDE_TIMEOUT=600
 else
   BUDGET="${GPU_SH_BUDGET:-480}"
   PIPE="${GPU_SH_PIPELINE:-/tmp/medjax_bench_sd15}"
   CONFIG=sd15 BATCH=8
   UNET="--repeats=5" TRAIN="--warmup=2 --repeats=5" SAMPLE="--steps=50 --repeats=2"
-  ATTN="--seqs=1024,4096"
+  ATTN="--cases=t1024,sd15,sd15_cross,vae512 --repeats=10"
   CAP_A=240 CAP_B=210 CAP_C=150 CAP_D=90 CAP_E=150 SIDE_TIMEOUT=150
 fi
 ONLY="${GPU_SH_ONLY:-a,b,c,d,e}"  # sections to run, e.g. GPU_SH_ONLY=c,e for a second call
