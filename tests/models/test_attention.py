@@ -106,21 +106,23 @@ def test_pallas_tpu_refuses_a_mask():
                             implementation="pallas_tpu")
 
 
-@pytest.mark.parametrize("backend,dtype,head_dim,has_mask,expected", [
-    ("cpu", jnp.float32, 40, False, "blocked"),
-    ("cpu", jnp.bfloat16, 40, False, "blocked"),
-    ("gpu", jnp.bfloat16, 40, False, "cudnn"),
-    ("gpu", jnp.float16, 64, True, "cudnn"),
-    ("gpu", jnp.float32, 40, False, "blocked"),    # cuDNN's flash kernel is bf16/fp16 only
-    ("gpu", jnp.bfloat16, 512, False, "blocked"),  # the VAE's 512-wide single head
-    ("gpu", jnp.bfloat16, 36, False, "blocked"),   # head_dim not a multiple of 8
-    ("tpu", jnp.float32, 40, False, "pallas_tpu"),
-    ("tpu", jnp.bfloat16, 40, True, "blocked"),    # the Pallas kernel takes no mask
+@pytest.mark.parametrize("backend,dtype,head_dim,has_mask,lengths,expected", [
+    ("cpu", jnp.float32, 40, False, (4096, 4096), "blocked"),
+    ("cpu", jnp.bfloat16, 40, False, (4096, 77), "blocked"),
+    ("gpu", jnp.bfloat16, 40, False, (4096, 4096), "cudnn"),
+    ("gpu", jnp.float16, 64, True, (1024, 1024), "cudnn"),
+    ("gpu", jnp.bfloat16, 40, False, (4096, 77), "xla"),  # cuDNN's backward refuses odd lengths
+    ("gpu", jnp.bfloat16, 64, False, (77, 77), "xla"),    # CLIP's 77 tokens
+    ("gpu", jnp.float32, 40, False, (4096, 4096), "xla"),  # cuDNN's flash kernel: bf16/fp16
+    ("gpu", jnp.bfloat16, 512, False, (4096, 4096), "xla"),  # the VAE's 512-wide single head
+    ("gpu", jnp.bfloat16, 36, False, (1024, 1024), "xla"),  # head_dim not a multiple of 8
+    ("tpu", jnp.float32, 40, False, (4096, 77), "pallas_tpu"),
+    ("tpu", jnp.bfloat16, 40, True, (4096, 4096), "blocked"),  # the Pallas kernel takes no mask
 ])
-def test_auto_picks_by_backend(monkeypatch, backend, dtype, head_dim, has_mask, expected):
+def test_auto_picks_by_backend(monkeypatch, backend, dtype, head_dim, has_mask, lengths, expected):
   monkeypatch.setattr(attention_lib, "_backend", lambda: backend)
-  assert attention_lib.resolve("auto", dtype, head_dim, has_mask) == expected
-  assert attention_lib.resolve("xla", dtype, head_dim, has_mask) == "xla"
+  assert attention_lib.resolve("auto", dtype, head_dim, has_mask, *lengths) == expected
+  assert attention_lib.resolve("xla", dtype, head_dim, has_mask, *lengths) == "xla"
 
 
 def test_unknown_implementation_is_refused():
