@@ -122,14 +122,15 @@ def random_params(unet, seed: int):
   return flax.traverse_util.unflatten_dict(params)
 
 
-def run_jax(config_name, mode, repeats, bf16, remat, batch):
+def run_jax(config_name, mode, repeats, bf16, remat, batch, attention="auto"):
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from medjax.models import UNet2DConditionModel  # pylint: disable=g-import-not-at-top
 
   cfg = CONFIGS[config_name]
   unet = UNet2DConditionModel.from_config(
-      unet_config(config_name), dtype=jnp.bfloat16 if bf16 else jnp.float32, remat=remat)
+      unet_config(config_name), dtype=jnp.bfloat16 if bf16 else jnp.float32, remat=remat,
+      attention=attention)
   params = random_params(unet, 0)
   k1, k2, k3 = jax.random.split(jax.random.key(1), 3)
   x = jax.random.normal(k1, (batch, cfg["latent"], cfg["latent"], 4))
@@ -214,7 +215,7 @@ def run_torch(config_name, mode, repeats, bf16, remat, batch, compile_model=Fals
 def worker(args):
   common = (args.configs, args.modes, args.repeats, args.bf16, args.remat, args.batch)
   if args.worker == "jax":
-    result = run_jax(*common)
+    result = run_jax(*common, attention=args.attention)
   else:
     result = run_torch(*common, compile_model=args.worker == "torch_compile")
   print("RESULT " + json.dumps(result))
@@ -232,6 +233,7 @@ def spawn(framework, config, mode, args) -> dict:
          f"--modes={mode}", f"--repeats={args.repeats}", f"--batch={args.batch}"]
   cmd += ["--bf16"] if args.bf16 else []
   cmd += ["--remat"] if args.remat and framework == "jax" else []
+  cmd += [f"--attention={args.attention}"] if framework == "jax" else []
   start = time.perf_counter()
   try:
     out = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env,
@@ -265,6 +267,8 @@ def main():
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--bf16", action="store_true")
   parser.add_argument("--remat", action="store_true", help="medjax remat (PyTorch: off)")
+  parser.add_argument("--attention", default="auto",
+                      help="medjax's attention implementation (medjax/models/attention.py)")
   parser.add_argument("--sides", default="jax,torch", help=f"comma-separated: {', '.join(SIDES)}")
   parser.add_argument("--torch_compile", action="store_true",
                       help="also the PyTorch side under torch.compile (adds it to --sides)")
