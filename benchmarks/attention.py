@@ -3,6 +3,7 @@
   python benchmarks/attention.py                           # every case, forward + backward
   python benchmarks/attention.py --cases=sd15 --modes=forward --repeats=5
   python benchmarks/attention.py --block_q=64,128,256      # sweep 'blocked' query blocks
+  python benchmarks/attention.py --block_k=512,1024        # ... or key blocks
   python benchmarks/attention.py --dtype=bf16              # on a GPU: cudnn joins in
 
 Inputs are [B, T, H*D] as the models hold them, so every time includes the head split and the
@@ -44,7 +45,7 @@ def _median_seconds(fn, repeats: int) -> float:
 
 
 def time_jax(case, mode: str, dtype: str, implementation: str, repeats: int,
-             block_q: int | None = None) -> tuple[float, float]:
+             block_q: int | None = None, block_k: int | None = None) -> tuple[float, float]:
   """(seconds, XLA buffer plan in MB) of medjax's attention on `case`."""
   import functools
 
@@ -60,13 +61,15 @@ def time_jax(case, mode: str, dtype: str, implementation: str, repeats: int,
   jdt = jnp.bfloat16 if dtype == "bf16" else jnp.float32
   arr = lambda *shape: jnp.asarray(rng.standard_normal(shape), jdt)
   q, k, v, w = arr(b, t, h * d), arr(b, tk, h * d), arr(b, tk, h * d), arr(b, t, h * d)
-  if block_q is None:
+  if block_q is None and block_k is None:
     attend = functools.partial(attention_lib.attention, num_heads=h,
                                implementation=implementation)
   else:  # the blocked kernel with other block sizes, same layout changes as `attention`
     def attend(q, k, v):
       split = lambda x: x.reshape(b, x.shape[1], h, d).transpose(0, 2, 1, 3)
-      out = attention_lib.blocked_attention(split(q), split(k), split(v), block_q=block_q)
+      out = attention_lib.blocked_attention(
+          split(q), split(k), split(v), block_q=block_q or attention_lib.BLOCK_Q,
+          block_k=block_k)
       return out.transpose(0, 2, 1, 3).reshape(b, t, h * d)
   if mode == "forward":
     fn = jax.jit(attend)
@@ -121,6 +124,7 @@ def main(argv=None) -> None:
   parser.add_argument("--implementations", default=None,
                       help="medjax implementations (default: xla,blocked; + cudnn on GPU)")
   parser.add_argument("--block_q", default="", help="also time 'blocked' with these blocks")
+  parser.add_argument("--block_k", default="", help="... and with these key blocks")
   parser.add_argument("--repeats", type=int, default=5)
   args = parser.parse_args(argv)
 
@@ -136,16 +140,17 @@ def main(argv=None) -> None:
            f"{'torch ms':>9} {'ratio':>6}"
   print(header)
   print("-" * len(header))
-  blocks = [int(x) for x in args.block_q.split(",") if x]
+  blocks = [(int(x), None) for x in args.block_q.split(",") if x]
+  blocks += [(None, int(x)) for x in args.block_k.split(",") if x]
   for name in args.cases.split(","):
     case = CASES[name]
     for mode in args.modes.split(","):
       torch_s = time_torch(case, mode, args.dtype, args.repeats)
-      variants = [(impl, None) for impl in impls] + [("blocked", bq) for bq in blocks]
-      for impl, bq in variants:
-        label = impl if bq is None else f"blocked/{bq}"
+      variants = [(impl, (None, None)) for impl in impls] + [("blocked", b) for b in blocks]
+      for impl, (bq, bk) in variants:
+        label = impl if bq is bk is None else f"blocked/q{bq}" if bq else f"blocked/k{bk}"
         try:
-          seconds, plan_mb = time_jax(case, mode, args.dtype, impl, args.repeats, bq)
+          seconds, plan_mb = time_jax(case, mode, args.dtype, impl, args.repeats, bq, bk)
         except Exception as e:  # e.g. cudnn refusing a shape: say so and go on
           print(f"{name:<11} {mode:<8} {label:<13} failed: {type(e).__name__}: "
                 f"{str(e).splitlines()[0][:80]}")

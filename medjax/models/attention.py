@@ -6,7 +6,7 @@
   the same math in blocks takes ~5 ms) and keeps them for the backward pass (0.5 GB per layer
   at SD1.5's 64x64 latents).
 - 'blocked': flash-style attention in plain JAX (`blocked_attention`): query blocks of
-  `BLOCK_Q` rows, key blocks of `BLOCK_K` with an online softmax, and a `jax.custom_vjp`
+  `BLOCK_Q` rows, key blocks (`key_block`) with an online softmax, and a `jax.custom_vjp`
   whose backward recomputes each block from the saved log-sum-exp, so neither pass holds the
   T x T logits. Runs everywhere; the default where no fused kernel applies.
 - 'cudnn': cuDNN's fused flash attention on NVIDIA GPUs (bf16/fp16, head_dim <= 128, % 8;
@@ -28,11 +28,19 @@ from jax.experimental.pallas.ops.tpu import flash_attention as pallas_flash
 
 IMPLEMENTATIONS = ("auto", "xla", "blocked", "cudnn", "pallas_tpu")
 
-# Block sizes of 'blocked', measured with benchmarks/attention.py on the 2-core CPU (fp32,
-# 8 heads): see README "Benchmarks". Keys are blocked only past BLOCK_K, so SD's shapes
-# (T <= 4096) take one key block and a plain softmax per query block.
+# Block sizes of 'blocked', from benchmarks/attention.py on the 2-core CPU (fp32; sweeps in
+# README "Benchmarks"): query blocks of 128 rows; keys in blocks that keep one block's logits
+# (heads x BLOCK_Q x block_k) near TILE_LOGITS (4 MB fp32, about the L2 cache), at least
+# MIN_BLOCK_K keys. At SD1.5's 64x64 latents (8 heads, T=4096) that is 1,024 keys, ~1.4x
+# faster than one 4,096-key block; the VAE's single 512-wide head keeps one block.
 BLOCK_Q = 128
-BLOCK_K = 4096
+TILE_LOGITS = 1 << 20
+MIN_BLOCK_K = 512
+
+
+def key_block(heads: int, block_q: int = BLOCK_Q) -> int:
+  return max(MIN_BLOCK_K, TILE_LOGITS // (heads * block_q))
+
 
 # As jax.nn.dot_product_attention: a finite "minus infinity", so a fully masked row averages
 # its values instead of producing NaN, and masked entries underflow to exactly 0.
@@ -96,13 +104,15 @@ def _backend() -> str:
 
 def blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None,
                       *, is_causal: bool = False, scale: float | None = None,
-                      block_q: int = BLOCK_Q, block_k: int = BLOCK_K) -> jax.Array:
+                      block_q: int = BLOCK_Q, block_k: int | None = None) -> jax.Array:
   """softmax(q k^T * scale + mask) v over [B, H, T, D] inputs, in blocks, O(T) extra memory.
 
+  `block_k` None: `key_block(heads, block_q)`.
   Sequences that are not multiples of the blocks are padded; padded keys are masked and
   padded queries dropped. `mask` is boolean, broadcastable to [B, H, Tq, Tk].
   """
   tq, tk, d = q.shape[2], k.shape[2], q.shape[3]
+  block_k = key_block(q.shape[1], block_q) if block_k is None else block_k
   block_q, block_k = min(block_q, tq), min(block_k, tk)
   pad_q, pad_k = -tq % block_q, -tk % block_k
   pad = lambda x, n: jnp.pad(x, ((0, 0), (0, 0), (0, n), (0, 0))) if n else x

@@ -46,7 +46,7 @@ def _blocked(monkeypatch, block_q, block_k):
       attention_lib.blocked_attention, block_q=block_q, block_k=block_k))
 
 
-@pytest.mark.parametrize("blocks", [(attention_lib.BLOCK_Q, attention_lib.BLOCK_K), (32, 24)],
+@pytest.mark.parametrize("blocks", [(attention_lib.BLOCK_Q, None), (32, 24)],
                          ids=["default_blocks", "online_softmax"])
 @pytest.mark.parametrize("tq,tk,kwargs", [
     (300, 300, {}),                   # self-attention, T not a multiple of the blocks
@@ -68,7 +68,7 @@ def test_blocked_matches_xla_fp32(monkeypatch, blocks, tq, tk, kwargs):
   _assert_close(_value_and_grads("blocked", q, k, v, w, **kwargs), expected, 1e-5)
 
 
-@pytest.mark.parametrize("blocks", [(attention_lib.BLOCK_Q, attention_lib.BLOCK_K), (32, 24)],
+@pytest.mark.parametrize("blocks", [(attention_lib.BLOCK_Q, None), (32, 24)],
                          ids=["default_blocks", "online_softmax"])
 def test_blocked_matches_xla_bf16(monkeypatch, blocks):
   _blocked(monkeypatch, *blocks)
@@ -141,3 +141,9 @@ def test_blocked_backward_holds_no_logits():
   logits_bytes = heads * t * t * 4
   assert temp("xla") >= logits_bytes  # the reference keeps the logits (what this guards)
   assert temp("blocked") < logits_bytes / 4
+
+
+def test_key_blocks_keep_one_tile_of_logits_near_the_budget():
+  assert attention_lib.key_block(8) == 1024      # SD1.5: 8 heads x 128 rows x 1024 keys = 4 MB
+  assert attention_lib.key_block(1) == 8192      # the VAE's single head: one block up to 8192
+  assert attention_lib.key_block(64) == attention_lib.MIN_BLOCK_K
