@@ -4,11 +4,12 @@
   python benchmarks/modules.py --modules=resnet,gn_silu --sizes=32 --modes=grad
   python benchmarks/modules.py --configs=sd15 --modules=resnet --json=out.json
   python benchmarks/modules.py --modules=all               # + attn1, attn2, ff (transformer parts)
+  taskset -c 1 python benchmarks/modules.py --threads=1 --clock=cpu   # one core of a busy machine
 
 Each U-Net config of benchmarks/unet.py is broken into the module instances its forward runs
 (every distinct kind and shape, with how many times the U-Net runs it: `n`), so `n x (medjax -
 torch)` says where the whole-U-Net gap comes from; the summary adds up the top-level kinds
-(resnet, transformer, downsample, upsample, concat, the output gn_silu) per mode. Rows marked
+(resnet, transformer, downsample, upsample, concat) per mode. Rows marked
 'in <kind>' are parts of another row (gn_silu inside resnet, btb/geglu/attn/ff inside
 transformer) and are not added again.
 
@@ -27,8 +28,10 @@ import argparse
 import collections
 import json
 import os
+import statistics
 import subprocess
 import sys
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -308,7 +311,15 @@ def time_fn(fn, args) -> dict:
   """Median seconds per call: at least --repeats calls and about --min_time seconds."""
   _, once = unet_bench.timed(fn, 1)
   repeats = max(args.repeats, min(1000, int(args.min_time / max(once, 1e-6))))
-  _, median = unet_bench.timed(fn, repeats)
+  if args.clock == "wall":
+    _, median = unet_bench.timed(fn, repeats)
+  else:
+    times = []
+    for _ in range(repeats):
+      start = time.process_time()
+      fn()
+      times.append(time.process_time() - start)
+    median = statistics.median(times)
   return dict(median_s=median, repeats=repeats)
 
 
@@ -344,7 +355,7 @@ def spawn(framework: str, config: str, items: list, args) -> list[dict]:
                         " --xla_cpu_enable_concurrency_optimized_scheduler=false").strip()
   cmd = [sys.executable, os.path.abspath(__file__), f"--worker={framework}", f"--configs={config}",
          f"--modes={args.modes}", f"--repeats={args.repeats}", f"--min_time={args.min_time}",
-         f"--threads={args.threads}", f"--attention={args.attention}",
+         f"--threads={args.threads}", f"--attention={args.attention}", f"--clock={args.clock}",
          f"--items={json.dumps(items)}"]
   out = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
   results = [json.loads(line[len("RESULT "):]) for line in out.stdout.splitlines()
@@ -369,6 +380,10 @@ def main():
   parser.add_argument("--threads", type=int, default=train_bench.num_threads(),
                       help="torch.set_num_threads (default: the CPUs this process may use)")
   parser.add_argument("--attention", default="xla", help="medjax attention implementation")
+  parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                      help="cpu: this process's CPU time per call, which on a shared machine "
+                      "leaves out the time others ran; only with one core (taskset -c N) and "
+                      "--threads=1, else it adds up threads (and their spin-waits)")
   parser.add_argument("--xla_cpu_default_scheduler", action="store_true",
                       help="keep XLA:CPU's concurrency-optimised scheduler (more memory)")
   parser.add_argument("--json", help="also write the rows as JSON to this file ('-': stdout)")
@@ -393,8 +408,8 @@ def main():
       print(f"note: load average {load:.1f} > {args.threads} threads: the CPUs are shared, and "
             "a multi-threaded pool that waits for a descheduled thread stalls (PyTorch's most)")
     print(f"config {config}, batch 1, fp32, attention={args.attention}, torch threads "
-          f"{args.threads}; ratio = medjax / torch; n = runs per U-Net forward; gap = n x "
-          f"(medjax - torch) ms; [load avg]", flush=True)
+          f"{args.threads}, {args.clock} clock; ratio = medjax / torch; n = runs per U-Net "
+          f"forward; gap = n x (medjax - torch) ms; [load avg]", flush=True)
     print(f"{'module':11} {'shape':15} {'n':>3} {'mode':7} {'medjax ms':>9} {'torch ms':>9} "
           f"{'ratio':>6} {'gap ms':>8} {'max|diff|':>9}  load")
     for kind in kinds:
