@@ -118,15 +118,49 @@ def conv(features: int, name: str, kernel_size: int = 3, stride: int = 1,
       bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (CONV_OUT,)))
 
 
+class GroupNorm(nn.Module):
+  """GroupNorm over the channels (last axis) of [B, ..., C]; params `scale` and `bias` [C], as
+  flax's nn.GroupNorm names them.
+
+  Statistics in fp32 (as PyTorch under autocast), two-pass (as PyTorch: E[x^2]-E[x]^2 loses
+  digits when |mean| >> std). The sums run per channel over the spatial axes, then per group:
+  XLA:CPU reduces flax's [B, H, W, G, C/G] view over non-minor axes several times slower
+  (mid U-Net 64 channels at 32x32, GroupNorm+SiLU forward, one core: 0.41 -> 0.14 ms).
+  """
+  num_groups: int
+  epsilon: float
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    batch, channels = x.shape[0], x.shape[-1]
+    if channels % self.num_groups:
+      raise ValueError(f"GroupNorm: {self.num_groups} groups do not divide {channels} channels")
+    init = lambda fn: nn.with_logical_partitioning(fn, (NORM,))
+    scale = self.param("scale", init(nn.initializers.ones_init()), (channels,), self.param_dtype)
+    bias = self.param("bias", init(nn.initializers.zeros_init()), (channels,), self.param_dtype)
+    axes = tuple(range(1, x.ndim - 1))
+    per_group = channels // self.num_groups
+    count = math.prod(x.shape[1:-1]) * per_group
+
+    def group_mean(channel_sums: jax.Array) -> jax.Array:
+      """[B, C] per-channel sums -> [B, 1.., C]: each channel's group mean."""
+      sums = channel_sums.reshape(batch, self.num_groups, per_group).sum(-1, keepdims=True)
+      sums = jnp.broadcast_to(sums, (batch, self.num_groups, per_group))
+      return sums.reshape((batch,) + (1,) * len(axes) + (channels,)) / count
+
+    x = x.astype(jnp.float32)
+    centred = x - group_mean(jnp.sum(x, axes))
+    var = group_mean(jnp.sum(centred * centred, axes))
+    y = centred * (lax.rsqrt(var + self.epsilon) * scale.astype(jnp.float32))
+    return (y + bias.astype(jnp.float32)).astype(self.dtype)
+
+
 def group_norm(num_groups: int, epsilon: float, name: str, dtype: Dtype = jnp.float32,
-               param_dtype: Dtype = jnp.float32) -> nn.GroupNorm:
+               param_dtype: Dtype = jnp.float32) -> GroupNorm:
   """GroupNorm over channels (last axis), statistics in fp32 as PyTorch does under autocast."""
-  # Two-pass variance (as PyTorch): E[x^2]-E[x]^2 loses digits when |mean| >> std.
-  return nn.GroupNorm(
-      num_groups=num_groups, epsilon=epsilon, dtype=dtype, param_dtype=param_dtype, name=name,
-      use_fast_variance=False,
-      scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), (NORM,)),
-      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (NORM,)))
+  return GroupNorm(num_groups, epsilon, dtype=dtype, param_dtype=param_dtype, name=name)
 
 
 def layer_norm(epsilon: float, name: str, dtype: Dtype = jnp.float32,
