@@ -39,6 +39,9 @@ def dense(features: int, name: str, axes: tuple[str, str] = (EMBED, MLP), use_bi
       bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (axes[1],)))
 
 
+_NHWC_HWIO = ("NHWC", "HWIO", "NHWC")
+
+
 @functools.cache
 def _on_cpu() -> bool:
   return jax.default_backend() == "cpu"
@@ -63,9 +66,6 @@ def _im2col_applies(lhs: jax.Array, rhs: jax.Array, strides, padding, lhs_dilati
   out_h = (lhs.shape[1] + pt + pb - kh) // strides[0] + 1
   out_w = (lhs.shape[2] + pl + pr - kw) // strides[1] + 1
   return 2 * lhs.shape[0] * out_h * out_w <= cout
-
-
-_NHWC_HWIO = ("NHWC", "HWIO", "NHWC")
 
 
 def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides, padding,
