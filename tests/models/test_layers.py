@@ -1,4 +1,6 @@
 """Shared blocks whose exact rules the whole-model tests only reach for a few sizes."""
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -32,3 +34,21 @@ def test_timestep_embedding_matches_diffusers(dim, flip, shift):
   got = layers.get_timestep_embedding(t, dim, flip_sin_to_cos=flip, downscale_freq_shift=shift)
   # exp() may differ by an ulp between XLA and torch; times t ~ 1e3 rad: measured 2.8e-5.
   np.testing.assert_allclose(got, expected, atol=1e-4)
+
+
+@pytest.mark.parametrize("kernel,stride,padding,cin,cout", [
+    (3, 1, ((1, 1), (1, 1)), 8, 96), (3, 2, ((1, 1), (1, 1)), 8, 32),
+    (3, 2, ((0, 1), (0, 1)), 8, 32), (1, 1, ((0, 0), (0, 0)), 8, 4)])
+def test_conv_matmul_path_matches_lax_conv(kernel, stride, padding, cin, cout):
+  """The im2col matmul that stands in for XLA:CPU's conv: same values and gradients."""
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((2, 5, 4, cin)).astype(np.float32)
+  w = (0.2 * rng.standard_normal((kernel, kernel, cin, cout))).astype(np.float32)
+  dn = jax.lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))
+  args = ((stride, stride), padding, None, None, dn)
+  assert layers._im2col_applies(x, w, *args, 1)  # pylint: disable=protected-access
+  loss = lambda conv: lambda x, w: jnp.sum(jnp.sin(conv(x, w, *args)))
+  want = jax.jit(jax.value_and_grad(loss(jax.lax.conv_general_dilated), (0, 1)))(x, w)
+  got = jax.jit(jax.value_and_grad(loss(layers.conv_general_dilated), (0, 1)))(x, w)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
