@@ -14,6 +14,11 @@ _spec.loader.exec_module(local)
 _OUTER = ("XLA_FLAGS", "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID",
           "JAX_LOCAL_DEVICE_IDS", "SLURM_NTASKS", "MEDJAX_DISTRIBUTED",
           "JAX_CPU_COLLECTIVES_IMPLEMENTATION")
+# The session's persistent compilation cache (tests/conftest.py) stays off in multi-process
+# children: their cache keys differ per process and only process 0 writes, so in a repeated run
+# process 0 would load its programs at once and wait for the others' compiles in its first
+# collective, past gloo's fixed 30 s connect timeout on a busy machine.
+_CACHE = ("JAX_COMPILATION_CACHE_DIR",)
 
 # The smallest settings of configs/eval_*.py for `python -m medjax.evaluate` runs in tests.
 SMALL_EVAL = ["--config.generation.num_per_class=4", "--config.generation.num_inference_steps=2",
@@ -23,10 +28,11 @@ SMALL_EVAL = ["--config.generation.num_per_class=4", "--config.generation.num_in
               "--config.progress_bar=False"]
 
 
-def clean_env(**extra) -> dict:
-  """This test process's environment for a child: this checkout first, CPU only, no cluster."""
+def clean_env(num_processes: int = 1, **extra) -> dict:
+  """This test process's environment for a child: this checkout first, CPU only, no cluster;
+  for one of `num_processes` > 1, no persistent compilation cache."""
   env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
-  for name in _OUTER:
+  for name in _OUTER + (_CACHE if num_processes > 1 else ()):
     env.pop(name, None)
   env.update(extra)
   return env
@@ -38,7 +44,7 @@ def run(cmd: list[str], num_processes: int, devices_per_process: int, **env) -> 
   exit code 0."""
   out = io.StringIO()
   rc = local.launch([sys.executable, *cmd], num_processes, devices_per_process,
-                    env=clean_env(**env), out=out, grace_s=5, cwd=str(ROOT))
+                    env=clean_env(num_processes, **env), out=out, grace_s=5, cwd=str(ROOT))
   text = out.getvalue()
   assert rc == 0, text[-6000:]
   return text

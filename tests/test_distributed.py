@@ -16,6 +16,7 @@ import pytest
 
 from medjax import distributed
 from medjax.errors import MedjaxError
+from tests import launch_support
 
 ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("launch_local", ROOT / "launch" / "local.py")
@@ -142,11 +143,7 @@ def test_trainer_starts_distributed_before_anything_uses_a_device(monkeypatch, t
 # -- real processes ------------------------------------------------------------------------------
 
 def _env():
-  env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
-  for name in ("XLA_FLAGS", "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID",
-               "SLURM_NTASKS", "MEDJAX_DISTRIBUTED", "JAX_CPU_COLLECTIVES_IMPLEMENTATION"):
-    env.pop(name, None)
-  return env
+  return launch_support.clean_env(num_processes=2)
 
 
 GLOBAL_ARRAY = textwrap.dedent("""

@@ -3,7 +3,6 @@ launch/local.py: gathering JSON of different sizes, process 0's decision, a shar
 every host, each process's block of the global batch; and the prefetch thread's data state."""
 import importlib.util
 import io
-import os
 import sys
 import textwrap
 from pathlib import Path
@@ -15,6 +14,7 @@ import numpy as np
 from medjax import batches
 from medjax import hosts
 from medjax import sharding
+from tests import launch_support
 
 ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("launch_local", ROOT / "launch" / "local.py")
@@ -89,10 +89,7 @@ SCRIPT = textwrap.dedent("""
 def test_two_processes_gather_agree_and_find_their_block(tmp_path):
   script = tmp_path / "hosts_script.py"
   script.write_text(SCRIPT)
-  env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
-  for name in ("XLA_FLAGS", "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID",
-               "SLURM_NTASKS", "MEDJAX_DISTRIBUTED", "JAX_CPU_COLLECTIVES_IMPLEMENTATION"):
-    env.pop(name, None)
+  env = launch_support.clean_env(num_processes=2)
   out = io.StringIO()
   rc = local.launch([sys.executable, str(script)], 2, 2, env=env, out=out, grace_s=5)
   text = out.getvalue()
