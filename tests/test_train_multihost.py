@@ -181,7 +181,15 @@ def test_unet_two_processes_equal_one_and_write_files_once(runs):
   assert len(extra2["data"]) == 2 and len(extra1["data"]) == 1  # one position per process
   diff = _max_diff(p1, p2)
   print(f"U-Net params, 2 processes vs 1: max abs diff {diff:.3g}")
-  assert diff <= 1e-5
+  # The two layouts sum gradients in another order (fp32 rounding, ~1e-7 relative); Adam turns
+  # a rounding difference in a near-zero gradient into a difference of up to ~lr (1e-4) in that
+  # element's update. Measured after 6 steps: 6.0e-5 in 15 of 208 leaves (the blocked attention
+  # and the CPU matmul convolutions reorder sums; 1e-5 held before them). A data or sharding
+  # bug moves the losses and most elements by several lr.
+  assert diff <= 1e-4
+  loss_two = json.loads((two / "summary.json").read_text())["loss"]
+  loss_one = json.loads((one / "summary.json").read_text())["loss"]
+  assert abs(loss_two - loss_one) <= 1e-5 * abs(loss_one), (loss_two, loss_one)
 
 
 def test_sigkill_both_then_sigterm_one_then_resume_is_bit_identical(runs):
