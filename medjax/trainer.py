@@ -39,6 +39,7 @@ from medjax import tokenizer as tokenizer_lib
 from medjax import train_config
 from medjax import workdir as workdir_lib
 from medjax.data import make_dataset
+from medjax.data import split_file
 from medjax.errors import MedjaxError
 from medjax.models import clip
 from medjax.pipeline import StableDiffusion
@@ -354,6 +355,8 @@ def _train(config: ml_collections.ConfigDict, workdir) -> dict:
   data = make_dataset(config.data, "train", config.batch_size // jax.process_count(),
                       seed=config.seed, resolution=config.resolution, process_index=shard[0],
                       process_count=shard[1], drop_remainder=True, blocks=True)
+  if hosts.is_lead():  # what medjax.evaluate checks against its val/test patients
+    split_file.write_records(workdir, config.data, data.records, data.class_names)
   run = setup(config, mesh=mesh)
   if run.trainable.kind == "textual_inversion":
     check_prompt_lengths(run.sd, list(dict(config.data.prompt.class_prompts).values())

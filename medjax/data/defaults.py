@@ -56,12 +56,18 @@ def default_config() -> ml_collections.ConfigDict:
   c.classes = ()
   c.per_class = 0  # paper A: 100 images per class; 0 = all
   c.per_class_splits = ("train",)  # the splits the per-class cap applies to
+  # Keep only these classes (after the split and the per-class choice, so the kept images are
+  # the same as in a run over all classes): one textual-inversion token per run. () = all.
+  c.keep_classes = ()
 
   c.split = ml_collections.ConfigDict()
   c.split.mode = "random"  # 'random' (fractions) | 'sizes' | 'source' (dataset's own split)
   c.split.fractions = (0.8, 0.1, 0.1)  # train, val, test shares of images, patient-level
   c.split.sizes = (200, 200, 200)  # mode 'sizes' (paper A's classifier splits)
   c.split.seed = 0  # split and per-class choice; independent of the training seed
+  # A split file (JSON, medjax.data.split_file): computed and written on first use, then read
+  # by every stage (generator training and evaluation share one split). '' = split in memory.
+  c.split.file = ""
 
   c.prompt = ml_collections.ConfigDict()
   c.prompt.kind = "labels"  # 'class' | 'labels' | 'report' | 'token' | 'fixed'

@@ -23,6 +23,7 @@ from medjax.data import prompts as prompts_lib
 from medjax.data import records as records_lib
 from medjax.data import selection
 from medjax.data import skips as skips_lib
+from medjax.data import split_file
 from medjax.data import splits as splits_lib
 from medjax.data.read_image import read_image
 from medjax.data.sources import load_index
@@ -69,11 +70,16 @@ def select_records(config: Any, split: str) -> records_lib.DataIndex:
   if not records:
     raise MedjaxError(f"{where}: no images match the filters and classes {config.classes!r}")
   s = config.split
-  records = splits_lib.split_records(records, split, mode=s.mode, fractions=s.fractions,
-                                     sizes=s.sizes, seed=s.seed, class_names=class_names)
+  if s.file:
+    assigned = split_file.assignment(config, records, class_names)
+    records = [r for r in records if assigned.get(r.key) == split]
+  else:
+    records = splits_lib.split_records(records, split, mode=s.mode, fractions=s.fractions,
+                                       sizes=s.sizes, seed=s.seed, class_names=class_names)
   if split in _splits(config.per_class_splits, "per_class_splits"):
     records = selection.per_class(records, int(config.per_class), s.seed, class_names,
                                   f"{where}, split {split!r}")
+  records = selection.keep_classes(records, config.keep_classes, class_names)
   if not records:
     raise MedjaxError(f"{where}: split {split!r} is empty after filters, classes and split "
                       f"(mode={s.mode!r})")
@@ -412,5 +418,6 @@ def make_dataset(config: Any, split: str, batch_size: int, seed: int = 0, resolu
   iterator = iter(batched)
   iterator.label_names = index.label_names
   iterator.class_names = index.class_names
+  iterator.records = index.records  # the whole split's, on every process
   iterator.num_examples = per_process
   return iterator

@@ -95,6 +95,18 @@ def per_class(records: Sequence[Record], count: int, seed: int, class_names: Seq
   return out
 
 
+def keep_classes(records: Sequence[Record], names: Sequence[str],
+                 class_names: Sequence[str]) -> list[Record]:
+  """The records of the classes named in `config.data.keep_classes` (all when empty)."""
+  if not names:
+    return list(records)
+  if isinstance(names, str) or any(n not in class_names for n in names):
+    raise MedjaxError(f"config.data.keep_classes={names!r}: expected a tuple of names from "
+                      f"config.data.classes {list(class_names)}")
+  keep = {class_names.index(n) for n in names}
+  return [r for r in records if r.class_index in keep]
+
+
 def class_counts(records: Sequence[Record], class_names: Sequence[str]) -> Mapping[str, int]:
   counts: dict[str, int] = {}
   for record in records:

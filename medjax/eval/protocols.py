@@ -34,12 +34,15 @@ from medjax import paths
 from medjax import sharding
 from medjax import workdir as workdir_lib
 from medjax.data import make_dataset
+from medjax.data import select_records
+from medjax.data import split_file
 from medjax.data.defaults import default_config as data_config
 from medjax.errors import MedjaxError
 from medjax.eval import auc as auc_lib
 from medjax.eval import classifier_train
 from medjax.eval import fid as fid_lib
 from medjax.eval import inception_weights
+from medjax.eval import leakage
 from medjax.eval import recon
 from medjax.pipeline import StableDiffusion
 from medjax.train_config import check_train_config
@@ -69,6 +72,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.embedded_seed = 0
   c.model.train_workdir = ""  # a medjax training workdir: use its trained pipeline instead
   c.model.embeddings = ()  # textual-inversion files to load (diffusers or A1111)
+  # Training workdirs of the generator (beyond train_workdir and the workdirs holding the
+  # embedding files): their records.json are checked against the val/test patients.
+  c.model.generator_workdirs = ()
 
   c.data = data_config()
   c.positive_class = "pleural_effusion"  # the class scored as positive in AUCs
@@ -99,6 +105,10 @@ def base_config() -> ml_collections.ConfigDict:
   # Only the first `dims` of the 2048 pool features (0 = all: pytorch-fid's FID). The embedded
   # default uses 64 since the 2048 x 2048 matrix square root takes minutes on a small CPU.
   c.fid.dims = 64
+  # FID of the generated images against: 'generator_train' (paper A: the images the generator
+  # was trained on, read from its workdirs; the real train split when none is known), 'train'
+  # (the evaluation's real train split) or 'test'. The held-out test split is always added.
+  c.fid.reference = "generator_train"
 
   c.recon = ml_collections.ConfigDict()
   c.recon.num_images = 8
@@ -178,6 +188,42 @@ def load_split(config: Any, split: str) -> Split:
   if not images:
     raise MedjaxError(f"config.data: the {split!r} split is empty")
   return Split(np.concatenate(images), np.concatenate(labels), tuple(data.class_names))
+
+
+def check_generator(config: Any) -> tuple[dict, list[str]]:
+  """Refuses a generator trained on this evaluation's val/test patients (`medjax.eval.leakage`).
+
+  Returns the report's split and generator facts, and notes on what could not be checked.
+  """
+  records = {s: select_records(config.data, s).records for s in ("train", "val", "test")}
+  runs, notes = leakage.generator_records(config.model)
+  facts = {"splits": {"file": config.data.split.file,
+                      "patients": {s: split_file.patients(r) for s, r in records.items()}},
+           "generators": leakage.check(config.data, records, runs)}
+  return facts, notes
+
+
+def fid_reference(config: Any, train: Split, test: Split) -> tuple[str, Split, list[str]]:
+  """The real images FID compares against (`config.fid.reference`), its name and notes."""
+  ref = config.fid.reference
+  if ref == "train":
+    return "real train split", train, []
+  if ref == "test":
+    return "real test split", test, []
+  if ref != "generator_train":
+    raise MedjaxError(f"config.fid.reference={ref!r}: expected 'generator_train', 'train' or "
+                      "'test'")
+  runs, _ = leakage.generator_records(config.model)
+  if not runs:
+    return "real train split", train, [
+        "FID reference: the generator's training images are unknown (no training workdir "
+        "with records.json), so FID is against the evaluation's real train split"]
+  parts = [load_split(c, "train") for _, c in leakage.generator_data_configs(config, runs)]
+  names = train.class_names
+  labels = [np.array([names.index(p.class_names[k]) if p.class_names[k] in names else -1
+                      for k in p.labels]) for p in parts]
+  return "generator's training images", Split(np.concatenate([p.images for p in parts]),
+                                              np.concatenate(labels), names), []
 
 
 def positive_index(config: Any, class_names) -> int:
@@ -353,6 +399,7 @@ def fmt(x: float, digits: int = 3) -> str:
 def paper_a(config: Any, workdir, mesh=None) -> dict:
   """Real vs real + synthetic vs synthetic-only classifiers; FID of generated vs training."""
   workdir, mesh = paths.workdir_path(workdir), mesh or eval_mesh()
+  facts, leak_notes = check_generator(config)  # before anything slow
   train, val, test = (load_split(config, s) for s in ("train", "val", "test"))
   pos = positive_index(config, train.class_names)
   for name, split in (("train", train), ("val", val), ("test", test)):
@@ -384,9 +431,11 @@ def paper_a(config: Any, workdir, mesh=None) -> dict:
         if config.bootstrap:
           metrics["auc_ci"] = auc_lib.bootstrap_ci(y_test, scores, n=config.bootstrap,
                                                    seed=config.seed)
-  fid = {"all": fid_between(config, params, synth.images, train.images, mesh)}
+  ref_name, ref, ref_notes = fid_reference(config, train, test)
+  fid = {"reference": ref_name, "all": fid_between(config, params, synth.images, ref.images, mesh),
+         "vs_test": fid_between(config, params, synth.images, test.images, mesh)}
   for k, name in enumerate(train.class_names):
-    a, b = synth.images[synth.labels == k], train.images[train.labels == k]
+    a, b = synth.images[synth.labels == k], ref.images[ref.labels == k]
     if len(a) >= 2 and len(b) >= 2:
       fid[name] = fid_between(config, params, a, b, mesh)
   if hosts.is_lead():
@@ -395,13 +444,15 @@ def paper_a(config: Any, workdir, mesh=None) -> dict:
   results = {"protocol": "paper_a", "summary_auc": summary, "runs": runs, "fid": fid,
              "sizes": {"real_train": len(train.labels), "synthetic": len(synth.labels),
                        "val": len(val.labels), "test": len(test.labels)},
-             "classifier": config.classifier.to_dict(), "notes": fid_notes(config, note)}
+             "classifier": config.classifier.to_dict(), **facts,
+             "notes": leak_notes + ref_notes + fid_notes(config, note)}
   table = [["training set", "AUC (mean ± std)", "repeats", "accuracy (mean)"]]
   for s in settings:
     acc = np.mean([r["accuracy"] for r in runs[s]])
     table.append([s, f"{fmt(summary[s]['mean'])} ± {fmt(summary[s]['std'])}",
                   str(summary[s]["n"]), fmt(acc)])
-  table.append(["FID generated vs real train", fmt(fid["all"], 2), "", ""])
+  table.append([f"FID generated vs {ref_name}", fmt(fid["all"], 2), "", ""])
+  table.append(["FID generated vs real test split", fmt(fid["vs_test"], 2), "", ""])
   write_report(workdir, results, table, "Paper A protocol: classifier AUC with synthetic data")
   return results
 
@@ -418,6 +469,7 @@ def _mean_std(values) -> dict:
 def paper_b(config: Any, workdir, mesh=None) -> dict:
   """VAE reconstruction table; a real-trained classifier scoring generated images per class."""
   workdir, mesh = paths.workdir_path(workdir), mesh or eval_mesh()
+  facts, leak_notes = check_generator(config)  # before anything slow
   train, val, test = (load_split(config, s) for s in ("train", "val", "test"))
   pos = positive_index(config, train.class_names)
   params, note = inception_params(config)  # a bad weights file fails before any generation
@@ -448,7 +500,7 @@ def paper_b(config: Any, workdir, mesh=None) -> dict:
                      title="Classifier trained on real images")
   results = {"protocol": "paper_b", "vae_reconstruction": recon_metrics,
              "classifier_real_test": real_metrics, "classifier_on_generated": generated,
-             "notes": fid_notes(config, note)}
+             **facts, "notes": leak_notes + fid_notes(config, note)}
   table = [["measure", "value"]]
   for k in ("rmse", "psnr", "ssim", "ms_ssim", "fid"):
     if recon_metrics.get(k) is not None:
