@@ -1,0 +1,123 @@
+"""The stages of each paper table, for `python -m medjax.reproduce` (configs/paper_*.py).
+
+Paper A (de Wilde et al.): one textual-inversion run per class token, each on that class's
+images of the evaluation's real train split (100 per class at paper scale) with the paper's
+steps (50k CXR, 100k MRI), then the AUC evaluation with the learned tokens. Its ablations rerun
+both with another number of vectors per token or images per class.
+Paper B (Chambon et al.): the evaluation of the base model (VAE table, classifier on generated
+images), then U-Net fine-tuning without and with prior preservation, each evaluated.
+"""
+from pathlib import Path
+
+import ml_collections
+
+from medjax import config_args
+from medjax import reproduce
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+# The papers' numbers (../shared/papers/NOTES.md) printed beside ours.
+PAPER_A_MRI = {"real": "0.780 ± 0.017", "real+synthetic": "0.803 ± 0.009",
+               "synthetic": "0.766"}
+PAPER_B = {"evaluate_finetune": "~0.98 AUC, ~95% accuracy (pleural effusion, their best "
+                                "fine-tuned U-Net)"}
+ABLATIONS = {  # name -> (swept, paper's values, embedded default's values, TI config key)
+    "vectors": ("vectors per token", (1, 8, 16, 64), (1, 8, 16, 64),
+                "textual_inversion.num_vectors"),
+    "images": ("images per class", (10, 50, 100), (3, 6, 12), "data.per_class"),
+}
+
+
+def _set(node: ml_collections.ConfigDict, dotted: str, value) -> None:
+  *path, last = dotted.split(".")
+  for name in path:
+    if name not in node:
+      node[name] = ml_collections.ConfigDict()
+    node = node[name]
+  node[last] = value
+
+
+def _ti_stages(c, ti, modality: str, paper: bool, suffix: str = "", changes=None) -> list[str]:
+  """One textual-inversion stage per class token: only that class's images and prompt."""
+  arg = "paper" if paper else ""
+  names = []
+  tokens = dict(zip([name for name, _ in ti.data.classes], ti.textual_inversion.tokens))
+  for cls, token in tokens.items():
+    name = f"train_{cls}{suffix}"
+    s = reproduce.stage("train", str(CONFIGS / f"{modality}_ti.py"), arg)
+    _set(s.set, "textual_inversion.tokens", (tuple(token),))
+    _set(s.set, "data.keep_classes", (cls,))
+    _set(s.set, "sample.prompts", (ti.data.prompt.class_prompts[cls],))
+    for key, value in (changes or {}).items():
+      _set(s.set, key, value)
+    c.stages[name] = s
+    names.append(name)
+  return names
+
+
+def paper_a(modality: str, paper: bool, ablation: str = "") -> ml_collections.ConfigDict:
+  """Paper A's table (or one of its ablations) for 'mri' or 'cxr'."""
+  arg = "paper" if paper else ""
+  ev = config_args.load_config_file(str(CONFIGS / f"eval_paper_a_{modality}.py") +
+                                    (":paper" if paper else ""))
+  ti = config_args.load_config_file(str(CONFIGS / f"{modality}_ti.py"))
+  title = f"Paper A ({modality.upper()}): classifier AUC with synthetic images"
+  c = reproduce.base_config("ablation" if ablation else "paper_a", title, ev.data)
+  if modality == "mri":
+    c.paper = ml_collections.ConfigDict(PAPER_A_MRI)
+  prompts = dict(ti.data.prompt.class_prompts)
+  notes = ["The generators (one textual-inversion run per class token) train on that class's "
+           "images of the evaluation's real train split (split.json): paper A's 100 per class."]
+  if not paper:
+    notes.append("Embedded default: the tiny model, phantoms and small sizes (ours); the "
+                 "paper's settings are the ':paper' arg.")
+  order = []
+  runs = [("", {})]
+  if ablation:
+    swept, paper_values, small_values, key = ABLATIONS[ablation]
+    values = paper_values if paper else small_values
+    runs = [(f"_{v}", {key: v}) for v in values]
+    c.ablation.swept, c.ablation.values = swept, tuple(values)
+    if values != paper_values:
+      notes.append(f"Ablation values {tuple(values)} (ours: the embedded default's train split "
+                   f"is small); the paper's: {tuple(paper_values)}.")
+  evaluations = []
+  for suffix, changes in runs:
+    trains = _ti_stages(c, ti, modality, paper, suffix, changes)
+    name = f"evaluate{suffix}"
+    e = reproduce.stage("evaluate", str(CONFIGS / f"eval_paper_a_{modality}.py"), arg,
+                        embeddings=tuple(trains))
+    e.set.generation = ml_collections.ConfigDict({"prompts": prompts})
+    c.stages[name] = e
+    order += trains + [name]
+    evaluations.append(name)
+  c.order = tuple(order)
+  c.ablation.evaluations = tuple(evaluations) if ablation else ()
+  c.notes = tuple(notes)
+  return c
+
+
+def paper_b(paper: bool) -> ml_collections.ConfigDict:
+  """Paper B's table: the base model, then U-Net fine-tuning without and with the prior."""
+  arg = "paper" if paper else ""
+  ev = config_args.load_config_file(str(CONFIGS / "eval_paper_b.py") + (":paper" if paper else ""))
+  title = "Paper B (CXR): VAE reconstruction and a classifier on generated images"
+  c = reproduce.base_config("paper_b", title, ev.data)
+  c.paper = ml_collections.ConfigDict(PAPER_B)
+  eval_file = str(CONFIGS / "eval_paper_b.py")
+  unet_file = str(CONFIGS / "cxr_unet.py")
+  c.stages.evaluate_base = reproduce.stage("evaluate", eval_file, arg)
+  c.stages.finetune = reproduce.stage("train", unet_file, arg)
+  c.stages.evaluate_finetune = reproduce.stage("evaluate", eval_file, arg,
+                                               train_workdir="finetune")
+  c.stages.finetune_prior = reproduce.stage("train", unet_file,
+                                            ",".join(a for a in (arg, "prior") if a))
+  c.stages.evaluate_finetune_prior = reproduce.stage("evaluate", eval_file, arg,
+                                                     train_workdir="finetune_prior")
+  c.order = ("evaluate_base", "finetune", "evaluate_finetune", "finetune_prior",
+             "evaluate_finetune_prior")
+  notes = ["The fine-tuned U-Nets train on the evaluation's real train split (split.json)."]
+  if not paper:
+    notes.append("Embedded default: the tiny model, phantoms and small sizes (ours); the "
+                 "paper's settings are the ':paper' arg.")
+  c.notes = tuple(notes)
+  return c

@@ -1,0 +1,306 @@
+r"""python -m medjax.reproduce --config=configs/paper_a_mri.py[:paper] --workdir=DIR
+
+One command per paper table. Runs every stage the table needs, in order, each in DIR/<stage>:
+the generator's trainings (one run per textual-inversion token, each with the paper's steps),
+then the evaluations; then writes DIR/results.md and DIR/results.json: our numbers beside the
+paper's, and the evaluation reports (with their settings tables: which settings are the paper's
+and which are ours).
+
+Every stage reads one split file, DIR/split.json (`config.data.split.file`), written by the
+first stage to read data: the generators train only on patients of the evaluation's train split,
+and the evaluation checks that (`medjax.eval.leakage`). A finished stage is skipped when the
+command runs again (its settings must be unchanged); an interrupted training resumes from its
+checkpoints. Overrides: `--config.data.root=...`, `--config.model.pretrained=...`,
+`--config.fid.weights=...` apply to every stage; `--config.stages.<stage>.set.<key>=...` to one.
+"""
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import ml_collections
+from absl import flags
+from absl import logging
+from etils import epath
+from ml_collections import config_flags
+
+from medjax import atomic
+from medjax import cli
+from medjax import config_args
+from medjax import distributed
+from medjax import hosts
+from medjax import paths
+from medjax import trainer
+from medjax.errors import MedjaxError
+from medjax.eval import protocols
+
+KINDS = ("train", "evaluate")
+# config.data blocks that describe the dataset and its split: the same in every stage. Classes,
+# prompts, per-class counts and augmentation stay each stage's own.
+SHARED_DATA = ("source", "root", "on_bad_file", "max_bad_fraction", "check_files", "phantoms",
+               "chexpert", "mimic", "picai", "folder", "split")
+CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+
+# -- configs ----------------------------------------------------------------------------------
+
+def stage(kind: str, config: str, arg: str = "", **needs) -> ml_collections.ConfigDict:
+  """One stage: a `kind` run of configs/`config`:`arg` (a name in configs/ or a path), with
+  `set` overrides.
+
+  needs: embeddings=(train stages whose embedding files the generator loads),
+    train_workdir='<train stage>' (the fine-tuned generator to evaluate).
+  """
+  s = ml_collections.ConfigDict()
+  s.kind = kind
+  s.config = str(CONFIGS_DIR / config)  # an absolute path stays as it is
+  s.arg = arg
+  s.set = ml_collections.ConfigDict()
+  s.embeddings = tuple(needs.get("embeddings", ()))
+  s.train_workdir = needs.get("train_workdir", "")
+  return s
+
+
+def base_config(table: str, title: str,
+                data: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """What every reproduce config holds; `data` is the evaluation's data config (shared)."""
+  c = ml_collections.ConfigDict()
+  c.table = table  # 'paper_a' | 'paper_b' | 'ablation'
+  c.title = title
+  c.data = data
+  c.model = ml_collections.ConfigDict()
+  c.model.pretrained = ""  # the base SD for every stage ('' = the embedded tiny model)
+  c.model.allow_pickle = False
+  c.fid = ml_collections.ConfigDict()
+  c.fid.weights = ""  # pytorch-fid's Inception weights for every evaluation
+  c.fid.allow_pickle = False
+  c.stages = ml_collections.ConfigDict()
+  c.order = ()  # stage names in run order
+  c.paper = ml_collections.ConfigDict()  # row -> the paper's number, printed beside ours
+  c.ablation = ml_collections.ConfigDict()
+  c.ablation.swept = ""  # e.g. 'vectors per token'
+  c.ablation.values = ()
+  c.ablation.evaluations = ()  # evaluation stage per value
+  c.notes = ()  # what this reproduction changes from the paper, for the report
+  return c
+
+
+def merge(target: ml_collections.ConfigDict, changes: Any, where: str) -> None:
+  """Sets `changes` (nested) into `target`; an unknown key is an error naming it."""
+  for key, value in changes.items():
+    if key not in target:
+      raise MedjaxError(f"{where}.{key}: not a key of that stage's config")
+    if isinstance(value, (dict, ml_collections.ConfigDict)) and isinstance(
+        target[key], ml_collections.ConfigDict) and not _free(where, key):
+      merge(target[key], value, f"{where}.{key}")
+    else:
+      target[key] = value
+
+
+def _free(where: str, key: str) -> bool:
+  return key in ("class_prompts", "label_texts", "prompts")
+
+
+def stage_config(config: Any, name: str, workdir: epath.Path,
+                 inputs: bool = True) -> ml_collections.ConfigDict:
+  """The full config of stage `name`: its file, the shared settings, its overrides, and (with
+  `inputs`, once the stages before it ran) the files of the stages it needs."""
+  s = config.stages[name]
+  if s.kind not in KINDS:
+    raise MedjaxError(f"config.stages.{name}.kind={s.kind!r}: expected one of {KINDS}")
+  if not Path(s.config).is_file():
+    raise MedjaxError(f"config.stages.{name}.config={s.config}: config file not found")
+  c = config_args.load_config_file(f"{s.config}:{s.arg}" if s.arg else s.config)
+  c.unlock()
+  for key in SHARED_DATA:
+    c.data[key] = ml_collections.ConfigDict(config.data[key].to_dict()) if isinstance(
+        config.data[key], ml_collections.ConfigDict) else config.data[key]
+  if not c.data.split.file:
+    c.data.split.file = str(workdir / "split.json")
+  c.model.pretrained, c.model.allow_pickle = config.model.pretrained, config.model.allow_pickle
+  if s.kind == "evaluate":
+    c.fid.weights, c.fid.allow_pickle = config.fid.weights, config.fid.allow_pickle
+    files = []
+    for dep in s.embeddings if inputs else ():
+      found = sorted((workdir / dep / "embeddings" / "diffusers").glob("*.safetensors"))
+      if not found:
+        raise MedjaxError(f"stage {name}: stage {dep} wrote no embeddings in {workdir / dep}")
+      files += [str(f) for f in found]
+    c.model.embeddings = tuple(files)
+    if s.train_workdir:
+      c.model.train_workdir = str(workdir / s.train_workdir)
+  merge(c, s.set, f"config.stages.{name}.set")
+  return c
+
+
+# -- running ----------------------------------------------------------------------------------
+
+def _flat(d: Any, prefix: str = "") -> dict:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flat(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def _changed(saved: dict, now: ml_collections.ConfigDict) -> list[str]:
+  a, b = _flat(saved), _flat(json.loads(now.to_json()))
+  return sorted(k for k in set(a) | set(b)
+                if a.get(k) != b.get(k) and not k.endswith("progress_bar")
+                and not k.endswith("progress"))
+
+
+def is_done(kind: str, stage_dir: epath.Path, config: ml_collections.ConfigDict) -> bool:
+  """A stage finished with these settings (an error if it finished with others)."""
+  if kind == "train":
+    summary = stage_dir / "summary.json"
+    done = summary.exists() and json.loads(summary.read_text()).get("step") == config.total_steps
+  else:
+    done = (stage_dir / "results.json").exists()
+  if not done:
+    return False
+  changed = _changed(json.loads((stage_dir / "config.json").read_text()), config)
+  if changed:
+    raise MedjaxError(f"{stage_dir} finished with other settings ({', '.join(changed[:5])}); "
+                      "remove that folder to run it again, or use another --workdir")
+  return True
+
+
+def run_stage(kind: str, config: ml_collections.ConfigDict, stage_dir: epath.Path) -> None:
+  if kind == "train":
+    trainer.train(config, stage_dir)
+  else:
+    protocols.run_protocol(config, stage_dir)
+
+
+def reproduce(config: Any, workdir) -> dict:
+  """Runs every stage not yet done, then writes the table; returns results.json's dict."""
+  workdir = paths.workdir_path(workdir)
+  unknown = [n for n in config.order if n not in config.stages]
+  if unknown or not config.order:
+    raise MedjaxError(f"config.order={tuple(config.order)}: expected stage names from "
+                      f"{list(config.stages)}")
+  for name in config.order:  # every stage's config checked before the first one runs
+    stage_config(config, name, workdir, inputs=False)
+  done = []
+  for i, name in enumerate(config.order):
+    kind, stage_dir = config.stages[name].kind, workdir / name
+    stage_cfg = stage_config(config, name, workdir)
+    if is_done(kind, stage_dir, stage_cfg):
+      logging.info("reproduce: stage %s is done (%s)", name, stage_dir)
+      done.append(name)
+      continue
+    logging.info("reproduce: stage %d/%d: %s %s", i + 1, len(config.order), kind, name)
+    print(f"medjax.reproduce: stage {i + 1}/{len(config.order)}: {kind} {name} -> {stage_dir}",
+          file=sys.stderr, flush=True)
+    run_stage(kind, stage_cfg, stage_dir)
+  results = write_table(config, workdir)
+  results["skipped_done_stages"] = done
+  return results
+
+
+# -- the table --------------------------------------------------------------------------------
+
+def _results(workdir: epath.Path, name: str) -> dict:
+  path = workdir / name / "results.json"
+  if not path.exists():
+    raise MedjaxError(f"{path}: missing; stage {name} did not finish")
+  return json.loads(path.read_text())
+
+
+def _evaluations(config: Any) -> list[str]:
+  return [n for n in config.order if config.stages[n].kind == "evaluate"]
+
+
+def _paper(config: Any, row: str) -> str:
+  return str(config.paper[row]) if row in config.paper else "not reported"
+
+
+def paper_a_rows(config: Any, results: dict) -> list[list[str]]:
+  rows = [["training set", "AUC ours (mean ± std)", "AUC paper"]]
+  for setting, s in results["summary_auc"].items():
+    rows.append([setting, f"{s['mean']:.3f} ± {s['std']:.3f} (n={s['n']})",
+                 _paper(config, setting)])
+  fid = results["fid"]
+  rows.append([f"FID vs {fid['reference']}", f"{fid['all']:.2f}", _paper(config, "fid")])
+  return rows
+
+
+def paper_b_rows(config: Any, evaluations: list[str], workdir: epath.Path) -> list[list[str]]:
+  rows = [["generator (stage)", "classifier AUC on generated", "accuracy on generated",
+           "paper"]]
+  for name in evaluations:
+    g = _results(workdir, name)["classifier_on_generated"]
+    rows.append([name, f"{g['auc']:.3f}", f"{g['accuracy']:.3f}", _paper(config, name)])
+  return rows
+
+
+def write_table(config: Any, workdir: epath.Path) -> dict:
+  """DIR/results.md and results.json from the stages' results (process 0 writes)."""
+  evaluations = _evaluations(config)
+  out = {"table": config.table, "title": config.title, "notes": list(config.notes),
+         "stages": {n: str(workdir / n) for n in config.order},
+         "split_file": str(workdir / "split.json")}
+  lines = [f"# {config.title}", "", "Stages: " + ", ".join(
+      f"{n} ({config.stages[n].kind})" for n in config.order), ""]
+  lines += [f"> {n}" for n in config.notes] + ([""] if config.notes else [])
+  if config.table == "ablation":
+    values = list(config.ablation.values)
+    rows = [(v, _results(workdir, n)) for v, n in zip(values, config.ablation.evaluations)]
+    from medjax.eval import ablation  # pylint: disable=g-import-not-at-top
+    if hosts.is_lead():
+      table = ablation.gather(rows, config.ablation.swept, workdir)
+    else:
+      table = []
+    out["ablation"] = {"swept": config.ablation.swept, "values": values}
+    lines += ["See ablation.md and ablation.png.", ""]
+    out["rows"] = table
+  elif config.table == "paper_a":
+    results = _results(workdir, evaluations[-1])
+    out["rows"] = paper_a_rows(config, results)
+  elif config.table == "paper_b":
+    out["rows"] = paper_b_rows(config, evaluations, workdir)
+  else:
+    raise MedjaxError(f"config.table={config.table!r}: expected 'paper_a', 'paper_b' or "
+                      "'ablation'")
+  if config.table != "ablation":
+    head, *body = out["rows"]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(r) + " |" for r in body] + [""]
+  for name in evaluations:
+    report = workdir / name / "results.md"
+    if report.exists():
+      demoted = ("\n" + report.read_text()).replace("\n# ", "\n### ").strip()
+      lines += [f"## Stage {name}", "", demoted, ""]
+  if hosts.is_lead():
+    atomic.write_text(workdir / "results.json", json.dumps(out, indent=1, default=str) + "\n")
+    atomic.write_text(workdir / "results.md", "\n".join(lines) + "\n")
+  return out
+
+
+# -- entry point ------------------------------------------------------------------------------
+
+def define_flags():
+  config_flags.DEFINE_config_file("config", None, "A reproduce config: configs/paper_<name>.py"
+                                  "[:arg].", lock_config=True)
+  flags.DEFINE_string("workdir", None, "Where every stage, the split file and the table go.")
+  flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise MedjaxError(f"unexpected arguments {argv[1:]}")
+  distributed.maybe_initialize_distributed()
+  reproduce(flags.FLAGS.config, flags.FLAGS.workdir)
+  if hosts.is_lead():
+    print((paths.workdir_path(flags.FLAGS.workdir) / "results.md").read_text())
+
+
+def run():
+  cli.run_with_config(main, define_flags)
+
+
+if __name__ == "__main__":
+  run()
