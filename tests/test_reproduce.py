@@ -1,0 +1,83 @@
+"""`medjax.reproduce` on the embedded default, tiny: every stage on one split, then the table."""
+import json
+
+import pytest
+
+from medjax import config_args
+from medjax import reproduce
+from medjax.errors import MedjaxError
+
+
+def tiny(name: str, arg: str = ""):
+  """configs/<name>.py with every stage shrunk to seconds (as --config.stages.X.set.Y would)."""
+  c = config_args.load_config_file(f"configs/{name}.py" + (f":{arg}" if arg else ""))
+  for stage in c.stages.values():
+    s = stage.set
+    if stage.kind == "train":
+      s.total_steps, s.batch_size, s.progress_bar, s.checkpoint_every_steps = 1, 2, False, 1
+      s.sample = {"num_per_prompt": 0}
+      if "prior" in stage.arg:
+        s.prior = {"num_class_images": 2, "num_inference_steps": 2}
+    else:
+      g = dict(s.generation) if "generation" in s else {}
+      s.generation = {**g, "num_per_class": 2, "num_inference_steps": 2, "batch_size": 2}
+      s.classifier = {"num_steps": 2}
+      s.repeats, s.bootstrap, s.progress_bar = 1, 0, False
+      s.fid = {"max_images": 4}
+      s.recon = {"num_images": 2, "batch_size": 2}
+  return c
+
+
+@pytest.fixture(scope="module")
+def paper_a_mri(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("paper_a_mri")
+  config = tiny("paper_a_mri")
+  return config, workdir, reproduce.reproduce(config, workdir)
+
+
+def test_paper_a_table_on_one_split(paper_a_mri):
+  config, workdir, results = paper_a_mri
+  assert config.order == ("train_diseased", "train_healthy", "evaluate")
+  assert [r[0] for r in results["rows"][1:4]] == ["real", "real+synthetic", "synthetic"]
+  assert results["rows"][1][2] == "0.780 ± 0.017"  # the paper's number beside ours
+  table = (workdir / "results.md").read_text()
+  assert "| synthetic |" in table and "Stage evaluate" in table and "nan" not in table.lower()
+  split = json.loads((workdir / "split.json").read_text())
+  where = {row["key"]: row["split"] for row in split["records"]}
+  for cls, token in (("diseased", "<cspca>"), ("healthy", "<healthy-prostate>")):
+    records = json.loads((workdir / f"train_{cls}" / "records.json").read_text())["records"]
+    assert records and {where[r["key"]] for r in records} == {"train"}
+    assert {r["class"] for r in records} == {cls}  # one token per run, its class's images
+    assert (workdir / f"train_{cls}" / "embeddings" / "diffusers" /
+            f"{token.strip('<>')}.safetensors").exists()
+  evaluation = json.loads((workdir / "evaluate" / "results.json").read_text())
+  assert evaluation["splits"]["file"] == str(workdir / "split.json")
+  test_patients = set(evaluation["splits"]["patients"]["test"])
+  assert test_patients and not test_patients & set(evaluation["splits"]["patients"]["train"])
+  assert [g["patients_in_eval_train"] for g in evaluation["generators"]] == [12, 12]
+  assert evaluation["fid"]["reference"] == "generator's training images"
+
+
+def test_finished_stages_are_skipped_and_changes_refused(paper_a_mri):
+  config, workdir, _ = paper_a_mri
+  again = reproduce.reproduce(config, workdir)
+  assert again["skipped_done_stages"] == list(config.order)
+  config.stages.evaluate.set.repeats = 3
+  with pytest.raises(MedjaxError, match=r"evaluate finished with other settings \(repeats\)"):
+    reproduce.reproduce(config, workdir)
+
+
+def test_paper_b_table(tmp_path):
+  results = reproduce.reproduce(tiny("paper_b"), tmp_path)
+  assert [r[0] for r in results["rows"][1:]] == ["evaluate_base", "evaluate_finetune",
+                                                 "evaluate_finetune_prior"]
+  assert "VAE reconstruction SSIM" in (tmp_path / "results.md").read_text()
+
+
+def test_bad_reproduce_configs(tmp_path):
+  config = tiny("paper_a_mri")
+  config.stages.evaluate.set.classifier = {"num_stepz": 2}
+  with pytest.raises(MedjaxError, match=r"config.stages.evaluate.set.classifier.num_stepz"):
+    reproduce.reproduce(config, tmp_path)
+  with pytest.raises(MedjaxError, match="ablation"):
+    config_args.load_config_file("configs/paper_a_mri.py:ablation=colours")
