@@ -139,6 +139,7 @@ def no_model(monkeypatch):
     (dict(image="corrupt.png"), "--image: .*corrupt.png: not a readable image"),
     (dict(image="slice.png", mask="missing.png"), "--mask=.*missing.png: no such file"),
     (dict(mask="lesion.png"), "--mask=.*lesion.png needs --image"),
+    (dict(image="slice.png", mask="corrupt.png"), "--mask: .*corrupt.png: not a readable image"),
     (dict(image="slice.png", mask="small.png"), "small.png: 40x48 pixels but --image=.* is "
                                                 "80x96"),
     (dict(image="slice.png", mask="black.png"), "black.png: no white pixel"),

@@ -1,10 +1,9 @@
 """medjax.sampling vs diffusers' Stable Diffusion pipelines (fp32, tiny random models).
 
 Tolerance 1e-3 max abs on images in [0, 1]; measured: txt2img DDIM 1.4e-5 (SD1), PNDM
-v-prediction 2.6e-5 (SD2), img2img 1.3e-5, inpainting 2.0e-5 (strength 0.75: 2.3e-5),
-9-channel inpainting 1.1e-5
-(Euler and DPM-Solver++ txt2img, checked by hand: 1.3e-5, 1.1e-5). Most tests share one
-compiled graph (SD1, DDIM, 2 images, 3 steps) to keep the file fast.
+v-prediction 2.6e-5 (SD2), img2img 1.3e-5, inpainting 2.0e-5 (at strength 0.75: 2.3e-5),
+9-channel inpainting 1.1e-5 (Euler and DPM-Solver++ txt2img, checked by hand: 1.3e-5, 1.1e-5).
+Most tests share one compiled graph (SD1, DDIM, 2 images, 3 steps) to keep the file fast.
 """
 import os
 from pathlib import Path
