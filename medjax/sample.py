@@ -20,6 +20,7 @@ Image i uses seed + i, so the images do not depend on --batch_size.
 --prompt to --prompt with B for A) and strip.png instead of grid.png. Init images are recorded
 by basename only (no DICOM tag reaches a PNG).
 """
+from collections.abc import Sequence
 from pathlib import Path
 
 from absl import flags
@@ -83,10 +84,10 @@ def run_sample(*, outdir, prompt: str = "", negative_prompt: str = "",
                width: int = 0, pretrained: str = "", embeddings=(), allow_pickle: bool = False,
                overwrite: bool = False, image: str = "", mask: str = "",
                strength: float | None = None, frame: int | None = None,
-               interpolate: str = "") -> tuple[list[Path], str]:
+               interpolate: str = "") -> tuple[Sequence[Path], str]:
   """The command as a function (flags as keywords; num_images None = 4, or 1 with
   --interpolate): every input checked before the model loads where it can be; returns the paths
-  written (grid or strip last) and the model's name."""
+  written (grid or strip last; computed on demand, as `WrittenFiles`) and the model's name."""
   interp = parse_interpolate(interpolate, prompt, num_images=num_images, has_image=bool(image))
   args = dict(prompt=prompt, negative_prompt=negative_prompt, batch_size=batch_size,
               steps=steps, guidance=guidance, scheduler=scheduler, seed=seed, height=height,
@@ -114,9 +115,9 @@ def run_sample(*, outdir, prompt: str = "", negative_prompt: str = "",
     check_square(h, w)
     image_px, mask_px = resize_init(init, h, sd.vae_scale_factor)
     extra.update(init.metadata)
-    return list(sample_to_dir(sd, **args, num_images=num_images, extra_metadata=extra,
-                              image=image_px, mask=mask_px, strength=init.strength)), sd.name
-  return list(sample_to_dir(sd, **args, num_images=num_images, extra_metadata=extra)), sd.name
+    return sample_to_dir(sd, **args, num_images=num_images, extra_metadata=extra,
+                         image=image_px, mask=mask_px, strength=init.strength), sd.name
+  return sample_to_dir(sd, **args, num_images=num_images, extra_metadata=extra), sd.name
 
 
 def main(argv):

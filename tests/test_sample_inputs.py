@@ -47,9 +47,23 @@ def files(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def sd(files):
-  return StableDiffusion.embedded(0).load_embeddings(
-      [files / "healthy.safetensors", files / "cspca.safetensors"])
+def base():
+  return StableDiffusion.embedded(0)
+
+
+@pytest.fixture(scope="module")
+def sd(files, base):
+  return base.load_embeddings([files / "healthy.safetensors", files / "cspca.safetensors"])
+
+
+@pytest.fixture
+def reuse_base(monkeypatch, base):
+  """run_sample's `StableDiffusion.load("")` returns the module's embedded model (the same
+  weights, built once; load_embeddings leaves it unchanged)."""
+  def load(pretrained, **kwargs):
+    assert pretrained == "" and kwargs == {"allow_pickle": False}
+    return base
+  monkeypatch.setattr(sample.StableDiffusion, "load", load)
 
 
 def _png(path):
@@ -71,6 +85,7 @@ def test_interpolation_ends_are_the_plain_prompts(files, sd):
   assert np.abs(plain[0] - plain[1]).max() > 1e-2  # the two tokens do change the image
 
 
+@pytest.mark.usefixtures("reuse_base")
 def test_interpolation_strip_on_disk(files, sd, tmp_path):
   out = tmp_path / "strip"
   paths, _ = sample.run_sample(
@@ -93,6 +108,7 @@ def test_interpolation_strip_on_disk(files, sd, tmp_path):
   assert Image.open(paths[-1]).text["interpolation_weights"] == "0, 0.333333, 0.666667, 1"
 
 
+@pytest.mark.usefixtures("reuse_base")
 def test_inpainting_writes_what_generate_makes(files, sd, tmp_path):
   paths, _ = sample.run_sample(
       outdir=tmp_path / "out", prompt="a prostate mri with <cspca>", image=str(files / "slice.png"),
@@ -109,6 +125,7 @@ def test_inpainting_writes_what_generate_makes(files, sd, tmp_path):
           text["synthetic"]) == ("slice.png", "lesion.png", "0.5", "4", "true")
 
 
+@pytest.mark.usefixtures("reuse_base")
 def test_dicom_image_records_no_patient_identifier(tmp_path):
   path = get_testdata_file("MR_small.dcm")
   if path is None:
@@ -172,6 +189,7 @@ def test_bad_inputs_fail_before_the_model_loads(files, tmp_path, no_model, kwarg
   assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.usefixtures("reuse_base")
 def test_mask_too_small_for_the_latent_grid(tmp_path):
   """Refused once the model's VAE factor is known: one white pixel between the sampled ones
   would leave the image unchanged, a near copy of a patient's image marked synthetic."""
