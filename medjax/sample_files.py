@@ -2,7 +2,8 @@
 
 Image i uses seed + i, so the images do not depend on the batch size. Images stream to disk
 batch by batch: memory stays flat in the number of images, and the grid shows the first
-`GRID_MAX` of them. Used by `python -m medjax.sample`.
+`GRID_MAX` of them. An embedding interpolation is written as its images plus one strip.
+Used by `python -m medjax.sample`.
 """
 import math
 import re
