@@ -2,7 +2,8 @@
 
 Image i uses seed + i, so the images do not depend on the batch size. Images stream to disk
 batch by batch: memory stays flat in the number of images, and the grid shows the first
-`GRID_MAX` of them. Used by `python -m medjax.sample`.
+`GRID_MAX` of them. An embedding interpolation is written as its images plus one strip.
+Used by `python -m medjax.sample`.
 """
 import math
 import re
@@ -21,6 +22,7 @@ from medjax.images import grid
 from medjax.images import save_png
 from medjax.images import to_uint8
 from medjax.sampling import default_size
+from medjax.sampling import interpolation_row
 from medjax.sampling import parse_prompt
 
 # The grid holds at most this many images (the first ones), so it stays a viewable picture
@@ -62,8 +64,8 @@ def check_outdir(outdir, *, overwrite: bool = False) -> None:
   silently replace images already shared or evaluated)."""
   path = Path(workdir.check_dir(outdir, "--outdir"))
   if path.is_dir() and not overwrite:
-    earlier = sorted(p.name for p in path.glob("sample_*.png"))[:1] + (
-        ["grid.png"] if (path / "grid.png").exists() else [])
+    earlier = sorted(p.name for p in path.glob("sample_*.png"))[:1] + [
+        name for name in ("grid.png", "strip.png") if (path / name).exists()]
     if earlier:
       raise MedjaxError(f"--outdir={outdir}: already holds generated images ({earlier[0]}, ...); "
                         "pass --overwrite to replace them, or choose another folder")
@@ -119,9 +121,11 @@ def sample_to_dir(sd, outdir, *, prompt: str, negative_prompt: str = "", num_ima
                   batch_size: int = 4, steps: int = 50, guidance: float = 7.5,
                   scheduler: str = "ddim", seed: int = 0, height: int = 0,
                   width: int = 0, extra_metadata: dict | None = None,
-                  overwrite: bool = False) -> WrittenFiles:
+                  overwrite: bool = False, image: np.ndarray | None = None,
+                  mask: np.ndarray | None = None, strength: float = 1.0) -> WrittenFiles:
   """Generates `num_images` and writes them with a grid of the first `GRID_MAX`; returns the
-  paths written (the grid last)."""
+  paths written (the grid last). `image`, `mask`, `strength`: img2img / inpainting, as
+  `sampling.generate` (the image at the output size)."""
   check_args(num_images=num_images, batch_size=batch_size, steps=steps, scheduler=scheduler,
              height=height, width=width, outdir=outdir, guidance=guidance, seed=seed,
              overwrite=overwrite)
@@ -138,7 +142,8 @@ def sample_to_dir(sd, outdir, *, prompt: str, negative_prompt: str = "", num_ima
     seeds = list(range(seed + start, seed + min(start + batch_size, num_images)))
     images = sd.generate([prompt] * len(seeds), negative_prompt, num_inference_steps=steps,
                          guidance_scale=guidance, scheduler=scheduler, height=height or None,
-                         width=width or None, seed=seeds)
+                         width=width or None, seed=seeds, image=image, mask=mask,
+                         strength=strength)
     outdir.mkdir(parents=True, exist_ok=True)  # only once the first batch has passed the checks
     for s, img in zip(seeds, to_uint8(images), strict=True):
       save_png(img, outdir / f"sample_{s - seed:04d}.png", {**meta, "seed": s})
@@ -149,3 +154,47 @@ def sample_to_dir(sd, outdir, *, prompt: str, negative_prompt: str = "", num_ima
            {**meta, "seed": f"{seed}..{seed + len(kept) - 1}",
             "grid": f"the first {len(kept)} of {num_images} images"})
   return written
+
+
+def interpolation_to_dir(sd, outdir, *, prompt: str, prompt_b: str, weights: Sequence[float],
+                         negative_prompt: str = "", batch_size: int = 4, steps: int = 50,
+                         guidance: float = 7.5, scheduler: str = "ddim", seed: int = 0,
+                         height: int = 0, width: int = 0, extra_metadata: dict | None = None,
+                         overwrite: bool = False) -> list[Path]:
+  """Image i from the text-encoder outputs (1 - w_i) E(prompt) + w_i E(prompt_b), every image
+  from `seed`'s noise (`sampling.interpolation_row`); writes sample_NNNN.png and strip.png (the
+  images side by side) and returns their paths (the strip last).
+
+  The conditioning, not the prompt text or token embeddings, is interpolated: w = 0 and 1 give
+  the plain prompts' images, and the guidance's unconditional pass is the negative prompt's.
+  """
+  check_args(num_images=1, batch_size=batch_size, steps=steps, scheduler=scheduler,
+             height=height, width=width, outdir=outdir, guidance=guidance, seed=seed,
+             overwrite=overwrite)
+  check_placeholders(sd, prompt, "--prompt")
+  check_placeholders(sd, prompt_b, "--interpolate")
+  check_placeholders(sd, negative_prompt, "--negative_prompt")
+  default = default_size(sd)
+  check_disk_space(outdir, 2 * len(weights), height or default[0], width or default[1])
+  outdir = Path(outdir)
+  meta = {"synthetic": "true", "generator": "medjax", "prompt": prompt, "prompt_b": prompt_b,
+          "negative_prompt": negative_prompt, "steps": steps, "guidance": guidance,
+          "scheduler": scheduler, "model": sd.name, "seed": seed,
+          "interpolated": "text-encoder output (1 - w) * prompt + w * prompt_b",
+          **(extra_metadata or {})}
+  paths, kept = [], []
+  for start in range(0, len(weights), batch_size):
+    chunk = list(weights[start:start + batch_size])
+    images = interpolation_row(sd, prompt, prompt_b, chunk, seed=seed,
+                               negative_prompts=negative_prompt, num_inference_steps=steps,
+                               guidance_scale=guidance, scheduler=scheduler,
+                               height=height or None, width=width or None)
+    outdir.mkdir(parents=True, exist_ok=True)
+    for i, (w, img) in enumerate(zip(chunk, to_uint8(images), strict=True), start):
+      paths.append(outdir / f"sample_{i:04d}.png")
+      save_png(img, paths[-1], {**meta, "interpolation_weight": f"{w:.6g}"})
+      kept.append(img)
+  paths.append(outdir / "strip.png")
+  save_png(np.concatenate(kept, axis=1), paths[-1],
+           {**meta, "interpolation_weights": ", ".join(f"{w:.6g}" for w in weights)})
+  return paths

@@ -1,9 +1,9 @@
 """medjax.sampling vs diffusers' Stable Diffusion pipelines (fp32, tiny random models).
 
 Tolerance 1e-3 max abs on images in [0, 1]; measured: txt2img DDIM 1.4e-5 (SD1), PNDM
-v-prediction 2.6e-5 (SD2), img2img 1.3e-5, inpainting 2.0e-5, 9-channel inpainting 1.1e-5
-(Euler and DPM-Solver++ txt2img, checked by hand: 1.3e-5, 1.1e-5). Most tests share one
-compiled graph (SD1, DDIM, 2 images, 3 steps) to keep the file fast.
+v-prediction 2.6e-5 (SD2), img2img 1.3e-5, inpainting 2.0e-5 (at strength 0.75: 2.3e-5),
+9-channel inpainting 1.1e-5 (Euler and DPM-Solver++ txt2img, checked by hand: 1.3e-5, 1.1e-5).
+Most tests share one compiled graph (SD1, DDIM, 2 images, 3 steps) to keep the file fast.
 """
 import os
 from pathlib import Path
@@ -123,6 +123,31 @@ def test_inpainting_matches_diffusers(sd1, image):
   got = sd.generate(PROMPTS, NEGATIVE, num_inference_steps=3, scheduler="ddim", image=image,
                     mask=mask, latents=lat)
   assert tiny_diffusers.max_abs(got, want) <= TOL
+
+
+def test_inpainting_at_strength_below_one_matches_diffusers(sd1, image):
+  """4-channel inpainting from the image noised to strength 0.75 (the CLI's --image --mask
+  --strength): diffusers draws the noise from the generator, as in img2img (given `latents=`
+  at strength < 1 it would start from that noise alone and drop the image)."""
+  import torch  # pylint: disable=g-import-not-at-top
+  pipe, sd = sd1
+  z = np.asarray(sd.encode_images(image * 2 - 1))
+  mask = np.zeros((2, 64, 64, 1), np.float32)
+  mask[:, 8:40, 24:56] = 1
+  want = _diffusers(pipe, "StableDiffusionInpaintPipeline", "DDIMScheduler",
+                    prompt=PROMPTS, negative_prompt=NEGATIVE, image=_nchw(z),
+                    mask_image=_nchw(mask), masked_image_latents=_nchw(z), strength=0.75,
+                    num_inference_steps=4, guidance_scale=7.5,
+                    generator=torch.Generator().manual_seed(1))
+  noise = torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(1))
+  got = sd.generate(PROMPTS, NEGATIVE, num_inference_steps=4, scheduler="ddim", image=image,
+                    mask=mask, strength=0.75, latents=noise.permute(0, 2, 3, 1).numpy())
+  assert tiny_diffusers.max_abs(got, want) <= TOL
+  # The image matters (a start from the noise alone would not depend on it).
+  other = sd.generate(PROMPTS, NEGATIVE, num_inference_steps=4, scheduler="ddim",
+                      image=image[::-1], mask=mask, strength=0.75,
+                      latents=noise.permute(0, 2, 3, 1).numpy())
+  assert tiny_diffusers.max_abs(got * mask, other * mask) > 1e-2
 
 
 def test_one_compile_for_new_prompts_seeds_scales_and_modes(sd1, image):

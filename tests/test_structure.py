@@ -23,7 +23,8 @@ LAYERS = [
                 "medjax.hosts", "medjax.preemption"]),
     ("models", ["medjax.models", "medjax.tokenizer", "medjax.schedulers"]),
     ("convert", ["medjax.convert"]),
-    ("assembly", ["medjax.embedded", "medjax.sampling", "medjax.sample_files"]),
+    ("assembly", ["medjax.embedded", "medjax.sampling", "medjax.sample_files",
+                  "medjax.sample_inputs"]),
     ("pipeline", ["medjax.pipeline", "medjax"]),  # `medjax/__init__` exports StableDiffusion
     ("objectives", ["medjax.objectives", "medjax.train_config", "medjax.eval.inception", "medjax.eval.classifiers",
                     "medjax.eval.auc", "medjax.eval.recon", "medjax.eval.fid",
