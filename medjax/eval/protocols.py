@@ -470,6 +470,7 @@ def run_protocol(config: Any, workdir) -> dict:
   check_train_config(config, base_config(),
                      free_maps=("data.prompt.class_prompts", "data.prompt.label_texts",
                                 "generation.prompts"))
+  classifier_train.check_config(config.classifier)
   if config.protocol not in PROTOCOLS:
     raise MedjaxError(f"config.protocol={config.protocol!r}: expected one of {list(PROTOCOLS)}")
   workdir = workdir_lib.output_path(workdir)

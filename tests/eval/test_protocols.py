@@ -85,6 +85,11 @@ def test_bad_protocol_inputs(tmp_path):
   config.protocol = "paper_c"
   with pytest.raises(MedjaxError, match="paper_c"):
     protocols.run_protocol(config, tmp_path)
+  config = load_config("eval_paper_a_mri", "paper")
+  config.classifier.select = "best"  # with eval_every=0: 'best' would be the last step
+  with pytest.raises(MedjaxError, match=r"^config.classifier: select='best' needs eval_every"):
+    protocols.run_protocol(config, tmp_path / "best")
+  assert not (tmp_path / "best").exists()  # refused before the workdir is made
   config = load_config("eval_paper_a_mri")
   config.settings = ("real", "imaginary")
   config.data.split.sizes = (2, 2, 2)
