@@ -39,5 +39,6 @@ def get_config(arg: str = ""):
   c.weight_decay = 0.0  # never on embeddings (objectives masks it anyway)
   c.max_grad_norm = 0.0
   if opts.paper:
+    c.protocol = "paper_a"
     ti_paper_scale(c, "chexpert", total_steps=50_000)  # 100k for prostate MRI
   return c

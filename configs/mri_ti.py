@@ -37,5 +37,6 @@ def get_config(arg: str = ""):
   c.weight_decay = 0.0
   c.max_grad_norm = 0.0
   if opts.paper:
+    c.protocol = "paper_a"
     ti_paper_scale(c, "picai", total_steps=100_000)
   return c
