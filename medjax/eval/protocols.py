@@ -40,6 +40,7 @@ from medjax.eval import auc as auc_lib
 from medjax.eval import classifier_train
 from medjax.eval import fid as fid_lib
 from medjax.eval import inception_weights
+from medjax.eval import provenance
 from medjax.eval import recon
 from medjax.pipeline import StableDiffusion
 from medjax.train_config import check_train_config
@@ -321,8 +322,10 @@ def train_and_score(config: Any, train: Split, val: Split, test: Split, pos: int
 
 # -- reports -------------------------------------------------------------------------------------
 
-def write_report(workdir, results: dict, table: list[list[str]], title: str) -> None:
-  """results.json and results.md, each written to a temp file and renamed (by process 0)."""
+def write_report(workdir, results: dict, table: list[list[str]], title: str,
+                 config=None) -> None:
+  """results.json, results.md (temp file + rename, by process 0); `config`'s provenance too."""
+  results["settings"] = provenance.settings(config) if config is not None else []
   if not hosts.is_lead():
     return
   atomic.write_text(workdir / "results.json", json.dumps(results, indent=1, default=_json) + "\n")
@@ -332,6 +335,7 @@ def write_report(workdir, results: dict, table: list[list[str]], title: str) -> 
   head, *rows = table
   lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   lines += ["| " + " | ".join(r) + " |" for r in rows]
+  lines += provenance.markdown(results["settings"])
   atomic.write_text(workdir / "results.md", "\n".join(lines) + "\n")
 
 
@@ -402,7 +406,8 @@ def paper_a(config: Any, workdir, mesh=None) -> dict:
     table.append([s, f"{fmt(summary[s]['mean'])} ± {fmt(summary[s]['std'])}",
                   str(summary[s]["n"]), fmt(acc)])
   table.append(["FID generated vs real train", fmt(fid["all"], 2), "", ""])
-  write_report(workdir, results, table, "Paper A protocol: classifier AUC with synthetic data")
+  write_report(workdir, results, table, "Paper A protocol: classifier AUC with synthetic data",
+               config)
   return results
 
 
@@ -458,7 +463,8 @@ def paper_b(config: Any, workdir, mesh=None) -> dict:
   table.append(["classifier accuracy, generated images", fmt(generated["accuracy"])])
   for name, m in per_class.items():
     table.append([f"accuracy on generated '{name}'", fmt(m["accuracy"])])
-  write_report(workdir, results, table, "Paper B protocol: VAE reconstruction and classifier")
+  write_report(workdir, results, table, "Paper B protocol: VAE reconstruction and classifier",
+               config)
   return results
 
 
