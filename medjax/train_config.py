@@ -186,6 +186,8 @@ def check_values(config: Any) -> None:
     raise MedjaxError(f"config.data.on_bad_file={config.data.on_bad_file!r}: expected 'error' or "
                       "'skip'")
   check_fraction(config.data.max_bad_fraction)
+  if config.get("protocol", "") not in ("", "paper_a", "paper_b"):
+    raise MedjaxError(f"config.protocol={config.protocol!r}: expected '', 'paper_a' or 'paper_b'")
   if config.attention not in attention_lib.IMPLEMENTATIONS:
     raise MedjaxError(f"config.attention={config.attention!r}: expected one of "
                       f"{', '.join(attention_lib.IMPLEMENTATIONS)}")

@@ -2,8 +2,12 @@
 import json
 from pathlib import Path
 
+import pytest
+
 from medjax import config_args
+from medjax import train_config
 from medjax.data import make_dataset
+from medjax.errors import MedjaxError
 from medjax.eval import protocols
 from medjax.eval import provenance
 
@@ -100,3 +104,11 @@ def test_lungxray_learns_one_token_from_a_few_images():
                       num_epochs=1, shuffle=False, drop_remainder=False)
   prompts = [p for batch in data for p in batch["prompt"]]
   assert prompts == ["a photo of a <lungxray>"] * 5
+
+
+def test_a_train_config_names_a_known_protocol():
+  config = config_args.load_config_file(f"{ROOT}/configs/cxr_ti.py")
+  config.protocol = "paper_c"
+  with pytest.raises(MedjaxError, match=r"^config.protocol='paper_c': expected '', 'paper_a' or "
+                     "'paper_b'$"):
+    train_config.check_train_config(config)
