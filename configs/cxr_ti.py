@@ -7,8 +7,10 @@ r"""Chest X-ray textual inversion (paper A, de Wilde et al.): one 64-vector toke
       --config.data.source=chexpert --config.data.root=/path/to/CheXpert-v1.0
       The protocol: SD 2.0 512-base, 100 CheXpert images per class (pleural effusion / no
       finding), 64 vectors per token, 50k steps, AUTOMATIC1111's embedding learning rate.
-  Outputs: workdir/embeddings/learned_embeds.safetensors (diffusers) and <token>.safetensors
-  (AUTOMATIC1111) per token; use them with `python -m medjax.sample --embeddings=...`.
+  Outputs, per token: workdir/embeddings/diffusers/<token>.safetensors (diffusers) and
+  workdir/embeddings/a1111/<token>.safetensors (AUTOMATIC1111), e.g. embeddings/diffusers/
+  effusion.safetensors and healthy-cxr.safetensors; use them with `python -m medjax.sample
+  --embeddings=...` or `--config.model.embeddings=...` of configs/eval_paper_a_cxr.py.
   Arg options: paper, vectors=N (e.g. vectors=8 for the ablation).
 """
 from medjax.config_args import ArgSpec
@@ -37,5 +39,6 @@ def get_config(arg: str = ""):
   c.weight_decay = 0.0  # never on embeddings (objectives masks it anyway)
   c.max_grad_norm = 0.0
   if opts.paper:
+    c.protocol = "paper_a"
     ti_paper_scale(c, "chexpert", total_steps=50_000)  # 100k for prostate MRI
   return c

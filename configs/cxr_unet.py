@@ -30,6 +30,7 @@ def get_config(arg: str = ""):
   c.learning_rate = 1e-4  # tiny random model: learns visibly in 60 steps
   if opts.paper:
     unet_paper_scale(c, "chexpert")
+    c.protocol = "paper_b"
     c.sample.num_inference_steps, c.sample.guidance_scale = 75, 4.0  # RoentGen: 75 PNDM, g=4
     c.sample.scheduler = "pndm"
   if opts.prior:

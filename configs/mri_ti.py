@@ -8,6 +8,8 @@ r"""Prostate MRI textual inversion (paper A on PI-CAI): T2W/ADC/HBV as RGB, slic
       --config.data.picai.cache_dir=/path/to/cache
       The protocol: SD 2.0 512-base, 100 slices per class (csPCa lesion / healthy), resampled
       to 3 x 0.5 x 0.5 mm, 30 x 300 x 300 centre crop, 512 px Lanczos, 64 vectors, 100k steps.
+  Outputs, per token: workdir/embeddings/diffusers/<token>.safetensors (diffusers) and
+  workdir/embeddings/a1111/<token>.safetensors (AUTOMATIC1111): cspca and healthy-prostate.
   Arg options: paper, vectors=N.
 """
 from medjax.config_args import ArgSpec
@@ -35,5 +37,6 @@ def get_config(arg: str = ""):
   c.weight_decay = 0.0
   c.max_grad_norm = 0.0
   if opts.paper:
+    c.protocol = "paper_a"
     ti_paper_scale(c, "picai", total_steps=100_000)
   return c

@@ -19,7 +19,7 @@ from medjax.validation import check_known_keys
 # the steps compute): a resumed run may extend total_steps or log/save at other intervals.
 RESUMABLE_KEYS = ("total_steps", "log_every_steps", "checkpoint_every_steps", "keep_checkpoints",
                   "sample_every_steps", "sample", "allow_config_change", "progress_bar",
-                  "stop_after_steps", "attention")
+                  "stop_after_steps", "attention", "protocol")
 # Free-form maps: their keys are names chosen by the user, not config keys.
 FREE_MAPS = ("data.prompt.class_prompts", "data.prompt.label_texts")
 
@@ -27,6 +27,9 @@ FREE_MAPS = ("data.prompt.class_prompts", "data.prompt.label_texts")
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.objective = "unet"  # 'unet' (fine-tune) | 'textual_inversion'
+  # '' | 'paper_a' | 'paper_b': the paper whose protocol a `:paper` config follows; its
+  # settings' sources (medjax.eval.provenance) then go into summary.json
+  c.protocol = ""
   c.seed = 0
   c.total_steps = 60
   c.stop_after_steps = 0  # stop (with a checkpoint) after this many steps of this process; 0=off
@@ -183,6 +186,8 @@ def check_values(config: Any) -> None:
     raise MedjaxError(f"config.data.on_bad_file={config.data.on_bad_file!r}: expected 'error' or "
                       "'skip'")
   check_fraction(config.data.max_bad_fraction)
+  if config.get("protocol", "") not in ("", "paper_a", "paper_b"):
+    raise MedjaxError(f"config.protocol={config.protocol!r}: expected '', 'paper_a' or 'paper_b'")
   if config.attention not in attention_lib.IMPLEMENTATIONS:
     raise MedjaxError(f"config.attention={config.attention!r}: expected one of "
                       f"{', '.join(attention_lib.IMPLEMENTATIONS)}")

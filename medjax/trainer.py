@@ -41,6 +41,7 @@ from medjax import workdir as workdir_lib
 from medjax.data import make_dataset
 from medjax.data import split_file
 from medjax.errors import MedjaxError
+from medjax.eval import provenance
 from medjax.models import clip
 from medjax.pipeline import StableDiffusion
 
@@ -470,6 +471,7 @@ def _loop(config, workdir, run: Setup, ckpt, data, shard, lead: bool) -> dict:
   ckpt.wait()  # a failed async save raises here, before the summary claims its step
   summary = {"step": step, "loss": last_loss, "stopped": stopped or None,
              "seconds": time.perf_counter() - t0, "checkpoints": ckpt.all_steps(),
-             "skipped_files": run_outputs.skipped_files(data), **outputs}
+             "skipped_files": run_outputs.skipped_files(data), **outputs,
+             **provenance.train_summary(config)}  # `:paper` configs: each setting's source
   run_outputs.write_summary(workdir, summary)
   return summary

@@ -1,6 +1,7 @@
 """configs/*.py: every config loads with each arg it documents, refuses any other arg in one line,
 and its keys take overrides from the command line as ml_collections parses them."""
 import importlib.util
+import re
 import sys
 from pathlib import Path
 from unittest import mock
@@ -149,3 +150,13 @@ def test_sweep_tuple_values_reach_the_config():
     config = _parse_command_line(*args)
     assert config.sample.prompts == prompts
     assert config.data.classes == (("e", {"Pleural Effusion": 1}),)
+
+
+def test_documented_embedding_paths_are_the_written_ones():
+  """Configs and README name embedding files where run_outputs.write_embeddings puts them."""
+  texts = {f"configs/{n}.py": (ROOT / "configs" / f"{n}.py").read_text() for n in CONFIGS}
+  texts["README.md"] = (ROOT / "README.md").read_text()
+  for name, text in texts.items():
+    assert "learned_embeds" not in text, f"{name}: names learned_embeds (not written by a run)"
+    for path in re.findall(r"embeddings/[\w<>./-]*\.safetensors", text):
+      assert re.match(r"embeddings/(diffusers|a1111)/[\w<>-]+\.safetensors$", path), (name, path)

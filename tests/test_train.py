@@ -282,9 +282,16 @@ def test_data_state_per_process_and_old_checkpoints():
 def test_prior_preservation_with_generated_class_images_and_cached_latents(tmp_path):
   config = tiny_config(total_steps=2, cache_latents=True,
                        **{"prior.enabled": True, "prior.num_class_images": 2,
-                          "prior.num_inference_steps": 2, "prior.weight": 0.5})
+                          "prior.num_inference_steps": 2, "prior.weight": 0.5,
+                          "protocol": "paper_b"})  # paper B's U-Net: settings' provenance
   summary = trainer.train(config, tmp_path)
   assert summary["step"] == 2 and np.isfinite(summary["loss"])
+  settings = json.loads((tmp_path / "summary.json").read_text())["settings"]
+  assert [(r["setting"], r["value"], r["source"], r["paper_value"]) for r in settings] == [
+      ("base model", "embedded tiny random SD", "ours", "SD 1.4"),
+      ("resolution", 64, "ours", "512"), ("steps", 2, "ours", "not stated"),
+      ("learning rate", 1e-4, "ours", "not stated"),
+      ("images per class", "all", "ours", "1,000s of images in all")]
   class_images = sorted((tmp_path / "class_images").glob("*.png"))
   assert len(class_images) == 2
   from PIL import Image  # pylint: disable=g-import-not-at-top

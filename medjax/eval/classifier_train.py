@@ -57,11 +57,23 @@ def default_config() -> ml_collections.ConfigDict:
   c.seed = 0                    # init, batch order and flips: same seed, same result
   c.augment_flip = False        # random horizontal flips
   c.eval_every = 0              # validate every N steps (0: at the end only)
-  c.select = "best"             # best (by val AUC, when val data) | last
+  # best (by val AUC over the eval_every checks; needs eval_every > 0) | last
+  c.select = "last"
   c.log_every = 50              # loss points in the history
   c.predict_batch_size = 64
   c.progress = True             # tqdm bar (steps/s)
   return c
+
+
+def check_config(cfg: Any, where: str = "config.classifier") -> None:
+  """Settings that would silently do something else: select='best' with eval_every=0 checks the
+  val AUC only at the last step, so 'best' would keep the last step."""
+  if cfg.select not in ("best", "last"):
+    raise MedjaxError(f"{where}: select must be 'best' or 'last', got {cfg.select!r}")
+  if cfg.select == "best" and not cfg.eval_every:
+    raise MedjaxError(f"{where}: select='best' needs eval_every > 0 (with eval_every=0 val AUC "
+                      "is checked at the last step only, so 'best' keeps the last step); set "
+                      "eval_every=N or select='last'")
 
 
 class ClassifierState(train_state.TrainState):
@@ -325,8 +337,7 @@ def train_classifier(config, train_data, val_data=None, mesh=None,
   cfg.update(overrides)
   if cfg.task not in TASKS:
     raise MedjaxError(f"train_classifier: task must be one of {TASKS}, got {cfg.task!r}")
-  if cfg.select not in ("best", "last"):
-    raise MedjaxError(f"train_classifier: select must be 'best' or 'last', got {cfg.select!r}")
+  check_config(cfg, "train_classifier config")
   images, labels = _check_data(train_data, cfg.task, "train_data")
   val = _check_data(val_data, cfg.task, "val_data") if val_data is not None else None
   if cfg.batch_size < 1 or cfg.num_steps < 1:

@@ -43,6 +43,7 @@ from medjax.eval import classifier_train
 from medjax.eval import fid as fid_lib
 from medjax.eval import inception_weights
 from medjax.eval import leakage
+from medjax.eval import provenance
 from medjax.eval import recon
 from medjax.pipeline import StableDiffusion
 from medjax.train_config import check_train_config
@@ -367,8 +368,10 @@ def train_and_score(config: Any, train: Split, val: Split, test: Split, pos: int
 
 # -- reports -------------------------------------------------------------------------------------
 
-def write_report(workdir, results: dict, table: list[list[str]], title: str) -> None:
-  """results.json and results.md, each written to a temp file and renamed (by process 0)."""
+def write_report(workdir, results: dict, table: list[list[str]], title: str,
+                 config=None) -> None:
+  """results.json, results.md (temp file + rename, by process 0); `config`'s provenance too."""
+  results["settings"] = provenance.settings(config) if config is not None else []
   if not hosts.is_lead():
     return
   atomic.write_text(workdir / "results.json", json.dumps(results, indent=1, default=_json) + "\n")
@@ -378,6 +381,7 @@ def write_report(workdir, results: dict, table: list[list[str]], title: str) -> 
   head, *rows = table
   lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   lines += ["| " + " | ".join(r) + " |" for r in rows]
+  lines += provenance.markdown(results["settings"])
   atomic.write_text(workdir / "results.md", "\n".join(lines) + "\n")
 
 
@@ -453,7 +457,8 @@ def paper_a(config: Any, workdir, mesh=None) -> dict:
                   str(summary[s]["n"]), fmt(acc)])
   table.append([f"FID generated vs {ref_name}", fmt(fid["all"], 2), "", ""])
   table.append(["FID generated vs real test split", fmt(fid["vs_test"], 2), "", ""])
-  write_report(workdir, results, table, "Paper A protocol: classifier AUC with synthetic data")
+  write_report(workdir, results, table, "Paper A protocol: classifier AUC with synthetic data",
+               config)
   return results
 
 
@@ -510,7 +515,8 @@ def paper_b(config: Any, workdir, mesh=None) -> dict:
   table.append(["classifier accuracy, generated images", fmt(generated["accuracy"])])
   for name, m in per_class.items():
     table.append([f"accuracy on generated '{name}'", fmt(m["accuracy"])])
-  write_report(workdir, results, table, "Paper B protocol: VAE reconstruction and classifier")
+  write_report(workdir, results, table, "Paper B protocol: VAE reconstruction and classifier",
+               config)
   return results
 
 
@@ -522,6 +528,7 @@ def run_protocol(config: Any, workdir) -> dict:
   check_train_config(config, base_config(),
                      free_maps=("data.prompt.class_prompts", "data.prompt.label_texts",
                                 "generation.prompts"))
+  classifier_train.check_config(config.classifier)
   if config.protocol not in PROTOCOLS:
     raise MedjaxError(f"config.protocol={config.protocol!r}: expected one of {list(PROTOCOLS)}")
   workdir = workdir_lib.output_path(workdir)

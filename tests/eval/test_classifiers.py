@@ -2,6 +2,7 @@
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import pytest
@@ -192,6 +193,11 @@ def test_bad_training_input():
     ct.train_classifier(dict(TINY, lr=1), (images, labels))
   with pytest.raises(MedjaxError, match="0/1"):
     ct.train_classifier(TINY, (images, labels + 1))
+  with pytest.raises(MedjaxError, match=r"train_classifier config: select='best' needs "
+                     r"eval_every > 0 \(with eval_every=0"):
+    ct.train_classifier(dict(TINY, select="best"), (images, labels))
+  ct.check_config(ml_collections.ConfigDict(dict(ct.default_config(), select="best",
+                                                 eval_every=5)))  # fine with eval_every
 
 
 @pytest.mark.slow

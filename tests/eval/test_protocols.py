@@ -62,6 +62,8 @@ def test_paper_a_protocol_writes_its_report(tmp_path, name, positive, negative):
     assert (tmp_path / out).exists(), out
   assert "nan" not in (tmp_path / "results.md").read_text().lower()
   assert json.loads((tmp_path / "results.json").read_text())["protocol"] == "paper_a"
+  assert "| classifier steps | 8 | ours |" in (tmp_path / "results.md").read_text()
+  assert {r["setting"] for r in results["settings"]} >= {"repeats", "FID features"}
 
 
 def test_paper_b_protocol_writes_its_report(tmp_path):
@@ -74,6 +76,7 @@ def test_paper_b_protocol_writes_its_report(tmp_path):
                                                                   "no_finding"}
   table = (tmp_path / "results.md").read_text()
   assert "VAE reconstruction SSIM" in table and "nan" not in table.lower()
+  assert "| guidance scale | 7.5 | ours | not stated (RoentGen: 4) |" in table
 
 
 def test_bad_protocol_inputs(tmp_path):
@@ -85,6 +88,11 @@ def test_bad_protocol_inputs(tmp_path):
   config.protocol = "paper_c"
   with pytest.raises(MedjaxError, match="paper_c"):
     protocols.run_protocol(config, tmp_path)
+  config = load_config("eval_paper_a_mri", "paper")
+  config.classifier.select = "best"  # with eval_every=0: 'best' would be the last step
+  with pytest.raises(MedjaxError, match=r"^config.classifier: select='best' needs eval_every"):
+    protocols.run_protocol(config, tmp_path / "best")
+  assert not (tmp_path / "best").exists()  # refused before the workdir is made
   config = load_config("eval_paper_a_mri")
   config.settings = ("real", "imaginary")
   config.data.split.sizes = (2, 2, 2)
