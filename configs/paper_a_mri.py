@@ -12,16 +12,17 @@ r"""Paper A's prostate MRI table in one command: a textual inversion per class, 
       the ResNet-18 protocol (paper: real 0.780 +- 0.017, real+synthetic 0.803 +- 0.009,
       synthetic 0.766).
   Writes DIR/split.json, DIR/<stage>/ per stage, DIR/results.md and results.json.
-  Arg options: paper, ablation=vectors (1, 8, 16, 64) | images (per class: 10, 50, 100).
+  Arg options: paper, ablation=none | vectors (1, 8, 16, 64) | images (per class: 10, 50,
+  100): paper A's ablations, gathered into DIR/ablation.md and ablation.png.
 """
 from medjax import paper_tables
 from medjax.config_args import ArgSpec
 from medjax.validation import one_of
 
-ARG = ArgSpec(flags=("paper",), settings={"ablation": ""},
-              rules={"ablation": one_of("", *paper_tables.ABLATIONS)})
+ARG = ArgSpec(flags=("paper",), settings={"ablation": "none"},
+              rules={"ablation": one_of("none", *paper_tables.ABLATIONS)})
 
 
 def get_config(arg: str = ""):
   opts = ARG.parse(arg, __file__)
-  return paper_tables.paper_a("mri", opts.paper, opts.ablation)
+  return paper_tables.paper_a("mri", opts.paper, "" if opts.ablation == "none" else opts.ablation)

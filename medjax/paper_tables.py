@@ -12,7 +12,6 @@ from pathlib import Path
 import ml_collections
 
 from medjax import config_args
-from medjax import reproduce
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 # The papers' numbers (../shared/papers/NOTES.md) printed beside ours.
@@ -25,6 +24,47 @@ ABLATIONS = {  # name -> (swept, paper's values, embedded default's values, TI c
                 "textual_inversion.num_vectors"),
     "images": ("images per class", (10, 50, 100), (3, 6, 12), "data.per_class"),
 }
+
+
+def stage(kind: str, config: str, arg: str = "", **needs) -> ml_collections.ConfigDict:
+  """One stage: a `kind` run of configs/`config`:`arg` (a name in configs/ or a path), with
+  `set` overrides.
+
+  needs: embeddings=(train stages whose embedding files the generator loads),
+    train_workdir='<train stage>' (the fine-tuned generator to evaluate).
+  """
+  s = ml_collections.ConfigDict()
+  s.kind = kind
+  s.config = str(CONFIGS / config)  # an absolute path stays as it is
+  s.arg = arg
+  s.set = ml_collections.ConfigDict()
+  s.embeddings = tuple(needs.get("embeddings", ()))
+  s.train_workdir = needs.get("train_workdir", "")
+  return s
+
+
+def base_config(table: str, title: str,
+                data: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """What every reproduce config holds; `data` is the evaluation's data config (shared)."""
+  c = ml_collections.ConfigDict()
+  c.table = table  # 'paper_a' | 'paper_b' | 'ablation'
+  c.title = title
+  c.data = data
+  c.model = ml_collections.ConfigDict()
+  c.model.pretrained = ""  # the base SD for every stage ('' = the embedded tiny model)
+  c.model.allow_pickle = False
+  c.fid = ml_collections.ConfigDict()
+  c.fid.weights = ""  # pytorch-fid's Inception weights for every evaluation
+  c.fid.allow_pickle = False
+  c.stages = ml_collections.ConfigDict()
+  c.order = ()  # stage names in run order
+  c.paper = ml_collections.ConfigDict()  # row -> the paper's number, printed beside ours
+  c.ablation = ml_collections.ConfigDict()
+  c.ablation.swept = ""  # e.g. 'vectors per token'
+  c.ablation.swept_values = ()
+  c.ablation.evaluations = ()  # evaluation stage per value
+  c.notes = ()  # what this reproduction changes from the paper, for the report
+  return c
 
 
 def _set(node: ml_collections.ConfigDict, dotted: str, value) -> None:
@@ -43,7 +83,7 @@ def _ti_stages(c, ti, modality: str, paper: bool, suffix: str = "", changes=None
   tokens = dict(zip([name for name, _ in ti.data.classes], ti.textual_inversion.tokens))
   for cls, token in tokens.items():
     name = f"train_{cls}{suffix}"
-    s = reproduce.stage("train", str(CONFIGS / f"{modality}_ti.py"), arg)
+    s = stage("train", str(CONFIGS / f"{modality}_ti.py"), arg)
     _set(s.set, "textual_inversion.tokens", (tuple(token),))
     _set(s.set, "data.keep_classes", (cls,))
     _set(s.set, "sample.prompts", (ti.data.prompt.class_prompts[cls],))
@@ -61,7 +101,7 @@ def paper_a(modality: str, paper: bool, ablation: str = "") -> ml_collections.Co
                                     (":paper" if paper else ""))
   ti = config_args.load_config_file(str(CONFIGS / f"{modality}_ti.py"))
   title = f"Paper A ({modality.upper()}): classifier AUC with synthetic images"
-  c = reproduce.base_config("ablation" if ablation else "paper_a", title, ev.data)
+  c = base_config("ablation" if ablation else "paper_a", title, ev.data)
   if modality == "mri":
     c.paper = ml_collections.ConfigDict(PAPER_A_MRI)
   prompts = dict(ti.data.prompt.class_prompts)
@@ -76,7 +116,7 @@ def paper_a(modality: str, paper: bool, ablation: str = "") -> ml_collections.Co
     swept, paper_values, small_values, key = ABLATIONS[ablation]
     values = paper_values if paper else small_values
     runs = [(f"_{v}", {key: v}) for v in values]
-    c.ablation.swept, c.ablation.values = swept, tuple(values)
+    c.ablation.swept, c.ablation.swept_values = swept, tuple(values)
     if values != paper_values:
       notes.append(f"Ablation values {tuple(values)} (ours: the embedded default's train split "
                    f"is small); the paper's: {tuple(paper_values)}.")
@@ -84,7 +124,7 @@ def paper_a(modality: str, paper: bool, ablation: str = "") -> ml_collections.Co
   for suffix, changes in runs:
     trains = _ti_stages(c, ti, modality, paper, suffix, changes)
     name = f"evaluate{suffix}"
-    e = reproduce.stage("evaluate", str(CONFIGS / f"eval_paper_a_{modality}.py"), arg,
+    e = stage("evaluate", str(CONFIGS / f"eval_paper_a_{modality}.py"), arg,
                         embeddings=tuple(trains))
     e.set.generation = ml_collections.ConfigDict({"prompts": prompts})
     c.stages[name] = e
@@ -101,17 +141,17 @@ def paper_b(paper: bool) -> ml_collections.ConfigDict:
   arg = "paper" if paper else ""
   ev = config_args.load_config_file(str(CONFIGS / "eval_paper_b.py") + (":paper" if paper else ""))
   title = "Paper B (CXR): VAE reconstruction and a classifier on generated images"
-  c = reproduce.base_config("paper_b", title, ev.data)
+  c = base_config("paper_b", title, ev.data)
   c.paper = ml_collections.ConfigDict(PAPER_B)
   eval_file = str(CONFIGS / "eval_paper_b.py")
   unet_file = str(CONFIGS / "cxr_unet.py")
-  c.stages.evaluate_base = reproduce.stage("evaluate", eval_file, arg)
-  c.stages.finetune = reproduce.stage("train", unet_file, arg)
-  c.stages.evaluate_finetune = reproduce.stage("evaluate", eval_file, arg,
+  c.stages.evaluate_base = stage("evaluate", eval_file, arg)
+  c.stages.finetune = stage("train", unet_file, arg)
+  c.stages.evaluate_finetune = stage("evaluate", eval_file, arg,
                                                train_workdir="finetune")
-  c.stages.finetune_prior = reproduce.stage("train", unet_file,
+  c.stages.finetune_prior = stage("train", unet_file,
                                             ",".join(a for a in (arg, "prior") if a))
-  c.stages.evaluate_finetune_prior = reproduce.stage("evaluate", eval_file, arg,
+  c.stages.evaluate_finetune_prior = stage("evaluate", eval_file, arg,
                                                      train_workdir="finetune_prior")
   c.order = ("evaluate_base", "finetune", "evaluate_finetune", "finetune_prior",
              "evaluate_finetune_prior")

@@ -29,61 +29,22 @@ from medjax import cli
 from medjax import config_args
 from medjax import distributed
 from medjax import hosts
+from medjax import paper_tables
 from medjax import paths
 from medjax import trainer
 from medjax.errors import MedjaxError
+from medjax.eval import ablation
 from medjax.eval import protocols
+from medjax.train_config import check_train_config
 
 KINDS = ("train", "evaluate")
 # config.data blocks that describe the dataset and its split: the same in every stage. Classes,
 # prompts, per-class counts and augmentation stay each stage's own.
 SHARED_DATA = ("source", "root", "on_bad_file", "max_bad_fraction", "check_files", "phantoms",
                "chexpert", "mimic", "picai", "folder", "split")
-CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 
 # -- configs ----------------------------------------------------------------------------------
-
-def stage(kind: str, config: str, arg: str = "", **needs) -> ml_collections.ConfigDict:
-  """One stage: a `kind` run of configs/`config`:`arg` (a name in configs/ or a path), with
-  `set` overrides.
-
-  needs: embeddings=(train stages whose embedding files the generator loads),
-    train_workdir='<train stage>' (the fine-tuned generator to evaluate).
-  """
-  s = ml_collections.ConfigDict()
-  s.kind = kind
-  s.config = str(CONFIGS_DIR / config)  # an absolute path stays as it is
-  s.arg = arg
-  s.set = ml_collections.ConfigDict()
-  s.embeddings = tuple(needs.get("embeddings", ()))
-  s.train_workdir = needs.get("train_workdir", "")
-  return s
-
-
-def base_config(table: str, title: str,
-                data: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """What every reproduce config holds; `data` is the evaluation's data config (shared)."""
-  c = ml_collections.ConfigDict()
-  c.table = table  # 'paper_a' | 'paper_b' | 'ablation'
-  c.title = title
-  c.data = data
-  c.model = ml_collections.ConfigDict()
-  c.model.pretrained = ""  # the base SD for every stage ('' = the embedded tiny model)
-  c.model.allow_pickle = False
-  c.fid = ml_collections.ConfigDict()
-  c.fid.weights = ""  # pytorch-fid's Inception weights for every evaluation
-  c.fid.allow_pickle = False
-  c.stages = ml_collections.ConfigDict()
-  c.order = ()  # stage names in run order
-  c.paper = ml_collections.ConfigDict()  # row -> the paper's number, printed beside ours
-  c.ablation = ml_collections.ConfigDict()
-  c.ablation.swept = ""  # e.g. 'vectors per token'
-  c.ablation.values = ()
-  c.ablation.evaluations = ()  # evaluation stage per value
-  c.notes = ()  # what this reproduction changes from the paper, for the report
-  return c
-
 
 def merge(target: ml_collections.ConfigDict, changes: Any, where: str) -> None:
   """Sets `changes` (nested) into `target`; an unknown key is an error naming it."""
@@ -175,15 +136,22 @@ def run_stage(kind: str, config: ml_collections.ConfigDict, stage_dir: epath.Pat
     protocols.run_protocol(config, stage_dir)
 
 
-def reproduce(config: Any, workdir) -> dict:
-  """Runs every stage not yet done, then writes the table; returns results.json's dict."""
-  workdir = paths.workdir_path(workdir)
+def check_config(config: Any, workdir="/tmp/medjax_reproduce") -> None:
+  """Unknown keys, stage names and every stage's full config, before the first stage runs."""
+  base = paper_tables.base_config(config.table, config.title, config.data)
+  check_train_config(config, base, free_maps=("stages", "paper"))
   unknown = [n for n in config.order if n not in config.stages]
   if unknown or not config.order:
     raise MedjaxError(f"config.order={tuple(config.order)}: expected stage names from "
                       f"{list(config.stages)}")
-  for name in config.order:  # every stage's config checked before the first one runs
-    stage_config(config, name, workdir, inputs=False)
+  for name in config.order:
+    stage_config(config, name, paths.workdir_path(workdir), inputs=False)
+
+
+def reproduce(config: Any, workdir) -> dict:
+  """Runs every stage not yet done, then writes the table; returns results.json's dict."""
+  workdir = paths.workdir_path(workdir)
+  check_config(config, workdir)
   done = []
   for i, name in enumerate(config.order):
     kind, stage_dir = config.stages[name].kind, workdir / name
@@ -247,9 +215,8 @@ def write_table(config: Any, workdir: epath.Path) -> dict:
       f"{n} ({config.stages[n].kind})" for n in config.order), ""]
   lines += [f"> {n}" for n in config.notes] + ([""] if config.notes else [])
   if config.table == "ablation":
-    values = list(config.ablation.values)
+    values = list(config.ablation.swept_values)
     rows = [(v, _results(workdir, n)) for v, n in zip(values, config.ablation.evaluations)]
-    from medjax.eval import ablation  # pylint: disable=g-import-not-at-top
     if hosts.is_lead():
       table = ablation.gather(rows, config.ablation.swept, workdir)
     else:

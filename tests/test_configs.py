@@ -31,7 +31,10 @@ def _documented_args(name):
 
 
 def _check(name, config):
-  if name.startswith("eval_"):
+  if name.startswith("paper_"):
+    from medjax import reproduce  # pylint: disable=g-import-not-at-top
+    reproduce.check_config(config)
+  elif name.startswith("eval_"):
     from medjax.eval import protocols  # pylint: disable=g-import-not-at-top
     train_config.check_train_config(config, protocols.base_config(), free_maps=EVAL_FREE_MAPS)
   else:

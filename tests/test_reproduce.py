@@ -81,3 +81,23 @@ def test_bad_reproduce_configs(tmp_path):
     reproduce.reproduce(config, tmp_path)
   with pytest.raises(MedjaxError, match="ablation"):
     config_args.load_config_file("configs/paper_a_mri.py:ablation=colours")
+
+
+def test_ablation_config_sweeps_the_tokens_runs():
+  config = config_args.load_config_file("configs/paper_a_mri.py:paper,ablation=vectors")
+  assert config.ablation.swept_values == (1, 8, 16, 64)
+  assert config.ablation.evaluations == ("evaluate_1", "evaluate_8", "evaluate_16", "evaluate_64")
+  assert config.stages.train_diseased_16.set.textual_inversion.num_vectors == 16
+  assert config.stages.evaluate_16.embeddings == ("train_diseased_16", "train_healthy_16")
+  small = config_args.load_config_file("configs/paper_a_mri.py:ablation=images")
+  assert small.ablation.swept_values == (3, 6, 12) and "(10, 50, 100)" in " ".join(small.notes)
+  reproduce.check_config(config)
+
+
+@pytest.mark.slow
+def test_ablation_gathers_one_table(tmp_path):
+  results = reproduce.reproduce(tiny("paper_a_mri", "ablation=images"), tmp_path)
+  assert [r[0] for r in results["rows"][1:]] == ["3", "6", "12"]
+  assert (tmp_path / "ablation.png").exists() and (tmp_path / "ablation.md").exists()
+  records = json.loads((tmp_path / "train_diseased_3" / "records.json").read_text())["records"]
+  assert len(records) == 3

@@ -11,7 +11,8 @@ PACKAGE = ROOT / "medjax"
 
 # Entry modules (`python -m ...`): thin command lines that nothing imports.
 ENTRY = {"medjax.train", "medjax.sample", "medjax.export", "medjax.evaluate",
-         "medjax.data.make_phantoms", "medjax.data.throughput", "medjax.__main__"}
+         "medjax.data.make_phantoms", "medjax.data.throughput", "medjax.__main__",
+         "medjax.reproduce"}
 
 # Layer of each module, by longest matching prefix: a module may import only modules of its own
 # layer or lower ones. Order as in README "Layout".
@@ -26,13 +27,14 @@ LAYERS = [
     ("assembly", ["medjax.embedded", "medjax.sampling", "medjax.sample_files",
                   "medjax.sample_inputs"]),
     ("pipeline", ["medjax.pipeline", "medjax"]),  # `medjax/__init__` exports StableDiffusion
-    ("objectives", ["medjax.objectives", "medjax.train_config", "medjax.eval.inception", "medjax.eval.classifiers",
+    ("objectives", ["medjax.objectives", "medjax.train_config", "medjax.eval.inception",
+                    "medjax.eval.classifiers",
                     "medjax.eval.auc", "medjax.eval.recon", "medjax.eval.fid",
                     "medjax.eval.memorization", "medjax.eval.inception_weights",
                     "medjax.eval.classifier_weights", "medjax.eval.provenance"]),
     ("trainer", ["medjax.batches", "medjax.trainer", "medjax.eval.classifier_train",
                  "medjax.run_outputs"]),
-    ("protocols", ["medjax.eval", "medjax.exporter"]),
+    ("protocols", ["medjax.eval", "medjax.exporter", "medjax.paper_tables"]),
     ("entry", sorted(ENTRY)),
 ]
 

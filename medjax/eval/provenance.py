@@ -166,6 +166,9 @@ def _eval_settings(c: Any) -> list[dict]:
       row("FID weights", "fid.weights", FID_WEIGHTS if not fid.random_weights
           else FID_WEIGHTS + ", or random when not found",
           Ref(FID_WEIGHTS, PAPER_A, FID_WEIGHTS + " (torchmetrics FID)") if a else None),
+      row("FID reference", "fid.reference", fid.reference,
+          Ref("generator_train", PAPER_A, "generator_train (the ~100 images per class the "
+              "embeddings trained on)") if a else None),
       row("FID resize", "fid.resize", fid.resize,
           None if a else Ref("clean", BORROWED_ROENTGEN, "clean (clean-fid, PIL bicubic)")),
   ]
