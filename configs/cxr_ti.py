@@ -11,6 +11,9 @@ r"""Chest X-ray textual inversion (paper A, de Wilde et al.): one 64-vector toke
   workdir/embeddings/a1111/<token>.safetensors (AUTOMATIC1111), e.g. embeddings/diffusers/
   effusion.safetensors and healthy-cxr.safetensors; use them with `python -m medjax.sample
   --embeddings=...` or `--config.model.embeddings=...` of configs/eval_paper_a_cxr.py.
+  Both tokens train in this one run, so each gets about half of the 50k steps; the paper
+  trains them apart: `python -m medjax.reproduce --config=configs/paper_a_cxr.py:paper`
+  runs one training per token with the full steps each, on the evaluation's shared split.
   Arg options: paper, vectors=N (e.g. vectors=8 for the ablation).
 """
 from medjax.config_args import ArgSpec

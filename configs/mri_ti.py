@@ -10,6 +10,9 @@ r"""Prostate MRI textual inversion (paper A on PI-CAI): T2W/ADC/HBV as RGB, slic
       to 3 x 0.5 x 0.5 mm, 30 x 300 x 300 centre crop, 512 px Lanczos, 64 vectors, 100k steps.
   Outputs, per token: workdir/embeddings/diffusers/<token>.safetensors (diffusers) and
   workdir/embeddings/a1111/<token>.safetensors (AUTOMATIC1111): cspca and healthy-prostate.
+  Both tokens train in this one run, so each gets about half of the 100k steps; the paper
+  trains them apart: `python -m medjax.reproduce --config=configs/paper_a_mri.py:paper`
+  runs one training per token with the full steps each, on the evaluation's shared split.
   Arg options: paper, vectors=N.
 """
 from medjax.config_args import ArgSpec
