@@ -80,7 +80,8 @@ def _ti_stages(c, ti, modality: str, paper: bool, suffix: str = "", changes=None
   """One textual-inversion stage per class token: only that class's images and prompt."""
   arg = "paper" if paper else ""
   names = []
-  tokens = dict(zip([name for name, _ in ti.data.classes], ti.textual_inversion.tokens))
+  tokens = dict(zip([name for name, _ in ti.data.classes], ti.textual_inversion.tokens,
+                    strict=True))
   for cls, token in tokens.items():
     name = f"train_{cls}{suffix}"
     s = stage("train", str(CONFIGS / f"{modality}_ti.py"), arg)

@@ -216,7 +216,8 @@ def write_table(config: Any, workdir: epath.Path) -> dict:
   lines += [f"> {n}" for n in config.notes] + ([""] if config.notes else [])
   if config.table == "ablation":
     values = list(config.ablation.swept_values)
-    rows = [(v, _results(workdir, n)) for v, n in zip(values, config.ablation.evaluations)]
+    rows = [(v, _results(workdir, n)) for v, n in zip(values, config.ablation.evaluations,
+                                                                 strict=True)]
     if hosts.is_lead():
       table = ablation.gather(rows, config.ablation.swept, workdir)
     else:
