@@ -26,18 +26,19 @@ ABLATIONS = {  # name -> (swept, paper's values, embedded default's values, TI c
 }
 
 
-def stage(kind: str, config: str, arg: str = "", **needs) -> ml_collections.ConfigDict:
-  """One stage: a `kind` run of configs/`config`:`arg` (a name in configs/ or a path), with
-  `set` overrides.
+def stage(kind: str, file: str, arg: str = "", **needs) -> ml_collections.ConfigDict:
+  """One stage: a `kind` run of configs/`file`:`arg` (a name in configs/ or a path).
 
+  The stage holds that file's whole config as `config`, so `--config.stages.<stage>.config.<key>`
+  overrides any of its keys from the command line (with ml_collections' type checks).
   needs: embeddings=(train stages whose embedding files the generator loads),
     train_workdir='<train stage>' (the fine-tuned generator to evaluate).
   """
   s = ml_collections.ConfigDict()
   s.kind = kind
-  s.config = str(CONFIGS / config)  # an absolute path stays as it is
+  s.file = str(CONFIGS / file)  # an absolute path stays as it is
   s.arg = arg
-  s.set = ml_collections.ConfigDict()
+  s.config = config_args.load_config_file(f"{s.file}:{arg}" if arg else s.file)
   s.embeddings = tuple(needs.get("embeddings", ()))
   s.train_workdir = needs.get("train_workdir", "")
   return s
@@ -67,15 +68,6 @@ def base_config(table: str, title: str,
   return c
 
 
-def _set(node: ml_collections.ConfigDict, dotted: str, value) -> None:
-  *path, last = dotted.split(".")
-  for name in path:
-    if name not in node:
-      node[name] = ml_collections.ConfigDict()
-    node = node[name]
-  node[last] = value
-
-
 def _ti_stages(c, ti, modality: str, paper: bool, suffix: str = "", changes=None) -> list[str]:
   """One textual-inversion stage per class token: only that class's images and prompt."""
   arg = "paper" if paper else ""
@@ -85,11 +77,14 @@ def _ti_stages(c, ti, modality: str, paper: bool, suffix: str = "", changes=None
   for cls, token in tokens.items():
     name = f"train_{cls}{suffix}"
     s = stage("train", str(CONFIGS / f"{modality}_ti.py"), arg)
-    _set(s.set, "textual_inversion.tokens", (tuple(token),))
-    _set(s.set, "data.keep_classes", (cls,))
-    _set(s.set, "sample.prompts", (ti.data.prompt.class_prompts[cls],))
+    s.config.textual_inversion.tokens = (tuple(token),)
+    s.config.data.keep_classes = (cls,)
+    s.config.sample.prompts = (ti.data.prompt.class_prompts[cls],)
     for key, value in (changes or {}).items():
-      _set(s.set, key, value)
+      node, *path = [s.config, *key.split(".")]
+      for part in path[:-1]:
+        node = node[part]
+      node[path[-1]] = value
     c.stages[name] = s
     names.append(name)
   return names
@@ -127,7 +122,7 @@ def paper_a(modality: str, paper: bool, ablation: str = "") -> ml_collections.Co
     name = f"evaluate{suffix}"
     e = stage("evaluate", str(CONFIGS / f"eval_paper_a_{modality}.py"), arg,
                         embeddings=tuple(trains))
-    e.set.generation = ml_collections.ConfigDict({"prompts": prompts})
+    e.config.generation.prompts = prompts
     c.stages[name] = e
     order += trains + [name]
     evaluations.append(name)

@@ -11,11 +11,11 @@ first stage to read data: the generators train only on patients of the evaluatio
 and the evaluation checks that (`medjax.eval.leakage`). A finished stage is skipped when the
 command runs again (its settings must be unchanged); an interrupted training resumes from its
 checkpoints. Overrides: `--config.data.root=...`, `--config.model.pretrained=...`,
-`--config.fid.weights=...` apply to every stage; `--config.stages.<stage>.set.<key>=...` to one.
+`--config.fid.weights=...` apply to every stage; `--config.stages.<stage>.config.<key>=...` to
+one.
 """
 import json
 import sys
-from pathlib import Path
 from typing import Any
 
 import ml_collections
@@ -26,7 +26,6 @@ from ml_collections import config_flags
 
 from medjax import atomic
 from medjax import cli
-from medjax import config_args
 from medjax import distributed
 from medjax import hosts
 from medjax import paper_tables
@@ -46,22 +45,6 @@ SHARED_DATA = ("source", "root", "on_bad_file", "max_bad_fraction", "check_files
 
 # -- configs ----------------------------------------------------------------------------------
 
-def merge(target: ml_collections.ConfigDict, changes: Any, where: str) -> None:
-  """Sets `changes` (nested) into `target`; an unknown key is an error naming it."""
-  for key, value in changes.items():
-    if key not in target:
-      raise MedjaxError(f"{where}.{key}: not a key of that stage's config")
-    if isinstance(value, (dict, ml_collections.ConfigDict)) and isinstance(
-        target[key], ml_collections.ConfigDict) and not _free(where, key):
-      merge(target[key], value, f"{where}.{key}")
-    else:
-      target[key] = value
-
-
-def _free(where: str, key: str) -> bool:
-  return key in ("class_prompts", "label_texts", "prompts")
-
-
 def stage_config(config: Any, name: str, workdir: epath.Path,
                  inputs: bool = True) -> ml_collections.ConfigDict:
   """The full config of stage `name`: its file, the shared settings, its overrides, and (with
@@ -69,10 +52,7 @@ def stage_config(config: Any, name: str, workdir: epath.Path,
   s = config.stages[name]
   if s.kind not in KINDS:
     raise MedjaxError(f"config.stages.{name}.kind={s.kind!r}: expected one of {KINDS}")
-  if not Path(s.config).is_file():
-    raise MedjaxError(f"config.stages.{name}.config={s.config}: config file not found")
-  c = config_args.load_config_file(f"{s.config}:{s.arg}" if s.arg else s.config)
-  c.unlock()
+  c = ml_collections.ConfigDict(s.config.to_dict())  # a copy, unlocked
   for key in SHARED_DATA:
     c.data[key] = ml_collections.ConfigDict(config.data[key].to_dict()) if isinstance(
         config.data[key], ml_collections.ConfigDict) else config.data[key]
@@ -90,7 +70,10 @@ def stage_config(config: Any, name: str, workdir: epath.Path,
     c.model.embeddings = tuple(files)
     if s.train_workdir:
       c.model.train_workdir = str(workdir / s.train_workdir)
-  merge(c, s.set, f"config.stages.{name}.set")
+  if s.kind == "train":
+    check_train_config(c)
+  else:
+    check_train_config(c, protocols.base_config(), free_maps=protocols.FREE_MAPS)
   return c
 
 
@@ -139,7 +122,7 @@ def run_stage(kind: str, config: ml_collections.ConfigDict, stage_dir: epath.Pat
 def check_config(config: Any, workdir="/tmp/medjax_reproduce") -> None:
   """Unknown keys, stage names and every stage's full config, before the first stage runs."""
   base = paper_tables.base_config(config.table, config.title, config.data)
-  check_train_config(config, base, free_maps=("stages", "paper"))
+  check_train_config(config, base, free_maps=("stages", "paper"))  # stages: checked below
   unknown = [n for n in config.order if n not in config.stages]
   if unknown or not config.order:
     raise MedjaxError(f"config.order={tuple(config.order)}: expected stage names from "

@@ -49,6 +49,8 @@ from medjax.pipeline import StableDiffusion
 from medjax.train_config import check_train_config
 
 PROTOCOLS: dict[str, Callable] = {}
+# Free-form maps of an eval config: their keys are class names, not config keys.
+FREE_MAPS = ("data.prompt.class_prompts", "data.prompt.label_texts", "generation.prompts")
 
 
 def register(name: str):
@@ -526,8 +528,7 @@ def run_protocol(config: Any, workdir) -> dict:
   Every process returns the same results; process 0 has written the files when it returns.
   """
   check_train_config(config, base_config(),
-                     free_maps=("data.prompt.class_prompts", "data.prompt.label_texts",
-                                "generation.prompts"))
+                     free_maps=FREE_MAPS)
   classifier_train.check_config(config.classifier)
   if config.protocol not in PROTOCOLS:
     raise MedjaxError(f"config.protocol={config.protocol!r}: expected one of {list(PROTOCOLS)}")
