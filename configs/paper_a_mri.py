@@ -16,13 +16,9 @@ r"""Paper A's prostate MRI table in one command: a textual inversion per class, 
   100): paper A's ablations, gathered into DIR/ablation.md and ablation.png.
 """
 from medjax import paper_tables
-from medjax.config_args import ArgSpec
-from medjax.validation import one_of
 
-ARG = ArgSpec(flags=("paper",), settings={"ablation": "none"},
-              rules={"ablation": one_of("none", *paper_tables.ABLATIONS)})
+ARG = paper_tables.PAPER_A_ARG
 
 
 def get_config(arg: str = ""):
-  opts = ARG.parse(arg, __file__)
-  return paper_tables.paper_a("mri", opts.paper, "" if opts.ablation == "none" else opts.ablation)
+  return paper_tables.paper_a_config("mri", arg, __file__)

@@ -119,6 +119,14 @@ def check_override_keys(argv, spec: str) -> None:
       node, where = node[part], f"{where}.{part}"
 
 
+def define_config_and_workdir(config_help: str, workdir_help: str) -> None:
+  """The two required flags of a config-file entry point: --config (locked) and --workdir."""
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  config_flags.DEFINE_config_file("config", None, config_help, lock_config=True)
+  flags.DEFINE_string("workdir", None, workdir_help)
+  flags.mark_flags_as_required(["config", "workdir"])
+
+
 def run_with_config(main_fn, define_flags_fn):
   """Runs a config-file entry point (train, evaluate): flags parsed once, bad input one line."""
   define_flags_fn()

@@ -9,7 +9,6 @@ every process runs the protocol over all devices and process 0 writes the files.
 import json
 
 from absl import flags
-from ml_collections import config_flags
 
 from medjax import cli
 from medjax import distributed
@@ -20,10 +19,8 @@ from medjax.eval import protocols
 
 
 def define_flags():
-  config_flags.DEFINE_config_file("config", None, "An eval config: configs/eval_<name>.py[:arg].",
-                                  lock_config=True)
-  flags.DEFINE_string("workdir", None, "Where results, ROC curves and samples go.")
-  flags.mark_flags_as_required(["config", "workdir"])
+  cli.define_config_and_workdir("An eval config: configs/eval_<name>.py[:arg].",
+                                "Where results, ROC curves and samples go.")
 
 
 def main(argv):

@@ -12,6 +12,7 @@ from pathlib import Path
 import ml_collections
 
 from medjax import config_args
+from medjax import validation
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 # The papers' numbers (../shared/papers/NOTES.md) printed beside ours.
@@ -24,6 +25,18 @@ ABLATIONS = {  # name -> (swept, paper's values, embedded default's values, TI c
                 "textual_inversion.num_vectors"),
     "images": ("images per class", (10, 50, 100), (3, 6, 12), "data.per_class"),
 }
+
+
+# configs/paper_a_{mri,cxr}.py's arg.
+PAPER_A_ARG = config_args.ArgSpec(
+    flags=("paper",), settings={"ablation": "none"},
+    rules={"ablation": validation.one_of("none", *ABLATIONS)})
+
+
+def paper_a_config(modality: str, arg: str, config_file: str) -> ml_collections.ConfigDict:
+  """configs/paper_a_<modality>.py:`arg`."""
+  opts = PAPER_A_ARG.parse(arg, config_file)
+  return paper_a(modality, opts.paper, "" if opts.ablation == "none" else opts.ablation)
 
 
 def stage(kind: str, file: str, arg: str = "", **needs) -> ml_collections.ConfigDict:

@@ -22,7 +22,6 @@ import ml_collections
 from absl import flags
 from absl import logging
 from etils import epath
-from ml_collections import config_flags
 
 from medjax import atomic
 from medjax import cli
@@ -234,10 +233,8 @@ def write_table(config: Any, workdir: epath.Path) -> dict:
 # -- entry point ------------------------------------------------------------------------------
 
 def define_flags():
-  config_flags.DEFINE_config_file("config", None, "A reproduce config: configs/paper_<name>.py"
-                                  "[:arg].", lock_config=True)
-  flags.DEFINE_string("workdir", None, "Where every stage, the split file and the table go.")
-  flags.mark_flags_as_required(["config", "workdir"])
+  cli.define_config_and_workdir("A reproduce config: configs/paper_<name>.py[:arg].",
+                                "Where every stage, the split file and the table go.")
 
 
 def main(argv):

@@ -9,7 +9,6 @@ import json
 import os
 
 from absl import flags
-from ml_collections import config_flags
 
 from medjax import cli
 from medjax import trainer
@@ -17,10 +16,8 @@ from medjax.errors import MedjaxError
 
 
 def define_flags():
-  config_flags.DEFINE_config_file("config", None, "A config file: configs/<name>.py[:arg].",
-                                  lock_config=True)
-  flags.DEFINE_string("workdir", None, "Where checkpoints, metrics, samples and outputs go.")
-  flags.mark_flags_as_required(["config", "workdir"])
+  cli.define_config_and_workdir("A config file: configs/<name>.py[:arg].",
+                                "Where checkpoints, metrics, samples and outputs go.")
 
 
 def main(argv):
