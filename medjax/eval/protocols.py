@@ -13,11 +13,22 @@ one mesh of all devices (`eval_mesh`), so generation, classifier training, Incep
 and the VAE round trip are split over every device. Each process reads the (small) evaluation
 splits in full and feeds its devices' rows of each batch; results come back to every process
 (`medjax.hosts.to_host`). Process 0 alone writes files; the others wait for it.
+
+Memory stays bounded whatever a split's size: each evaluation split, the generated images and
+the VAE reconstructions go batch by batch into uint8 stores on disk (`medjax.eval.image_store`,
+under workdir/stores: written once by process 0, shared like the rest of the workdir), and
+every process reads its batches from them. A complete store with the same fingerprint (data
+config, split, resolution; for generations the model and sampling settings) is reused.
 """
+import atexit
 import dataclasses
+import hashlib
 import json
 import os
+import shutil
+import tempfile
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -39,6 +50,7 @@ from medjax.errors import MedjaxError
 from medjax.eval import auc as auc_lib
 from medjax.eval import classifier_train
 from medjax.eval import fid as fid_lib
+from medjax.eval import image_store
 from medjax.eval import inception_weights
 from medjax.eval import recon
 from medjax.pipeline import StableDiffusion
@@ -103,6 +115,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.recon = ml_collections.ConfigDict()
   c.recon.num_images = 8
   c.recon.batch_size = 4
+  c.recon.resolutions = ()  # paper B's VAE table, one row group each; () = (resolution,)
 
   c.bootstrap = 200  # resamples for AUC confidence intervals; 0 = off
   c.progress_bar = True
@@ -154,11 +167,9 @@ def paper_scale(c: ml_collections.ConfigDict, source: str) -> ml_collections.Con
 
 # -- shared pieces -------------------------------------------------------------------------------
 
-@dataclasses.dataclass
-class Split:
-  images: np.ndarray  # [N, H, W, 3] in [-1, 1]
-  labels: np.ndarray  # [N] class index
-  class_names: tuple
+# A split, the generated images or reconstructions: an on-disk store (or a view / chain of
+# them) with `labels` [N] (class index), `class_names` and float batches in [-1, 1].
+Split = image_store.ImageStore
 
 
 def eval_mesh() -> jax.sharding.Mesh:
@@ -166,18 +177,83 @@ def eval_mesh() -> jax.sharding.Mesh:
   return sharding.make_mesh(-1, 1)
 
 
-def load_split(config: Any, split: str) -> Split:
-  """All images of one split, in order, as arrays (every process reads the whole split)."""
-  data = make_dataset(config.data, split, batch_size=8, seed=config.seed,
-                      resolution=config.resolution, process_index=0, process_count=1,
-                      num_epochs=1, shuffle=False, drop_remainder=False)
-  images, labels = [], []
-  for batch in data:
-    images.append(np.asarray(batch["image"], np.float32))
-    labels.append(np.asarray(batch["label"]))
-  if not images:
-    raise MedjaxError(f"config.data: the {split!r} split is empty")
-  return Split(np.concatenate(images), np.concatenate(labels), tuple(data.class_names))
+def fingerprint(*parts) -> str:
+  return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+_TEMP_STORES: list[str] = []
+
+
+def store_root(workdir) -> tuple[Path, bool]:
+  """(folder of the stores, shared by all processes). A local workdir holds them (multi-process
+  workdirs are shared); for a URL workdir or none, each process keeps its own in a temp folder
+  that is removed at exit."""
+  if workdir is not None and not paths.is_url(workdir):
+    return Path(os.fspath(workdir)) / "stores", True
+  if not _TEMP_STORES:
+    _TEMP_STORES.append(tempfile.mkdtemp(prefix="medjax-eval-stores-"))
+    atexit.register(shutil.rmtree, _TEMP_STORES[0], True)
+  return Path(_TEMP_STORES[0]), False
+
+
+def shared_store(workdir, name: str, fp: str, make: Callable[[Path], Any]
+                 ) -> image_store.ImageStore:
+  """The store `name`: reused when complete with fingerprint `fp`, else made by `make(path)`
+  (on process 0 when the folder is shared, otherwise on each process), then opened by all."""
+  root, shared = store_root(workdir)
+  path = root / name
+  found = image_store.open_store(path, fp) is not None
+  if not (hosts.agree(found) if shared else found):
+    if shared:
+      hosts.lead_only(lambda: make(path))
+      hosts.sync(f"medjax.evaluate: store {name} written")
+    else:
+      make(path)
+  store = image_store.open_store(path, fp)
+  if store is None:
+    raise MedjaxError(f"image store {path} (written by process 0) is missing or incomplete on "
+                      f"process {jax.process_index()}: multi-process workdirs must be shared")
+  return store
+
+
+def load_split(config: Any, split: str, workdir=None, resolution: int | None = None) -> Split:
+  """One split's images, in order, in a store under `workdir` (written once, in batches)."""
+  resolution = resolution or config.resolution
+  fp = fingerprint("split", config.data.to_dict(), split, resolution, config.seed)
+
+  def make(path):
+    data = make_dataset(config.data, split, batch_size=8, seed=config.seed,
+                        resolution=resolution, process_index=0, process_count=1,
+                        num_epochs=1, shuffle=False, drop_remainder=False)
+    with image_store.StoreWriter(path, tuple(data.class_names), fp) as writer:
+      for batch in data:
+        writer.add(np.asarray(batch["image"], np.float32), np.asarray(batch["label"]),
+                   list(batch["key"]))
+      if not writer.count:
+        raise MedjaxError(f"config.data: the {split!r} split is empty")
+      writer.close()
+
+  return shared_store(workdir, f"{split}_{resolution}px", fp, make)
+
+
+def streamed_store(workdir, name: str, fp: str, class_names, produce: Callable[[Callable], Any]
+                   ) -> tuple[Any, image_store.ImageStore]:
+  """(`produce(add)`, the store `name`): `produce` runs on every process (it may compute over
+  the mesh) and calls `add(images, labels)` per batch; the writing process appends them to the
+  store as they come, the others drop them."""
+  root, shared = store_root(workdir)
+  writer = None
+  if hosts.is_lead() or not shared:
+    writer = image_store.StoreWriter(root / name, tuple(class_names), fp)
+  try:
+    result = produce(writer.add if writer is not None else lambda images, labels: None)
+  except BaseException:
+    if writer is not None:
+      writer.abort()
+    raise
+  if writer is not None:
+    writer.close()
+  return result, shared_store(workdir, name, fp, lambda path: None)
 
 
 def positive_index(config: Any, class_names) -> int:
@@ -187,7 +263,7 @@ def positive_index(config: Any, class_names) -> int:
   return class_names.index(config.positive_class)
 
 
-def binary(split: Split, pos: int) -> np.ndarray:
+def binary(split, pos: int) -> np.ndarray:
   return (split.labels == pos).astype(np.float32)
 
 
@@ -223,41 +299,72 @@ def class_prompts(config: Any, class_names) -> dict[str, str]:
   return out
 
 
+def _model_identity(config: Any) -> list:
+  """Names, sizes and times of the model files, so a changed checkpoint is not reused."""
+  m = config.model
+  out: list = [m.to_dict()]
+  for name in (m.train_workdir, m.pretrained, *m.embeddings):
+    if not name or paths.is_url(name) or not os.path.exists(name):
+      continue
+    if os.path.isfile(name):
+      st = os.stat(name)
+      out.append((name, st.st_size, st.st_mtime_ns))
+      continue
+    for folder, _, files in sorted(os.walk(name))[:500]:
+      for f in sorted(files):
+        st = os.stat(os.path.join(folder, f))
+        out.append((os.path.relpath(os.path.join(folder, f), name), st.st_size, st.st_mtime_ns))
+  return out
+
+
 def generate_per_class(config: Any, sd, class_names, workdir, mesh=None) -> Split:
-  """`num_per_class` images per class prompt (seeded), plus a grid PNG per class.
+  """`num_per_class` images per class prompt (seeded) into a store, plus a grid PNG per class.
 
   With `mesh`, each batch is split over its data axis (padded with extra seeds to a multiple of
-  its size; an image depends only on its own seed, so the padding changes no image).
+  its size; an image depends only on its own seed, so the padding changes no image). Each batch
+  goes to the store as it is made; a complete store of the same settings is reused.
   """
   g = config.generation
   per = 1 if mesh is None else mesh.shape[sharding.DATA]
   prompts = class_prompts(config, class_names)
-  images, labels = [], []
+  fp = fingerprint("generated", _model_identity(config), g.to_dict(), prompts, config.seed,
+                   config.resolution, list(class_names))
   total = g.num_per_class * len(class_names)
-  bar = tqdm.tqdm(total=total, desc="generate", unit="img",
-                  disable=not (config.progress_bar and hosts.is_lead()))
-  for k, name in enumerate(class_names):
-    kept = []
-    for start in range(0, g.num_per_class, g.batch_size):
-      n = min(g.batch_size, g.num_per_class - start)
-      padded = -(-n // per) * per
-      seeds = [config.seed * 1_000_003 + k * 100_003 + start + i for i in range(padded)]
-      out = sd.generate([prompts[name]] * padded, num_inference_steps=g.num_inference_steps,
-                        guidance_scale=g.guidance_scale, scheduler=g.scheduler,
-                        height=config.resolution, width=config.resolution, seed=seeds, mesh=mesh,
-                        data_axis=sharding.DATA)
-      kept.append(np.asarray(out)[:n])
-      bar.update(n)
-    class_images = np.concatenate(kept)
-    images.append(class_images * 2 - 1)
-    labels.append(np.full(len(class_images), k))
-    if hosts.is_lead():
-      grid = images_lib.grid(images_lib.to_uint8(class_images[:16]))
-      images_lib.save_png(grid, workdir / f"samples_{name}.png",
+
+  def batches():
+    bar = tqdm.tqdm(total=total, desc="generate", unit="img",
+                    disable=not (config.progress_bar and hosts.is_lead()))
+    for k, name in enumerate(class_names):
+      for start in range(0, g.num_per_class, g.batch_size):
+        n = min(g.batch_size, g.num_per_class - start)
+        padded = -(-n // per) * per
+        seeds = [config.seed * 1_000_003 + k * 100_003 + start + i for i in range(padded)]
+        out = sd.generate([prompts[name]] * padded, num_inference_steps=g.num_inference_steps,
+                          guidance_scale=g.guidance_scale, scheduler=g.scheduler,
+                          height=config.resolution, width=config.resolution, seed=seeds,
+                          mesh=mesh, data_axis=sharding.DATA)
+        bar.update(n)
+        yield np.asarray(out)[:n] * 2 - 1, np.full(n, k)
+    bar.close()
+
+  root, shared = store_root(workdir)
+  found = image_store.open_store(root / "generated", fp) is not None
+  if hosts.agree(found) if shared else found:
+    logging.info("reusing the generated images in %s", root / "generated")
+    synth = shared_store(workdir, "generated", fp, lambda path: None)
+  else:
+    def produce(add):
+      for images, labels in batches():
+        add(images, labels)
+    _, synth = streamed_store(workdir, "generated", fp, class_names, produce)
+  if hosts.is_lead():
+    for k, name in enumerate(class_names):
+      rows = np.flatnonzero(synth.labels == k)[:16]
+      images_lib.save_png(images_lib.grid(synth.subset(rows).read(np.arange(len(rows)))),
+                          workdir / f"samples_{name}.png",
                           {"synthetic": "true", "generator": "medjax.evaluate",
                            "prompt": prompts[name], "model": sd.name})
-  bar.close()
-  return Split(np.concatenate(images), np.concatenate(labels), tuple(class_names))
+  return synth
 
 
 def inception_params(config: Any):
@@ -289,30 +396,31 @@ def fid_notes(config: Any, weights_note: str | None) -> list[str]:
   return notes
 
 
-def fid_between(config: Any, params, a: np.ndarray, b: np.ndarray, mesh=None) -> float:
-  """FID between two image sets in [-1, 1] (the first `fid.max_images` of each)."""
+def fid_between(config: Any, params, a, b, mesh=None) -> float:
+  """FID between two image sets (the first `fid.max_images` of each): stores (read batch by
+  batch, statistics merged as they come) or arrays in [-1, 1]."""
   cap = config.fid.max_images or None
-  a, b = a[:cap], b[:cap]
+  sets = []
   for name, x in (("first", a), ("second", b)):
+    x = x.head(cap) if hasattr(x, "head") else (np.asarray(x)[:cap] + 1) / 2
     if len(x) < 2:
       raise MedjaxError(f"FID: the {name} image set has {len(x)} image(s); at least 2 needed")
-  feats = [fid_lib.inception_features(params, (x + 1) / 2, batch_size=config.fid.batch_size,
-                                      mesh=mesh, resize=config.fid.resize) for x in (a, b)]
-  if config.fid.dims:
-    feats = [f[:, :config.fid.dims] for f in feats]
-  return float(fid_lib.frechet_distance(*fid_lib.statistics(feats[0]),
-                                        *fid_lib.statistics(feats[1])))
+    sets.append(x)
+  stats = [fid_lib.inception_statistics(params, x, batch_size=config.fid.batch_size, mesh=mesh,
+                                        resize=config.fid.resize, dims=config.fid.dims)
+           for x in sets]
+  return float(fid_lib.frechet_distance(*stats[0], *stats[1]))
 
 
-def train_and_score(config: Any, train: Split, val: Split, test: Split, pos: int, seed: int,
-                    mesh=None):
-  """Trains the configured classifier (over `mesh`); returns (scores on test, metrics, state)."""
+def train_and_score(config: Any, train, val, test, pos: int, seed: int, mesh=None):
+  """Trains the configured classifier (over `mesh`) reading batches from the stores; returns
+  (scores on test, metrics, state)."""
   cfg = ml_collections.ConfigDict(config.classifier.to_dict())
   cfg.seed = seed
   cfg.task = "binary"
   state, history = classifier_train.train_classifier(
-      cfg, (train.images, binary(train, pos)), (val.images, binary(val, pos)), mesh=mesh)
-  scores = classifier_train.predict(state, test.images, cfg.predict_batch_size, mesh=mesh)
+      cfg, (train, binary(train, pos)), (val, binary(val, pos)), mesh=mesh)
+  scores = classifier_train.predict(state, test, cfg.predict_batch_size, mesh=mesh)
   y = binary(test, pos)
   metrics = {"auc": auc_lib.roc_auc(y, scores), **auc_lib.threshold_metrics(y, scores),
              "best_step": history.get("best_step")}
@@ -353,7 +461,7 @@ def fmt(x: float, digits: int = 3) -> str:
 def paper_a(config: Any, workdir, mesh=None) -> dict:
   """Real vs real + synthetic vs synthetic-only classifiers; FID of generated vs training."""
   workdir, mesh = paths.workdir_path(workdir), mesh or eval_mesh()
-  train, val, test = (load_split(config, s) for s in ("train", "val", "test"))
+  train, val, test = (load_split(config, s, workdir) for s in ("train", "val", "test"))
   pos = positive_index(config, train.class_names)
   for name, split in (("train", train), ("val", val), ("test", test)):
     if len(np.unique(binary(split, pos))) < 2:
@@ -363,9 +471,7 @@ def paper_a(config: Any, workdir, mesh=None) -> dict:
   sd = load_model(config, mesh)
   synth = generate_per_class(config, sd, train.class_names, workdir, mesh)
   sets = {"real": train, "synthetic": synth,
-          "real+synthetic": Split(np.concatenate([train.images, synth.images]),
-                                  np.concatenate([train.labels, synth.labels]),
-                                  train.class_names)}
+          "real+synthetic": image_store.Chain([train, synth])}
   settings = list(config.settings)
   unknown = [s for s in settings if s not in sets]
   if unknown:
@@ -384,9 +490,9 @@ def paper_a(config: Any, workdir, mesh=None) -> dict:
         if config.bootstrap:
           metrics["auc_ci"] = auc_lib.bootstrap_ci(y_test, scores, n=config.bootstrap,
                                                    seed=config.seed)
-  fid = {"all": fid_between(config, params, synth.images, train.images, mesh)}
+  fid = {"all": fid_between(config, params, synth, train, mesh)}
   for k, name in enumerate(train.class_names):
-    a, b = synth.images[synth.labels == k], train.images[train.labels == k]
+    a, b = synth.subset(synth.labels == k), train.subset(train.labels == k)
     if len(a) >= 2 and len(b) >= 2:
       fid[name] = fid_between(config, params, a, b, mesh)
   if hosts.is_lead():
@@ -418,21 +524,22 @@ def _mean_std(values) -> dict:
 def paper_b(config: Any, workdir, mesh=None) -> dict:
   """VAE reconstruction table; a real-trained classifier scoring generated images per class."""
   workdir, mesh = paths.workdir_path(workdir), mesh or eval_mesh()
-  train, val, test = (load_split(config, s) for s in ("train", "val", "test"))
+  train, val, test = (load_split(config, s, workdir) for s in ("train", "val", "test"))
   pos = positive_index(config, train.class_names)
   params, note = inception_params(config)  # a bad weights file fails before any generation
   sd = load_model(config, mesh)
-  # VAE study on real test images.
-  originals = test.images[:config.recon.num_images]
-  recon_metrics, decoded = recon.vae_roundtrip(sd, (originals + 1) / 2,
-                                               batch_size=config.recon.batch_size, mesh=mesh)
-  reconstructed = np.clip(decoded, -1, 1)
-  recon_metrics["fid"] = fid_between(config, params, reconstructed, originals, mesh)
+  # VAE study on real test images, at each resolution of the table.
+  by_resolution = {}
+  for resolution in config.recon.resolutions or (config.resolution,):
+    real = test if resolution == config.resolution else load_split(config, "test", workdir,
+                                                                   resolution)
+    by_resolution[str(resolution)] = vae_table_row(config, sd, params, real, workdir, mesh)
+  recon_metrics = by_resolution.get(str(config.resolution), next(iter(by_resolution.values())))
   # Classifier on real images, then on generated ones.
   real_scores, real_metrics, state = train_and_score(config, train, val, test, pos, config.seed,
                                                      mesh)
   synth = generate_per_class(config, sd, train.class_names, workdir, mesh)
-  scores = classifier_train.predict(state, synth.images, config.classifier.predict_batch_size,
+  scores = classifier_train.predict(state, synth, config.classifier.predict_batch_size,
                                     mesh=mesh)
   y = binary(synth, pos)
   per_class = {name: {"accuracy": float(np.mean((scores[synth.labels == k] >= 0.5)
@@ -447,12 +554,14 @@ def paper_b(config: Any, workdir, mesh=None) -> dict:
                       "generated": (gfpr, gtpr, generated["auc"])}, workdir / "roc.png",
                      title="Classifier trained on real images")
   results = {"protocol": "paper_b", "vae_reconstruction": recon_metrics,
+             "vae_reconstruction_by_resolution": by_resolution,
              "classifier_real_test": real_metrics, "classifier_on_generated": generated,
              "notes": fid_notes(config, note)}
   table = [["measure", "value"]]
-  for k in ("rmse", "psnr", "ssim", "ms_ssim", "fid"):
-    if recon_metrics.get(k) is not None:
-      table.append([f"VAE reconstruction {k.upper()}", fmt(float(recon_metrics[k]))])
+  for resolution, row in by_resolution.items():
+    for k in ("rmse", "psnr", "ssim", "ms_ssim", "fid"):
+      if row.get(k) is not None:
+        table.append([f"VAE reconstruction {k.upper()} ({resolution} px)", fmt(float(row[k]))])
   table.append(["classifier AUC, real test", fmt(real_metrics["auc"])])
   table.append(["classifier AUC, generated images", fmt(generated["auc"])])
   table.append(["classifier accuracy, generated images", fmt(generated["accuracy"])])
@@ -460,6 +569,23 @@ def paper_b(config: Any, workdir, mesh=None) -> dict:
     table.append([f"accuracy on generated '{name}'", fmt(m["accuracy"])])
   write_report(workdir, results, table, "Paper B protocol: VAE reconstruction and classifier")
   return results
+
+
+def vae_table_row(config: Any, sd, params, real, workdir, mesh=None) -> dict:
+  """VAE round trip of the first `recon.num_images` of `real` (a store): the reconstruction
+  metrics, and the FID of the reconstructions (streamed into a store) against the originals."""
+  originals = real.head(config.recon.num_images)
+  size = originals.shape[0]
+
+  def produce(add):
+    return recon.vae_roundtrip(sd, originals, batch_size=config.recon.batch_size, mesh=mesh,
+                               sink=lambda decoded: add(decoded, np.zeros(len(decoded))))[0]
+
+  metrics, reconstructed = streamed_store(workdir, f"recon_{size}px", "", real.class_names,
+                                          produce)
+  metrics["fid"] = fid_between(config, params, reconstructed, originals, mesh)
+  metrics["resolution"] = size
+  return metrics
 
 
 def run_protocol(config: Any, workdir) -> dict:
