@@ -28,7 +28,7 @@ LAYERS = [
     ("objectives", ["medjax.objectives", "medjax.train_config", "medjax.eval.inception", "medjax.eval.classifiers",
                     "medjax.eval.auc", "medjax.eval.recon", "medjax.eval.fid",
                     "medjax.eval.memorization", "medjax.eval.inception_weights",
-                    "medjax.eval.classifier_weights"]),
+                    "medjax.eval.classifier_weights", "medjax.eval.image_store"]),
     ("trainer", ["medjax.batches", "medjax.trainer", "medjax.eval.classifier_train",
                  "medjax.run_outputs"]),
     ("protocols", ["medjax.eval", "medjax.exporter"]),

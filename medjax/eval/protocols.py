@@ -14,37 +14,26 @@ and the VAE round trip are split over every device. Each process reads the (smal
 splits in full and feeds its devices' rows of each batch; results come back to every process
 (`medjax.hosts.to_host`). Process 0 alone writes files; the others wait for it.
 
-Memory stays bounded whatever a split's size: each evaluation split, the generated images and
-the VAE reconstructions go batch by batch into uint8 stores on disk (`medjax.eval.image_store`,
-under workdir/stores: written once by process 0, shared like the rest of the workdir), and
-every process reads its batches from them. A complete store with the same fingerprint (data
-config, split, resolution; for generations the model and sampling settings) is reused.
+Memory stays bounded whatever a split's size: splits, generated images and reconstructions
+go batch by batch into on-disk stores under workdir/stores (`medjax.eval.image_sets`).
 """
-import atexit
 import dataclasses
-import hashlib
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
-import tqdm
 from absl import logging
 
 from medjax import atomic
 from medjax import exporter
 from medjax import hosts
-from medjax import images as images_lib
 from medjax import paths
 from medjax import sharding
 from medjax import workdir as workdir_lib
-from medjax.data import make_dataset
 from medjax.data.defaults import default_config as data_config
 from medjax.errors import MedjaxError
 from medjax.eval import auc as auc_lib
@@ -53,6 +42,11 @@ from medjax.eval import fid as fid_lib
 from medjax.eval import image_store
 from medjax.eval import inception_weights
 from medjax.eval import recon
+from medjax.eval.image_sets import Split  # noqa: F401  (re-exported)
+from medjax.eval.image_sets import class_prompts  # noqa: F401
+from medjax.eval.image_sets import generate_per_class
+from medjax.eval.image_sets import load_split
+from medjax.eval.image_sets import streamed_store
 from medjax.pipeline import StableDiffusion
 from medjax.train_config import check_train_config
 
@@ -167,93 +161,9 @@ def paper_scale(c: ml_collections.ConfigDict, source: str) -> ml_collections.Con
 
 # -- shared pieces -------------------------------------------------------------------------------
 
-# A split, the generated images or reconstructions: an on-disk store (or a view / chain of
-# them) with `labels` [N] (class index), `class_names` and float batches in [-1, 1].
-Split = image_store.ImageStore
-
-
 def eval_mesh() -> jax.sharding.Mesh:
   """Every device of every process on the data axis: batches split, params replicated."""
   return sharding.make_mesh(-1, 1)
-
-
-def fingerprint(*parts) -> str:
-  return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
-
-
-_TEMP_STORES: list[str] = []
-
-
-def store_root(workdir) -> tuple[Path, bool]:
-  """(folder of the stores, shared by all processes). A local workdir holds them (multi-process
-  workdirs are shared); for a URL workdir or none, each process keeps its own in a temp folder
-  that is removed at exit."""
-  if workdir is not None and not paths.is_url(workdir):
-    return Path(os.fspath(workdir)) / "stores", True
-  if not _TEMP_STORES:
-    _TEMP_STORES.append(tempfile.mkdtemp(prefix="medjax-eval-stores-"))
-    atexit.register(shutil.rmtree, _TEMP_STORES[0], True)
-  return Path(_TEMP_STORES[0]), False
-
-
-def shared_store(workdir, name: str, fp: str, make: Callable[[Path], Any]
-                 ) -> image_store.ImageStore:
-  """The store `name`: reused when complete with fingerprint `fp`, else made by `make(path)`
-  (on process 0 when the folder is shared, otherwise on each process), then opened by all."""
-  root, shared = store_root(workdir)
-  path = root / name
-  found = image_store.open_store(path, fp) is not None
-  if not (hosts.agree(found) if shared else found):
-    if shared:
-      hosts.lead_only(lambda: make(path))
-      hosts.sync(f"medjax.evaluate: store {name} written")
-    else:
-      make(path)
-  store = image_store.open_store(path, fp)
-  if store is None:
-    raise MedjaxError(f"image store {path} (written by process 0) is missing or incomplete on "
-                      f"process {jax.process_index()}: multi-process workdirs must be shared")
-  return store
-
-
-def load_split(config: Any, split: str, workdir=None, resolution: int | None = None) -> Split:
-  """One split's images, in order, in a store under `workdir` (written once, in batches)."""
-  resolution = resolution or config.resolution
-  fp = fingerprint("split", config.data.to_dict(), split, resolution, config.seed)
-
-  def make(path):
-    data = make_dataset(config.data, split, batch_size=8, seed=config.seed,
-                        resolution=resolution, process_index=0, process_count=1,
-                        num_epochs=1, shuffle=False, drop_remainder=False)
-    with image_store.StoreWriter(path, tuple(data.class_names), fp) as writer:
-      for batch in data:
-        writer.add(np.asarray(batch["image"], np.float32), np.asarray(batch["label"]),
-                   list(batch["key"]))
-      if not writer.count:
-        raise MedjaxError(f"config.data: the {split!r} split is empty")
-      writer.close()
-
-  return shared_store(workdir, f"{split}_{resolution}px", fp, make)
-
-
-def streamed_store(workdir, name: str, fp: str, class_names, produce: Callable[[Callable], Any]
-                   ) -> tuple[Any, image_store.ImageStore]:
-  """(`produce(add)`, the store `name`): `produce` runs on every process (it may compute over
-  the mesh) and calls `add(images, labels)` per batch; the writing process appends them to the
-  store as they come, the others drop them."""
-  root, shared = store_root(workdir)
-  writer = None
-  if hosts.is_lead() or not shared:
-    writer = image_store.StoreWriter(root / name, tuple(class_names), fp)
-  try:
-    result = produce(writer.add if writer is not None else lambda images, labels: None)
-  except BaseException:
-    if writer is not None:
-      writer.abort()
-    raise
-  if writer is not None:
-    writer.close()
-  return result, shared_store(workdir, name, fp, lambda path: None)
 
 
 def positive_index(config: Any, class_names) -> int:
@@ -285,86 +195,6 @@ def load_model(config: Any, mesh: jax.sharding.Mesh | None = None):
     return sd
   return dataclasses.replace(sd, params=hosts.to_global(sd.params,
                                                               sharding.replicated(mesh)))
-
-
-def class_prompts(config: Any, class_names) -> dict[str, str]:
-  given = dict(config.generation.prompts)
-  base = dict(config.data.prompt.class_prompts)
-  out = {}
-  for name in class_names:
-    prompt = given.get(name) or base.get(name)
-    if not prompt:
-      raise MedjaxError(f"no prompt for class {name!r}: set config.generation.prompts.{name}")
-    out[name] = prompt
-  return out
-
-
-def _model_identity(config: Any) -> list:
-  """Names, sizes and times of the model files, so a changed checkpoint is not reused."""
-  m = config.model
-  out: list = [m.to_dict()]
-  for name in (m.train_workdir, m.pretrained, *m.embeddings):
-    if not name or paths.is_url(name) or not os.path.exists(name):
-      continue
-    if os.path.isfile(name):
-      st = os.stat(name)
-      out.append((name, st.st_size, st.st_mtime_ns))
-      continue
-    for folder, _, files in sorted(os.walk(name))[:500]:
-      for f in sorted(files):
-        st = os.stat(os.path.join(folder, f))
-        out.append((os.path.relpath(os.path.join(folder, f), name), st.st_size, st.st_mtime_ns))
-  return out
-
-
-def generate_per_class(config: Any, sd, class_names, workdir, mesh=None) -> Split:
-  """`num_per_class` images per class prompt (seeded) into a store, plus a grid PNG per class.
-
-  With `mesh`, each batch is split over its data axis (padded with extra seeds to a multiple of
-  its size; an image depends only on its own seed, so the padding changes no image). Each batch
-  goes to the store as it is made; a complete store of the same settings is reused.
-  """
-  g = config.generation
-  per = 1 if mesh is None else mesh.shape[sharding.DATA]
-  prompts = class_prompts(config, class_names)
-  fp = fingerprint("generated", _model_identity(config), g.to_dict(), prompts, config.seed,
-                   config.resolution, list(class_names))
-  total = g.num_per_class * len(class_names)
-
-  def batches():
-    bar = tqdm.tqdm(total=total, desc="generate", unit="img",
-                    disable=not (config.progress_bar and hosts.is_lead()))
-    for k, name in enumerate(class_names):
-      for start in range(0, g.num_per_class, g.batch_size):
-        n = min(g.batch_size, g.num_per_class - start)
-        padded = -(-n // per) * per
-        seeds = [config.seed * 1_000_003 + k * 100_003 + start + i for i in range(padded)]
-        out = sd.generate([prompts[name]] * padded, num_inference_steps=g.num_inference_steps,
-                          guidance_scale=g.guidance_scale, scheduler=g.scheduler,
-                          height=config.resolution, width=config.resolution, seed=seeds,
-                          mesh=mesh, data_axis=sharding.DATA)
-        bar.update(n)
-        yield np.asarray(out)[:n] * 2 - 1, np.full(n, k)
-    bar.close()
-
-  root, shared = store_root(workdir)
-  found = image_store.open_store(root / "generated", fp) is not None
-  if hosts.agree(found) if shared else found:
-    logging.info("reusing the generated images in %s", root / "generated")
-    synth = shared_store(workdir, "generated", fp, lambda path: None)
-  else:
-    def produce(add):
-      for images, labels in batches():
-        add(images, labels)
-    _, synth = streamed_store(workdir, "generated", fp, class_names, produce)
-  if hosts.is_lead():
-    for k, name in enumerate(class_names):
-      rows = np.flatnonzero(synth.labels == k)[:16]
-      images_lib.save_png(images_lib.grid(synth.subset(rows).read(np.arange(len(rows)))),
-                          workdir / f"samples_{name}.png",
-                          {"synthetic": "true", "generator": "medjax.evaluate",
-                           "prompt": prompts[name], "model": sd.name})
-  return synth
 
 
 def inception_params(config: Any):
