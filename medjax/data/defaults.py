@@ -62,6 +62,11 @@ def default_config() -> ml_collections.ConfigDict:
   c.split.fractions = (0.8, 0.1, 0.1)  # train, val, test shares of images, patient-level
   c.split.sizes = (200, 200, 200)  # mode 'sizes' (paper A's classifier splits)
   c.split.seed = 0  # split and per-class choice; independent of the training seed
+  # mode 'source' on a download without a test split (CheXpert-v1.0-small: train.csv + valid.csv):
+  # 'val' = the source's val split is the test split and val is a seeded patient-level
+  # `source_val_fraction` of the source's train split; '' = the dataset's own test split
+  c.split.source_test = ""
+  c.split.source_val_fraction = 0.1
 
   c.prompt = ml_collections.ConfigDict()
   c.prompt.kind = "labels"  # 'class' | 'labels' | 'report' | 'token' | 'fixed'

@@ -70,7 +70,9 @@ def select_records(config: Any, split: str) -> records_lib.DataIndex:
     raise MedjaxError(f"{where}: no images match the filters and classes {config.classes!r}")
   s = config.split
   records = splits_lib.split_records(records, split, mode=s.mode, fractions=s.fractions,
-                                     sizes=s.sizes, seed=s.seed, class_names=class_names)
+                                     sizes=s.sizes, seed=s.seed, class_names=class_names,
+                                     source_test=s.get("source_test", ""),
+                                     source_val_fraction=s.get("source_val_fraction", 0.1))
   if split in _splits(config.per_class_splits, "per_class_splits"):
     records = selection.per_class(records, int(config.per_class), s.seed, class_names,
                                   f"{where}, split {split!r}")

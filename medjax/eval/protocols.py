@@ -361,6 +361,10 @@ def paper_b(config: Any, workdir, mesh=None) -> dict:
   # VAE study on real test images, at each resolution of the table.
   by_resolution = {}
   for resolution in config.recon.resolutions or (config.resolution,):
+    if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution % 8 or \
+        resolution < 16:
+      raise MedjaxError(f"config.recon.resolutions: {resolution!r} is not a multiple of 8 "
+                        "(the VAE's downsampling) of at least 16 pixels")
     real = test if resolution == config.resolution else load_split(config, "test", workdir,
                                                                    resolution)
     by_resolution[str(resolution)] = vae_table_row(config, sd, params, real, workdir, mesh)
