@@ -8,9 +8,10 @@ r"""Paper B's chest X-ray evaluation: VAE reconstruction table and a classifier 
   The protocol: 512 x 512 frontal CXRs in CheXpert's own splits (valid.csv as the test split,
   a seeded 10% of the train patients as val: config.data.split.source_test='val', as
   CheXpert-v1.0-small has no test.csv); RMSE / PSNR / SSIM / MS-SSIM and FID of the VAE's
-  reconstructions at 256, 512 and 768 px (config.recon.resolutions); a DenseNet-121 trained on real images scores generated
-  images per prompt class (paper: ~95% accuracy, AUC ~0.98 for pleural effusion with the best
-  fine-tuned U-Net); sampling as RoentGen: 75 PNDM steps, guidance 4.
+  reconstructions at 256, 512 and 768 px (config.recon.resolutions); a DenseNet-121 trained
+  on real images scores generated images per prompt class (paper: ~95% accuracy, AUC ~0.98
+  for pleural effusion with the best fine-tuned U-Net); sampling as RoentGen: 75 PNDM steps,
+  guidance 4.
   Arg options: paper (the protocol at the papers' scale).
 """
 from medjax.config_args import ArgSpec

@@ -146,26 +146,31 @@ def inception_statistics(params, images, batch_size: int = 50,
   pairwise update), so memory is O(D^2) whatever N; equal to `statistics` to rounding.
   `images` may be an `image_store.ImageStore` (read batch by batch from disk).
   """
-  n, mean, scatter = 0, None, None
+  n, mean, scatter, scratch = 0, None, None, None
   for f in _feature_batches(params, images, batch_size, mesh, resize):
     f = np.asarray(f[:, :dims] if dims else f, np.float64)
     if not np.isfinite(f).all():
       raise MedjaxError("features: non-finite values (NaN or inf)")
     b, mb = len(f), f.mean(axis=0)
-    centred = f - mb
-    sb = centred.T @ centred
-    if mean is None:
-      n, mean, scatter = b, mb, sb
+    f -= mb
+    if mean is None:  # two D x D buffers, reused for every batch
+      n, mean, scatter = b, mb, f.T @ f
+      scratch = np.empty_like(scatter)
       continue
+    np.matmul(f.T, f, out=scratch)
+    scatter += scratch
     delta = mb - mean
     total = n + b
-    scatter = scatter + sb + np.outer(delta, delta) * (n * b / total)
+    np.outer(delta, delta * (n * b / total), out=scratch)
+    scatter += scratch
     mean = mean + delta * (b / total)
     n = total
   if n < 2:
     raise MedjaxError(f"features: {n} sample(s); FID statistics need at least 2 "
                       "(and many more than the 2048 dims for a full-rank covariance)")
-  return mean, scatter / (n - 1)
+  del scratch
+  scatter /= n - 1
+  return mean, scatter
 
 
 def _feature_batches(params, images, batch_size: int, mesh, resize: str):
