@@ -12,7 +12,9 @@ import pytest
 from medjax.errors import MedjaxError
 from medjax.eval import classifier_train
 from medjax.eval import fid
+from medjax.eval import image_sets
 from medjax.eval import image_store
+from medjax.eval import protocols
 
 ROOT = Path(__file__).resolve().parents[2]
 # Peak RSS may grow by less than this from N = 128 to N = 2,048 images (16 px). Measured: 3 MiB
@@ -75,6 +77,25 @@ def test_reuse_only_when_complete_and_matching(tmp_path):
     writer.add(images, labels)
     with pytest.raises(MedjaxError, match="images of shape"):
       writer.add(_images(2, size=4), np.zeros(2))
+
+
+def test_splits_are_written_once_and_reused(tmp_path):
+  config = protocols.protocol_config("paper_b", "cxr", {})
+  config.resolution = 16
+  test = image_sets.load_split(config, "test", tmp_path)
+  path = tmp_path / "stores" / "test_16px" / image_store.IMAGES
+  assert len(test) == 16 and test.class_names == ("pleural_effusion", "no_finding")
+  assert test.keys == sorted(test.keys) and set(test.labels) == {0, 1}
+  written = path.stat().st_mtime_ns
+  again = image_sets.load_split(config, "test", tmp_path)
+  assert path.stat().st_mtime_ns == written  # complete and the same settings: reused
+  np.testing.assert_array_equal(again.read(np.arange(16)), test.read(np.arange(16)))
+  config.data.split.seed = 1  # another split: the store is rewritten
+  other = image_sets.load_split(config, "test", tmp_path)
+  assert other.fingerprint != test.fingerprint and other.keys != test.keys
+  config.data.split.sizes = (24, 16, 0)
+  with pytest.raises(MedjaxError, match="test"):
+    image_sets.load_split(config, "test", tmp_path)
 
 
 def _projection(module, params, images):
