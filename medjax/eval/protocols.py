@@ -10,9 +10,10 @@ Both write results.json, results.md, ROC PNGs and sample grids into the workdir.
 
 Multi-process (`launch/local.py`, SLURM, TPU pods): every process runs the whole protocol over
 one mesh of all devices (`eval_mesh`), so generation, classifier training, Inception features
-and the VAE round trip are split over every device. Each process reads the (small) evaluation
-splits in full and feeds its devices' rows of each batch; results come back to every process
-(`medjax.hosts.to_host`). Process 0 alone writes files; the others wait for it.
+and the VAE round trip are split over every device. Process 0 writes each evaluation split
+once into a store in the (shared) workdir; every process then reads each batch from it and
+feeds its devices' rows; results come back to every process (`medjax.hosts.to_host`).
+Process 0 alone writes files; the others wait for it.
 
 Memory stays bounded whatever a split's size: splits, generated images and reconstructions
 go batch by batch into on-disk stores under workdir/stores (`medjax.eval.image_sets`).
