@@ -292,13 +292,13 @@ def fmt(x: float, digits: int = 3) -> str:
 def paper_a(config: Any, workdir, mesh=None) -> dict:
   """Real vs real + synthetic vs synthetic-only classifiers; FID of generated vs training."""
   workdir, mesh = paths.workdir_path(workdir), mesh or eval_mesh()
+  params, note = inception_params(config)  # a bad weights file fails before any data or model
   train, val, test = (load_split(config, s, workdir) for s in ("train", "val", "test"))
   pos = positive_index(config, train.class_names)
   for name, split in (("train", train), ("val", val), ("test", test)):
     if len(np.unique(binary(split, pos))) < 2:
       raise MedjaxError(f"the {name} split holds one class only ({len(split.labels)} images): "
                         "AUC needs both; use more images (config.data.split.sizes)")
-  params, note = inception_params(config)  # a bad weights file fails before any generation
   sd = load_model(config, mesh)
   synth = generate_per_class(config, sd, train.class_names, workdir, mesh)
   sets = {"real": train, "synthetic": synth,
@@ -355,9 +355,9 @@ def _mean_std(values) -> dict:
 def paper_b(config: Any, workdir, mesh=None) -> dict:
   """VAE reconstruction table; a real-trained classifier scoring generated images per class."""
   workdir, mesh = paths.workdir_path(workdir), mesh or eval_mesh()
+  params, note = inception_params(config)  # a bad weights file fails before any data or model
   train, val, test = (load_split(config, s, workdir) for s in ("train", "val", "test"))
   pos = positive_index(config, train.class_names)
-  params, note = inception_params(config)  # a bad weights file fails before any generation
   sd = load_model(config, mesh)
   # VAE study on real test images, at each resolution of the table.
   by_resolution = {}
