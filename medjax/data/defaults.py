@@ -68,6 +68,11 @@ def default_config() -> ml_collections.ConfigDict:
   # A split file (JSON, medjax.data.split_file): computed and written on first use, then read
   # by every stage (generator training and evaluation share one split). '' = split in memory.
   c.split.file = ""
+  # mode 'source' on a download without a test split (CheXpert-v1.0-small: train.csv + valid.csv):
+  # 'val' = the source's val split is the test split and val is a seeded patient-level
+  # `source_val_fraction` of the source's train split; '' = the dataset's own test split
+  c.split.source_test = ""
+  c.split.source_val_fraction = 0.1
 
   c.prompt = ml_collections.ConfigDict()
   c.prompt.kind = "labels"  # 'class' | 'labels' | 'report' | 'token' | 'fixed'

@@ -75,7 +75,9 @@ def select_records(config: Any, split: str) -> records_lib.DataIndex:
     records = [r for r in records if assigned.get(r.key) == split]
   else:
     records = splits_lib.split_records(records, split, mode=s.mode, fractions=s.fractions,
-                                       sizes=s.sizes, seed=s.seed, class_names=class_names)
+                                       sizes=s.sizes, seed=s.seed, class_names=class_names,
+                                       source_test=s.source_test,
+                                       source_val_fraction=s.source_val_fraction)
   if split in _splits(config.per_class_splits, "per_class_splits"):
     records = selection.per_class(records, int(config.per_class), s.seed, class_names,
                                   f"{where}, split {split!r}")

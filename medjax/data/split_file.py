@@ -30,7 +30,7 @@ SPLIT_FORMAT = "medjax.split/1"
 RECORDS_FORMAT = "medjax.records/1"
 RECORDS_FILE = "records.json"
 # Split settings that decide the assignment: a file made with other values is refused.
-_SETTINGS = ("mode", "fractions", "sizes", "seed")
+_SETTINGS = ("mode", "fractions", "sizes", "seed", "source_test", "source_val_fraction")
 
 
 def dataset_id(config: Any) -> dict:
@@ -54,7 +54,9 @@ def compute(records: Sequence[Record], split_config: Any,
   out = {}
   for split in splits_lib.SPLITS:
     for record in splits_lib.split_records(records, split, mode=s.mode, fractions=s.fractions,
-                                           sizes=s.sizes, seed=s.seed, class_names=class_names):
+                                           sizes=s.sizes, seed=s.seed, class_names=class_names,
+                                           source_test=s.source_test,
+                                           source_val_fraction=s.source_val_fraction):
       out[record.key] = split
   return out
 

@@ -2,7 +2,10 @@
 
 Splits depend only on the records and `split.seed`, never on the training seed, so a fixed test
 set stays fixed across runs. Modes:
-  source     the dataset's own split (CheXpert train/valid.csv, MIMIC split file)
+  source     the dataset's own split (CheXpert train/valid.csv, MIMIC split file). A download
+             without a test split (CheXpert-v1.0-small) takes `source_test='val'`: the
+             source's val split is the test split, and val is a seeded patient-level
+             `source_val_fraction` of the source's train split.
   random     whole patients by `fractions` of images, e.g. (0.8, 0.1, 0.1)
   sizes      exactly `sizes` images per split (paper A: 200/200/200), balanced over classes
 """
@@ -89,16 +92,46 @@ def split_by_sizes(records: Sequence[Record], split: str, sizes: Sequence[int], 
   return chosen[index]
 
 
+def split_by_source(records: Sequence[Record], split: str, source_test: str = "",
+                    val_fraction: float = 0.1, seed: int = 0) -> list[Record]:
+  """Mode 'source': the dataset's own splits, or with `source_test='val'` its val split as test
+  and val drawn by whole patients from its train split. Every patient stays in one split."""
+  if not any(r.source_split for r in records):
+    raise MedjaxError("config.data.split.mode='source', but this dataset defines no splits; "
+                      "use 'random' or 'sizes'")
+  where: dict[str, str] = {}
+  for r in records:
+    if r.source_split and where.setdefault(r.patient_id, r.source_split) != r.source_split:
+      raise MedjaxError(f"config.data.split.mode='source': patient {r.patient_id!r} is in the "
+                        f"dataset's {where[r.patient_id]!r} and {r.source_split!r} splits; "
+                        "use mode 'random' or 'sizes' (patient-level)")
+  if source_test == "":
+    if split == "test" and not any(r.source_split == "test" for r in records):
+      raise MedjaxError("config.data.split.mode='source': this dataset has no test split "
+                        "(e.g. CheXpert-v1.0-small has train.csv and valid.csv only); set "
+                        "config.data.split.source_test='val' to test on its val split")
+    return [r for r in records if r.source_split == split]
+  if source_test != "val":
+    raise MedjaxError(f"config.data.split.source_test={source_test!r}: expected '' (the "
+                      "dataset's own test split) or 'val' (its val split as test)")
+  if split == "test":
+    return [r for r in records if r.source_split == "val"]
+  val_fraction = float(val_fraction)
+  if not 0 < val_fraction < 1:
+    raise MedjaxError(f"config.data.split.source_val_fraction={val_fraction}: expected a "
+                      "fraction in (0, 1) of the source's train split")
+  train = [r for r in records if r.source_split == "train"]
+  return split_by_fractions(train, split, (1 - val_fraction, val_fraction, 0.0), seed)
+
+
 def split_records(records: Sequence[Record], split: str, *, mode: str = "random",
                   fractions: Sequence[float] = (0.8, 0.1, 0.1), sizes: Sequence[int] = (),
-                  seed: int = 0, class_names: Sequence[str] = ()) -> list[Record]:
+                  seed: int = 0, class_names: Sequence[str] = (), source_test: str = "",
+                  source_val_fraction: float = 0.1) -> list[Record]:
   """The records of `split` under `mode` ('source', 'random' or 'sizes')."""
   check_split(split)
   if mode == "source":
-    if not any(r.source_split for r in records):
-      raise MedjaxError("config.data.split.mode='source', but this dataset defines no splits; "
-                        "use 'random' or 'sizes'")
-    return [r for r in records if r.source_split == split]
+    return split_by_source(records, split, source_test, source_val_fraction, seed)
   if mode == "random":
     return split_by_fractions(records, split, fractions, seed)
   if mode == "sizes":

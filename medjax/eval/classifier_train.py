@@ -5,8 +5,9 @@ Pure functions around a `ClassifierState` (params, BatchNorm statistics, Adam st
 evaluation protocol calls. Defaults (`default_config`) are paper A's downstream classifier:
 ResNet-18, Adam lr 1e-4, batch 32, 6,250 steps, 196x196 input.
 
-Data are in-memory NumPy arrays: `images` float [N, H, W, C] in [-1, 1] (what
-`medjax.data.make_dataset` yields; C = 1 is repeated to the model's `in_channels`), resized on
+Data are NumPy arrays, `images` float [N, H, W, C] in [-1, 1] (what `medjax.data.make_dataset`
+yields; C = 1 is repeated to the model's `in_channels`), or `medjax.eval.image_store` stores
+(uint8 on disk, read batch by batch, so memory does not grow with N), resized on
 the device to `image_size` with `jax.image.resize` (bilinear, antialiased), then normalised
 ('imagenet': mapped to [0, 1] and standardised with ImageNet's mean/std, as torchvision
 weights expect; 'none': left in [-1, 1]). Labels by task:
@@ -190,10 +191,11 @@ def predict(state: ClassifierState, images, batch_size: int = 64, logits: bool =
   at N rounded up to the data-parallel size). The mesh may span several processes: then every
   process passes the same images and gets all N scores.
   """
-  images = np.asarray(images, np.float32)
-  if images.ndim != 4:
-    raise MedjaxError(f"predict: images must be [N, H, W, C], got shape {images.shape}")
-  n = images.shape[0]
+  if not _is_store(images):
+    images = np.asarray(images, np.float32)
+    if images.ndim != 4:
+      raise MedjaxError(f"predict: images must be [N, H, W, C], got shape {images.shape}")
+  n = len(images)
   if n == 0:
     raise MedjaxError("predict: no images")
   if mesh is None:
@@ -209,7 +211,7 @@ def predict(state: ClassifierState, images, batch_size: int = 64, logits: bool =
     params, batch_stats = hosts.to_global((params, batch_stats), sharding.replicated(mesh))
   out = []
   for start in range(0, n, batch_size):
-    batch = images[start:start + batch_size]
+    batch = _rows(images, np.arange(start, min(start + batch_size, n)))
     count = batch.shape[0]
     if count < batch_size:
       batch = np.concatenate([batch, np.zeros((batch_size - count,) + batch.shape[1:],
@@ -240,23 +242,42 @@ def _known(labels: np.ndarray) -> np.ndarray:
   return np.isfinite(labels) & (labels >= 0)
 
 
-def _check_data(data, task: str, name: str) -> tuple[np.ndarray, np.ndarray]:
+def _is_store(images) -> bool:
+  """An `image_store.ImageStore` (or anything with its `floats(indices)` and `shape`)."""
+  return hasattr(images, "floats") and hasattr(images, "shape") and not hasattr(images, "dtype")
+
+
+def _rows(images, idx) -> np.ndarray:
+  """float32 rows `idx` of an array or a store (read from disk)."""
+  if _is_store(images):
+    return images.floats(idx)
+  return np.asarray(images[idx], np.float32)
+
+
+def _check_data(data, task: str, name: str) -> tuple[Any, np.ndarray]:
   if isinstance(data, dict):
     data = (data.get("image"), data.get("label", data.get("labels")))
+  elif _is_store(data):
+    data = (data, data.labels)
   try:
     images, labels = data
   except (TypeError, ValueError) as e:
-    raise MedjaxError(f"{name}: expected (images, labels) or {{'image', 'label'}}") from e
-  images = np.asarray(images)
+    raise MedjaxError(f"{name}: expected (images, labels), a store or {{'image', 'label'}}") from e
   labels = np.asarray(labels)
-  if images.ndim != 4 or images.dtype.kind != "f":
-    raise MedjaxError(f"{name}: images must be float [N, H, W, C] in [-1, 1], got "
-                      f"{images.dtype} {images.shape}")
-  if images.shape[0] != labels.shape[0]:
-    raise MedjaxError(f"{name}: {images.shape[0]} images but {labels.shape[0]} labels")
-  lo, hi = float(images.min()), float(images.max())
-  if lo < -1.001 or hi > 1.001:
-    raise MedjaxError(f"{name}: images must be in [-1, 1], got values in [{lo:.3g}, {hi:.3g}]")
+  if _is_store(images):  # uint8 on disk: always within [-1, 1] once read
+    if len(images.shape) != 3:
+      raise MedjaxError(f"{name}: store images must be [H, W, C], got {images.shape}")
+  else:
+    images = np.asarray(images)
+    if images.ndim != 4 or images.dtype.kind != "f":
+      raise MedjaxError(f"{name}: images must be float [N, H, W, C] in [-1, 1], got "
+                        f"{images.dtype} {images.shape}")
+  if len(images) != labels.shape[0]:
+    raise MedjaxError(f"{name}: {len(images)} images but {labels.shape[0]} labels")
+  if not _is_store(images):
+    lo, hi = float(images.min()), float(images.max())
+    if lo < -1.001 or hi > 1.001:
+      raise MedjaxError(f"{name}: images must be in [-1, 1], got values in [{lo:.3g}, {hi:.3g}]")
   want_ndim = 2 if task == "multilabel" else 1
   if labels.ndim != want_ndim:
     raise MedjaxError(f"{name}: task {task!r} needs labels of {want_ndim} dims, got {labels.shape}")
@@ -271,7 +292,7 @@ def _check_data(data, task: str, name: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _make_batch(images, labels, idx, task, flip) -> dict:
-  batch = {"image": images[idx].astype(np.float32)}
+  batch = {"image": _rows(images, idx)}
   y = labels[idx]
   if task == "multilabel":
     mask = _known(y)
@@ -314,7 +335,8 @@ def train_classifier(config, train_data, val_data=None, mesh=None,
 
   Args:
     config: `default_config()` or a dict/ConfigDict overriding some of its fields.
-    train_data, val_data: (images, labels) or {'image', 'label'} (see the module docstring).
+    train_data, val_data: (images, labels), {'image', 'label'} or an `image_store.ImageStore`
+      (its own labels), or (store, labels) (see the module docstring).
     mesh: a `jax.sharding.Mesh` (e.g. `medjax.sharding.make_mesh()`): batches are split over its
       data axes, params replicated. None: default device. A mesh over several processes needs
       the same call (same data and config) on every process; each feeds its devices' rows of
@@ -360,7 +382,7 @@ def train_classifier(config, train_data, val_data=None, mesh=None,
   if mesh is not None:
     state = hosts.to_global(state, sharding.replicated(mesh))
   rng = np.random.default_rng(cfg.seed)
-  batches = _batch_indices(images.shape[0], cfg.batch_size, rng)
+  batches = _batch_indices(len(images), cfg.batch_size, rng)
   history = {"step": [], "loss": [], "val_step": [], "val_auc": [], "val_accuracy": [],
              "best_step": None, "best_val_auc": None, "num_classes": num_classes}
   best = None

@@ -1,6 +1,7 @@
 """FID and KID with pytorch-fid's Inception, matching pytorch-fid / torchmetrics / clean-fid.
 
-* `inception_features`: images -> [N, 2048] pool features (jitted once per batch shape).
+* `inception_features`: images -> [N, 2048] pool features (jitted once per batch shape);
+  `inception_statistics`: their (mu, sigma) merged batch by batch, in O(D^2) memory.
 * `statistics` + `frechet_distance`: pytorch-fid's `calculate_activation_statistics` and
   `calculate_frechet_distance` (float64 NumPy, scipy's sqrtm, eps offset when singular).
 * `kid`: the unbiased polynomial-kernel MMD of torchmetrics' KernelInceptionDistance and
@@ -8,7 +9,8 @@
 * `compute_fid`: images to one number.
 
 Images are NHWC float in [0, 1] (uint8 is divided by 255, as torchvision's ToTensor does), as
-one array [N, H, W, C] or a sequence of [H, W, C] / [H, W] arrays of one size; C is 1
+one array [N, H, W, C], an on-disk `image_store.ImageStore` (uint8, read batch by batch) or a
+sequence of [H, W, C] / [H, W] arrays of one size; C is 1
 (grayscale, repeated to RGB) or 3. `resize='pytorch-fid'` resizes inside the network
 (bilinear, as pytorch-fid); `resize='clean'` first quantises to uint8 and resizes each channel
 with PIL's bicubic filter on the host, as clean-fid does (the network is still pytorch-fid's).
@@ -72,6 +74,9 @@ def _load_batch(images, start: int, stop: int, shape: list) -> np.ndarray:
   if isinstance(images, (np.ndarray, jax.Array)):
     batch = np.asarray(images[start:stop])
     items = [(start, batch.shape[1:])]
+  elif hasattr(images, "read_range"):  # an on-disk `image_store.ImageStore`: uint8 rows
+    batch = images.read_range(start, stop)
+    items = [(start, batch.shape[1:])]
   else:
     arrays = []
     for i in range(start, stop):
@@ -90,7 +95,7 @@ def _load_batch(images, start: int, stop: int, shape: list) -> np.ndarray:
     elif tuple(s) != shape[0]:
       raise MedjaxError(f"images[{i}] has shape {tuple(s)} but images[0] has {shape[0]}: "
                         "all images must have one size and channel count (resize them first)")
-  if not isinstance(images, (np.ndarray, jax.Array)):
+  if not isinstance(images, (np.ndarray, jax.Array)) and not hasattr(images, "read_range"):
     dtypes = {a.dtype for a in arrays}
     if len(dtypes) > 1:
       raise MedjaxError(f"images[{start}:{stop}]: mixed dtypes {sorted(map(str, dtypes))}")
@@ -129,6 +134,47 @@ def inception_features(params, images, batch_size: int = 50, mesh: jax.sharding.
   over several processes needs the same call on every process (each feeds its devices' rows);
   all of them get all N features.
   """
+  return np.concatenate(list(_feature_batches(params, images, batch_size, mesh, resize)))
+
+
+def inception_statistics(params, images, batch_size: int = 50,
+                         mesh: jax.sharding.Mesh | None = None, resize: str = "pytorch-fid",
+                         dims: int = 0) -> tuple[np.ndarray, np.ndarray]:
+  """`statistics(inception_features(...)[:, :dims])` without holding the [N, D] features.
+
+  Batch means and centred scatter matrices are merged in float64 as they come (Chan et al.'s
+  pairwise update), so memory is O(D^2) whatever N; equal to `statistics` to rounding.
+  `images` may be an `image_store.ImageStore` (read batch by batch from disk).
+  """
+  n, mean, scatter, scratch = 0, None, None, None
+  for f in _feature_batches(params, images, batch_size, mesh, resize):
+    f = np.asarray(f[:, :dims] if dims else f, np.float64)
+    if not np.isfinite(f).all():
+      raise MedjaxError("features: non-finite values (NaN or inf)")
+    b, mb = len(f), f.mean(axis=0)
+    f -= mb
+    if mean is None:  # two D x D buffers, reused for every batch
+      n, mean, scatter = b, mb, f.T @ f
+      scratch = np.empty_like(scatter)
+      continue
+    np.matmul(f.T, f, out=scratch)
+    scatter += scratch
+    delta = mb - mean
+    total = n + b
+    np.outer(delta, delta * (n * b / total), out=scratch)
+    scatter += scratch
+    mean = mean + delta * (b / total)
+    n = total
+  if n < 2:
+    raise MedjaxError(f"features: {n} sample(s); FID statistics need at least 2 "
+                      "(and many more than the 2048 dims for a full-rank covariance)")
+  del scratch
+  scatter /= n - 1
+  return mean, scatter
+
+
+def _feature_batches(params, images, batch_size: int, mesh, resize: str):
+  """[b, 2048] float32 features per batch of `images`, in order (see `inception_features`)."""
   if resize not in RESIZE_MODES:
     raise MedjaxError(f"resize={resize!r}: expected one of {RESIZE_MODES}")
   n = _num_images(images)
@@ -149,7 +195,7 @@ def inception_features(params, images, batch_size: int = 50, mesh: jax.sharding.
     batch_sharding = sharding.batch_sharding(mesh)
     params = hosts.to_global(params, sharding.replicated(mesh))
   module = InceptionV3()
-  out, shape = [], []
+  shape = []
   for start in range(0, n, bs):
     stop = min(start + bs, n)
     batch = _load_batch(images, start, stop, shape)
@@ -161,8 +207,7 @@ def inception_features(params, images, batch_size: int = 50, mesh: jax.sharding.
       batch = np.concatenate([batch, np.zeros((bs - (stop - start),) + batch.shape[1:],
                                               batch.dtype)])
     x = hosts.to_global(batch, batch_sharding) if batch_sharding is not None else batch
-    out.append(hosts.to_host(_forward(module, params, x))[:stop - start])
-  return np.concatenate(out)
+    yield hosts.to_host(_forward(module, params, x))[:stop - start]
 
 
 def statistics(features) -> tuple[np.ndarray, np.ndarray]:
@@ -277,4 +322,4 @@ def compute_fid(images_a, images_b, params: Any = None, batch_size: int = 50,
 
 
 __all__ = ["FEATURE_DIM", "RESIZE_MODES", "clean_resize", "compute_fid", "frechet_distance",
-           "inception_features", "kid", "statistics"]
+           "inception_features", "inception_statistics", "kid", "statistics"]

@@ -16,6 +16,7 @@ from etils import epath
 
 from medjax import checkpoint as checkpoint_lib
 from medjax import train_config
+from medjax.data import select_records
 from medjax.data import split_file
 from medjax.data.records import Record
 from medjax.errors import MedjaxError
@@ -107,3 +108,16 @@ def generator_data_configs(config: Any, runs: Sequence[tuple[epath.Path, dict]]
     c.data = data
     out.append((workdir, c))
   return out
+
+
+def check_generator(config: Any) -> tuple[dict, list[str]]:
+  """Refuses a generator trained on this evaluation's val/test patients (`medjax.eval.leakage`).
+
+  Returns the report's split and generator facts, and notes on what could not be checked.
+  """
+  records = {s: select_records(config.data, s).records for s in ("train", "val", "test")}
+  runs, notes = generator_records(config.model)
+  facts = {"splits": {"file": config.data.split.file,
+                      "patients": {s: split_file.patients(r) for s, r in records.items()}},
+           "generators": check(config.data, records, runs)}
+  return facts, notes

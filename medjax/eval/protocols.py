@@ -10,9 +10,13 @@ Both write results.json, results.md, ROC PNGs and sample grids into the workdir.
 
 Multi-process (`launch/local.py`, SLURM, TPU pods): every process runs the whole protocol over
 one mesh of all devices (`eval_mesh`), so generation, classifier training, Inception features
-and the VAE round trip are split over every device. Each process reads the (small) evaluation
-splits in full and feeds its devices' rows of each batch; results come back to every process
-(`medjax.hosts.to_host`). Process 0 alone writes files; the others wait for it.
+and the VAE round trip are split over every device. Process 0 writes each evaluation split
+once into a store in the (shared) workdir; every process then reads each batch from it and
+feeds its devices' rows; results come back to every process (`medjax.hosts.to_host`).
+Process 0 alone writes files; the others wait for it.
+
+Memory stays bounded whatever a split's size: splits, generated images and reconstructions
+go batch by batch into on-disk stores under workdir/stores (`medjax.eval.image_sets`).
 """
 import dataclasses
 import json
@@ -23,28 +27,30 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
-import tqdm
 from absl import logging
 
 from medjax import atomic
 from medjax import exporter
 from medjax import hosts
-from medjax import images as images_lib
 from medjax import paths
 from medjax import sharding
 from medjax import workdir as workdir_lib
-from medjax.data import make_dataset
-from medjax.data import select_records
-from medjax.data import split_file
 from medjax.data.defaults import default_config as data_config
 from medjax.errors import MedjaxError
 from medjax.eval import auc as auc_lib
 from medjax.eval import classifier_train
 from medjax.eval import fid as fid_lib
+from medjax.eval import image_sets
+from medjax.eval import image_store
 from medjax.eval import inception_weights
 from medjax.eval import leakage
 from medjax.eval import provenance
 from medjax.eval import recon
+from medjax.eval.image_sets import Split  # noqa: F401  (re-exported)
+from medjax.eval.image_sets import class_prompts  # noqa: F401
+from medjax.eval.image_sets import generate_per_class
+from medjax.eval.image_sets import load_split
+from medjax.eval.image_sets import streamed_store
 from medjax.pipeline import StableDiffusion
 from medjax.train_config import check_train_config
 
@@ -116,6 +122,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.recon = ml_collections.ConfigDict()
   c.recon.num_images = 8
   c.recon.batch_size = 4
+  c.recon.resolutions = ()  # paper B's VAE table, one row group each; () = (resolution,)
 
   c.bootstrap = 200  # resamples for AUC confidence intervals; 0 = off
   c.progress_bar = True
@@ -167,66 +174,9 @@ def paper_scale(c: ml_collections.ConfigDict, source: str) -> ml_collections.Con
 
 # -- shared pieces -------------------------------------------------------------------------------
 
-@dataclasses.dataclass
-class Split:
-  images: np.ndarray  # [N, H, W, 3] in [-1, 1]
-  labels: np.ndarray  # [N] class index
-  class_names: tuple
-
-
 def eval_mesh() -> jax.sharding.Mesh:
   """Every device of every process on the data axis: batches split, params replicated."""
   return sharding.make_mesh(-1, 1)
-
-
-def load_split(config: Any, split: str) -> Split:
-  """All images of one split, in order, as arrays (every process reads the whole split)."""
-  data = make_dataset(config.data, split, batch_size=8, seed=config.seed,
-                      resolution=config.resolution, process_index=0, process_count=1,
-                      num_epochs=1, shuffle=False, drop_remainder=False)
-  images, labels = [], []
-  for batch in data:
-    images.append(np.asarray(batch["image"], np.float32))
-    labels.append(np.asarray(batch["label"]))
-  if not images:
-    raise MedjaxError(f"config.data: the {split!r} split is empty")
-  return Split(np.concatenate(images), np.concatenate(labels), tuple(data.class_names))
-
-
-def check_generator(config: Any) -> tuple[dict, list[str]]:
-  """Refuses a generator trained on this evaluation's val/test patients (`medjax.eval.leakage`).
-
-  Returns the report's split and generator facts, and notes on what could not be checked.
-  """
-  records = {s: select_records(config.data, s).records for s in ("train", "val", "test")}
-  runs, notes = leakage.generator_records(config.model)
-  facts = {"splits": {"file": config.data.split.file,
-                      "patients": {s: split_file.patients(r) for s, r in records.items()}},
-           "generators": leakage.check(config.data, records, runs)}
-  return facts, notes
-
-
-def fid_reference(config: Any, train: Split, test: Split) -> tuple[str, Split, list[str]]:
-  """The real images FID compares against (`config.fid.reference`), its name and notes."""
-  ref = config.fid.reference
-  if ref == "train":
-    return "real train split", train, []
-  if ref == "test":
-    return "real test split", test, []
-  if ref != "generator_train":
-    raise MedjaxError(f"config.fid.reference={ref!r}: expected 'generator_train', 'train' or "
-                      "'test'")
-  runs, _ = leakage.generator_records(config.model)
-  if not runs:
-    return "real train split", train, [
-        "FID reference: the generator's training images are unknown (no training workdir "
-        "with records.json), so FID is against the evaluation's real train split"]
-  parts = [load_split(c, "train") for _, c in leakage.generator_data_configs(config, runs)]
-  names = train.class_names
-  labels = [np.array([names.index(p.class_names[k]) if p.class_names[k] in names else -1
-                      for k in p.labels]) for p in parts]
-  return "generator's training images", Split(np.concatenate([p.images for p in parts]),
-                                              np.concatenate(labels), names), []
 
 
 def positive_index(config: Any, class_names) -> int:
@@ -236,7 +186,7 @@ def positive_index(config: Any, class_names) -> int:
   return class_names.index(config.positive_class)
 
 
-def binary(split: Split, pos: int) -> np.ndarray:
+def binary(split, pos: int) -> np.ndarray:
   return (split.labels == pos).astype(np.float32)
 
 
@@ -258,55 +208,6 @@ def load_model(config: Any, mesh: jax.sharding.Mesh | None = None):
     return sd
   return dataclasses.replace(sd, params=hosts.to_global(sd.params,
                                                               sharding.replicated(mesh)))
-
-
-def class_prompts(config: Any, class_names) -> dict[str, str]:
-  given = dict(config.generation.prompts)
-  base = dict(config.data.prompt.class_prompts)
-  out = {}
-  for name in class_names:
-    prompt = given.get(name) or base.get(name)
-    if not prompt:
-      raise MedjaxError(f"no prompt for class {name!r}: set config.generation.prompts.{name}")
-    out[name] = prompt
-  return out
-
-
-def generate_per_class(config: Any, sd, class_names, workdir, mesh=None) -> Split:
-  """`num_per_class` images per class prompt (seeded), plus a grid PNG per class.
-
-  With `mesh`, each batch is split over its data axis (padded with extra seeds to a multiple of
-  its size; an image depends only on its own seed, so the padding changes no image).
-  """
-  g = config.generation
-  per = 1 if mesh is None else mesh.shape[sharding.DATA]
-  prompts = class_prompts(config, class_names)
-  images, labels = [], []
-  total = g.num_per_class * len(class_names)
-  bar = tqdm.tqdm(total=total, desc="generate", unit="img",
-                  disable=not (config.progress_bar and hosts.is_lead()))
-  for k, name in enumerate(class_names):
-    kept = []
-    for start in range(0, g.num_per_class, g.batch_size):
-      n = min(g.batch_size, g.num_per_class - start)
-      padded = -(-n // per) * per
-      seeds = [config.seed * 1_000_003 + k * 100_003 + start + i for i in range(padded)]
-      out = sd.generate([prompts[name]] * padded, num_inference_steps=g.num_inference_steps,
-                        guidance_scale=g.guidance_scale, scheduler=g.scheduler,
-                        height=config.resolution, width=config.resolution, seed=seeds, mesh=mesh,
-                        data_axis=sharding.DATA)
-      kept.append(np.asarray(out)[:n])
-      bar.update(n)
-    class_images = np.concatenate(kept)
-    images.append(class_images * 2 - 1)
-    labels.append(np.full(len(class_images), k))
-    if hosts.is_lead():
-      grid = images_lib.grid(images_lib.to_uint8(class_images[:16]))
-      images_lib.save_png(grid, workdir / f"samples_{name}.png",
-                          {"synthetic": "true", "generator": "medjax.evaluate",
-                           "prompt": prompts[name], "model": sd.name})
-  bar.close()
-  return Split(np.concatenate(images), np.concatenate(labels), tuple(class_names))
 
 
 def inception_params(config: Any):
@@ -338,30 +239,31 @@ def fid_notes(config: Any, weights_note: str | None) -> list[str]:
   return notes
 
 
-def fid_between(config: Any, params, a: np.ndarray, b: np.ndarray, mesh=None) -> float:
-  """FID between two image sets in [-1, 1] (the first `fid.max_images` of each)."""
+def fid_between(config: Any, params, a, b, mesh=None) -> float:
+  """FID between two image sets (the first `fid.max_images` of each): stores (read batch by
+  batch, statistics merged as they come) or arrays in [-1, 1]."""
   cap = config.fid.max_images or None
-  a, b = a[:cap], b[:cap]
+  sets = []
   for name, x in (("first", a), ("second", b)):
+    x = x.head(cap) if hasattr(x, "head") else (np.asarray(x)[:cap] + 1) / 2
     if len(x) < 2:
       raise MedjaxError(f"FID: the {name} image set has {len(x)} image(s); at least 2 needed")
-  feats = [fid_lib.inception_features(params, (x + 1) / 2, batch_size=config.fid.batch_size,
-                                      mesh=mesh, resize=config.fid.resize) for x in (a, b)]
-  if config.fid.dims:
-    feats = [f[:, :config.fid.dims] for f in feats]
-  return float(fid_lib.frechet_distance(*fid_lib.statistics(feats[0]),
-                                        *fid_lib.statistics(feats[1])))
+    sets.append(x)
+  stats = [fid_lib.inception_statistics(params, x, batch_size=config.fid.batch_size, mesh=mesh,
+                                        resize=config.fid.resize, dims=config.fid.dims)
+           for x in sets]
+  return float(fid_lib.frechet_distance(*stats[0], *stats[1]))
 
 
-def train_and_score(config: Any, train: Split, val: Split, test: Split, pos: int, seed: int,
-                    mesh=None):
-  """Trains the configured classifier (over `mesh`); returns (scores on test, metrics, state)."""
+def train_and_score(config: Any, train, val, test, pos: int, seed: int, mesh=None):
+  """Trains the configured classifier (over `mesh`) reading batches from the stores; returns
+  (scores on test, metrics, state)."""
   cfg = ml_collections.ConfigDict(config.classifier.to_dict())
   cfg.seed = seed
   cfg.task = "binary"
   state, history = classifier_train.train_classifier(
-      cfg, (train.images, binary(train, pos)), (val.images, binary(val, pos)), mesh=mesh)
-  scores = classifier_train.predict(state, test.images, cfg.predict_batch_size, mesh=mesh)
+      cfg, (train, binary(train, pos)), (val, binary(val, pos)), mesh=mesh)
+  scores = classifier_train.predict(state, test, cfg.predict_batch_size, mesh=mesh)
   y = binary(test, pos)
   metrics = {"auc": auc_lib.roc_auc(y, scores), **auc_lib.threshold_metrics(y, scores),
              "best_step": history.get("best_step")}
@@ -405,20 +307,18 @@ def fmt(x: float, digits: int = 3) -> str:
 def paper_a(config: Any, workdir, mesh=None) -> dict:
   """Real vs real + synthetic vs synthetic-only classifiers; FID of generated vs training."""
   workdir, mesh = paths.workdir_path(workdir), mesh or eval_mesh()
-  facts, leak_notes = check_generator(config)  # before anything slow
-  train, val, test = (load_split(config, s) for s in ("train", "val", "test"))
+  facts, leak_notes = leakage.check_generator(config)  # before anything slow
+  params, note = inception_params(config)  # a bad weights file fails before any data or model
+  train, val, test = (load_split(config, s, workdir) for s in ("train", "val", "test"))
   pos = positive_index(config, train.class_names)
   for name, split in (("train", train), ("val", val), ("test", test)):
     if len(np.unique(binary(split, pos))) < 2:
       raise MedjaxError(f"the {name} split holds one class only ({len(split.labels)} images): "
                         "AUC needs both; use more images (config.data.split.sizes)")
-  params, note = inception_params(config)  # a bad weights file fails before any generation
   sd = load_model(config, mesh)
   synth = generate_per_class(config, sd, train.class_names, workdir, mesh)
   sets = {"real": train, "synthetic": synth,
-          "real+synthetic": Split(np.concatenate([train.images, synth.images]),
-                                  np.concatenate([train.labels, synth.labels]),
-                                  train.class_names)}
+          "real+synthetic": image_store.Chain([train, synth])}
   settings = list(config.settings)
   unknown = [s for s in settings if s not in sets]
   if unknown:
@@ -437,11 +337,11 @@ def paper_a(config: Any, workdir, mesh=None) -> dict:
         if config.bootstrap:
           metrics["auc_ci"] = auc_lib.bootstrap_ci(y_test, scores, n=config.bootstrap,
                                                    seed=config.seed)
-  ref_name, ref, ref_notes = fid_reference(config, train, test)
-  fid = {"reference": ref_name, "all": fid_between(config, params, synth.images, ref.images, mesh),
-         "vs_test": fid_between(config, params, synth.images, test.images, mesh)}
+  ref_name, ref, ref_notes = image_sets.fid_reference(config, train, test, workdir)
+  fid = {"reference": ref_name, "all": fid_between(config, params, synth, ref, mesh),
+         "vs_test": fid_between(config, params, synth, test, mesh)}
   for k, name in enumerate(train.class_names):
-    a, b = synth.images[synth.labels == k], ref.images[ref.labels == k]
+    a, b = synth.subset(synth.labels == k), ref.subset(ref.labels == k)
     if len(a) >= 2 and len(b) >= 2:
       fid[name] = fid_between(config, params, a, b, mesh)
   if hosts.is_lead():
@@ -476,22 +376,27 @@ def _mean_std(values) -> dict:
 def paper_b(config: Any, workdir, mesh=None) -> dict:
   """VAE reconstruction table; a real-trained classifier scoring generated images per class."""
   workdir, mesh = paths.workdir_path(workdir), mesh or eval_mesh()
-  facts, leak_notes = check_generator(config)  # before anything slow
-  train, val, test = (load_split(config, s) for s in ("train", "val", "test"))
+  facts, leak_notes = leakage.check_generator(config)  # before anything slow
+  params, note = inception_params(config)  # a bad weights file fails before any data or model
+  train, val, test = (load_split(config, s, workdir) for s in ("train", "val", "test"))
   pos = positive_index(config, train.class_names)
-  params, note = inception_params(config)  # a bad weights file fails before any generation
   sd = load_model(config, mesh)
-  # VAE study on real test images.
-  originals = test.images[:config.recon.num_images]
-  recon_metrics, decoded = recon.vae_roundtrip(sd, (originals + 1) / 2,
-                                               batch_size=config.recon.batch_size, mesh=mesh)
-  reconstructed = np.clip(decoded, -1, 1)
-  recon_metrics["fid"] = fid_between(config, params, reconstructed, originals, mesh)
+  # VAE study on real test images, at each resolution of the table.
+  by_resolution = {}
+  for resolution in config.recon.resolutions or (config.resolution,):
+    if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution % 8 or \
+        resolution < 16:
+      raise MedjaxError(f"config.recon.resolutions: {resolution!r} is not a multiple of 8 "
+                        "(the VAE's downsampling) of at least 16 pixels")
+    real = test if resolution == config.resolution else load_split(config, "test", workdir,
+                                                                   resolution)
+    by_resolution[str(resolution)] = vae_table_row(config, sd, params, real, workdir, mesh)
+  recon_metrics = by_resolution.get(str(config.resolution), next(iter(by_resolution.values())))
   # Classifier on real images, then on generated ones.
   real_scores, real_metrics, state = train_and_score(config, train, val, test, pos, config.seed,
                                                      mesh)
   synth = generate_per_class(config, sd, train.class_names, workdir, mesh)
-  scores = classifier_train.predict(state, synth.images, config.classifier.predict_batch_size,
+  scores = classifier_train.predict(state, synth, config.classifier.predict_batch_size,
                                     mesh=mesh)
   y = binary(synth, pos)
   per_class = {name: {"accuracy": float(np.mean((scores[synth.labels == k] >= 0.5)
@@ -506,12 +411,14 @@ def paper_b(config: Any, workdir, mesh=None) -> dict:
                       "generated": (gfpr, gtpr, generated["auc"])}, workdir / "roc.png",
                      title="Classifier trained on real images")
   results = {"protocol": "paper_b", "vae_reconstruction": recon_metrics,
+             "vae_reconstruction_by_resolution": by_resolution,
              "classifier_real_test": real_metrics, "classifier_on_generated": generated,
              **facts, "notes": leak_notes + fid_notes(config, note)}
   table = [["measure", "value"]]
-  for k in ("rmse", "psnr", "ssim", "ms_ssim", "fid"):
-    if recon_metrics.get(k) is not None:
-      table.append([f"VAE reconstruction {k.upper()}", fmt(float(recon_metrics[k]))])
+  for resolution, row in by_resolution.items():
+    for k in ("rmse", "psnr", "ssim", "ms_ssim", "fid"):
+      if row.get(k) is not None:
+        table.append([f"VAE reconstruction {k.upper()} ({resolution} px)", fmt(float(row[k]))])
   table.append(["classifier AUC, real test", fmt(real_metrics["auc"])])
   table.append(["classifier AUC, generated images", fmt(generated["auc"])])
   table.append(["classifier accuracy, generated images", fmt(generated["accuracy"])])
@@ -520,6 +427,23 @@ def paper_b(config: Any, workdir, mesh=None) -> dict:
   write_report(workdir, results, table, "Paper B protocol: VAE reconstruction and classifier",
                config)
   return results
+
+
+def vae_table_row(config: Any, sd, params, real, workdir, mesh=None) -> dict:
+  """VAE round trip of the first `recon.num_images` of `real` (a store): the reconstruction
+  metrics, and the FID of the reconstructions (streamed into a store) against the originals."""
+  originals = real.head(config.recon.num_images)
+  size = originals.shape[0]
+
+  def produce(add):
+    return recon.vae_roundtrip(sd, originals, batch_size=config.recon.batch_size, mesh=mesh,
+                               sink=lambda decoded: add(decoded, np.zeros(len(decoded))))[0]
+
+  metrics, reconstructed = streamed_store(workdir, f"recon_{size}px", "", real.class_names,
+                                          produce)
+  metrics["fid"] = fid_between(config, params, reconstructed, originals, mesh)
+  metrics["resolution"] = size
+  return metrics
 
 
 def run_protocol(config: Any, workdir) -> dict:

@@ -15,7 +15,7 @@ papers medjax reproduces, and the tests check them against those references:
   torchmetrics' single-scale SSIM is that uncropped variant: `ssim(..., crop=False)`.
 """
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -202,26 +202,36 @@ def vae_roundtrip_metrics(sd, images, batch_size: int = 8, mesh=None) -> dict[st
   return vae_roundtrip(sd, images, batch_size, mesh)[0]
 
 
-def vae_roundtrip(sd, images, batch_size: int = 8, mesh=None) -> tuple[dict, np.ndarray]:
+def vae_roundtrip(sd, images, batch_size: int = 8, mesh=None,
+                  sink: Callable[[np.ndarray], None] | None = None
+                  ) -> tuple[dict, np.ndarray | None]:
   """(`vae_roundtrip_metrics`, the decoded images NHWC in [-1, 1], unclipped, on the host).
 
   With `mesh` (`medjax.sharding.make_mesh`), each batch is split over its data axes (padded to a
   multiple of the data-parallel size); the mesh may span several processes, which then all make
-  the same call and all get the same results.
+  the same call and all get the same results. `images` may also be an on-disk
+  `image_store.ImageStore` (uint8 / 255, read batch by batch); with `sink`, each decoded batch
+  goes to `sink(batch)` instead of being kept (None is returned for them), so memory does not
+  grow with the number of images.
   """
-  images = np.asarray(images, np.float32)
-  if images.ndim != 4:
-    raise MedjaxError(f"vae_roundtrip_metrics: images must be NHWC, got shape {images.shape}")
-  if images.size and (images.min() < 0 or images.max() > 1):
-    raise MedjaxError("vae_roundtrip_metrics: images must be in [0, 1], got values in "
-                      f"[{images.min():.3g}, {images.max():.3g}]")
-  n = images.shape[0]
+  on_disk = hasattr(images, "read_range")
+  if not on_disk:
+    images = np.asarray(images, np.float32)
+    if images.ndim != 4:
+      raise MedjaxError(f"vae_roundtrip_metrics: images must be NHWC, got shape {images.shape}")
+    if images.size and (images.min() < 0 or images.max() > 1):
+      raise MedjaxError("vae_roundtrip_metrics: images must be in [0, 1], got values in "
+                        f"[{images.min():.3g}, {images.max():.3g}]")
+  n = len(images)
   if n == 0:
     raise MedjaxError("vae_roundtrip_metrics: no images")
   sums: dict[str, float] = {}
   decoded = []
   for start in range(0, n, batch_size):
-    batch = images[start:start + batch_size]
+    if on_disk:
+      batch = images.read_range(start, start + batch_size).astype(np.float32) / np.float32(255)
+    else:
+      batch = images[start:start + batch_size]
     count = batch.shape[0]
     size = batch_size if n > batch_size else count  # pad the last batch: one compiled shape
     if mesh is not None:
@@ -232,14 +242,18 @@ def vae_roundtrip(sd, images, batch_size: int = 8, mesh=None) -> tuple[dict, np.
     if mesh is not None:
       batch = hosts.to_global(batch, sharding.batch_sharding(mesh))
     out = sd.decode_latents(sd.encode_images(jnp.asarray(batch) * 2.0 - 1.0))
-    decoded.append(hosts.to_host(out)[:count])
+    host = hosts.to_host(out)[:count]
+    if sink is None:
+      decoded.append(host)
+    else:
+      sink(host)
     recon = jnp.clip((out + 1.0) / 2.0, 0.0, 1.0)
     values = hosts.to_host(reconstruction_metrics(batch, recon, data_range=1.0))
     for key, v in values.items():
       sums[key] = sums.get(key, 0.0) + float(np.sum(np.asarray(v, np.float64)[:count]))
   metrics = {k: v / n for k, v in sums.items()}
   metrics["num_images"] = n
-  return metrics, np.concatenate(decoded)
+  return metrics, (np.concatenate(decoded) if sink is None else None)
 
 
 __all__ = [

@@ -71,12 +71,20 @@ def test_paper_b_protocol_writes_its_report(tmp_path):
   results = protocols.run_protocol(config, tmp_path)
   recon = results["vae_reconstruction"]
   assert recon["num_images"] == 4 and recon["rmse"] > 0 and recon["fid"] >= 0
+  by_resolution = results["vae_reconstruction_by_resolution"]
+  assert list(by_resolution) == ["32", "64"]  # config.recon.resolutions of the embedded default
+  assert by_resolution["64"] == recon and by_resolution["32"]["resolution"] == 32
+  assert by_resolution["32"]["num_images"] == 4 and by_resolution["32"]["rmse"] > 0
   assert 0 <= results["classifier_on_generated"]["auc"] <= 1
   assert set(results["classifier_on_generated"]["per_class"]) == {"pleural_effusion",
                                                                   "no_finding"}
   table = (tmp_path / "results.md").read_text()
-  assert "VAE reconstruction SSIM" in table and "nan" not in table.lower()
   assert "| guidance scale | 7.5 | ours | not stated (RoentGen: 4) |" in table
+  assert "VAE reconstruction SSIM (32 px)" in table and "nan" not in table.lower()
+  assert "VAE reconstruction SSIM (64 px)" in table
+  assert {p.name for p in (tmp_path / "stores").iterdir()} == {
+      "train_64px", "val_64px", "test_64px", "test_32px", "generated", "recon_32px",
+      "recon_64px"}
 
 
 def test_bad_protocol_inputs(tmp_path):
