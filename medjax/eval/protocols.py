@@ -43,6 +43,7 @@ from medjax.eval import classifier_train
 from medjax.eval import fid as fid_lib
 from medjax.eval import inception_weights
 from medjax.eval import leakage
+from medjax.eval import memorization
 from medjax.eval import provenance
 from medjax.eval import recon
 from medjax.pipeline import StableDiffusion
@@ -115,6 +116,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.recon.num_images = 8
   c.recon.batch_size = 4
 
+  c.privacy = memorization.default_config()  # protocol 'privacy'
   c.bootstrap = 200  # resamples for AUC confidence intervals; 0 = off
   c.progress_bar = True
   return c
@@ -517,6 +519,46 @@ def paper_b(config: Any, workdir, mesh=None) -> dict:
     table.append([f"accuracy on generated '{name}'", fmt(m["accuracy"])])
   write_report(workdir, results, table, "Paper B protocol: VAE reconstruction and classifier",
                config)
+  return results
+
+
+@register("privacy")
+def privacy(config: Any, workdir, mesh=None) -> dict:
+  """Memorisation audit: flags generated images that near-copy a training image (by record
+  key), calibrated on held-out real images (medjax.eval.memorization)."""
+  workdir, mesh = paths.workdir_path(workdir), mesh or eval_mesh()
+  facts, notes = check_generator(config)  # before anything slow
+  p, mem = config.privacy, memorization
+  opt = mem.Options.from_config(p)
+  opt.check()
+  train, held = (mem.read_split(config.data, s, config.resolution, p.batch_size, config.seed)
+                 for s in ("train", p.heldout_split))
+  if p.features not in ("inception", "pixels"):
+    raise MedjaxError(f"config.privacy.features={p.features!r}: expected 'inception' or 'pixels'")
+  feature_fn = mem.pixel_feature_fn()
+  if p.features == "inception":
+    params, note = inception_params(config)
+    notes += [note] if note else []
+    feature_fn = mem.inception_feature_fn(params, config.fid.batch_size, mesh, config.fid.resize)
+  synth = generate_per_class(config, load_model(config, mesh), train[2], workdir, mesh)
+  keys = [f"generated/{train[2][c]}/{i}" for i, c in enumerate(synth.labels)]
+  result = mem.audit(mem.array_batches(synth.images, keys, p.batch_size),
+                     mem.array_batches(*held[:2], p.batch_size),
+                     mem.array_batches(*train[:2], p.batch_size), mem.array_fetch(*train[:2]),
+                     feature_fn, opt, mesh)
+  if hosts.is_lead():
+    mem.plot_histograms(result, workdir / "privacy_distances.png")
+    mem.save_gallery(result, workdir / "privacy_pairs.png")
+  results = {"protocol": "privacy", **mem.public(result), **facts, "notes": notes}
+  t = result["thresholds"]
+  table = [["measure", "value"], ["generated / held-out / training images",
+                                  f"{result['num_generated']} / {result['num_heldout']} / "
+                                  f"{result['num_train']}"],
+           ["flagged generated images", f"{result['flagged']} ({result['fraction_flagged']:.2%})"],
+           ["held-out images flagged by the same rule", f"{result['heldout_flag_rate']:.2%}"],
+           ["distance threshold", fmt(t["distance"], 4)], ["SSIM threshold", fmt(t["ssim"], 4)],
+           ["rule", result["rule"]]]
+  write_report(workdir, results, table, "Privacy audit: near-copies of training images", config)
   return results
 
 
