@@ -152,7 +152,7 @@ def test_privacy_config_is_valid():
   check_train_config(config, protocols.base_config(),
                      free_maps=("data.prompt.class_prompts", "data.prompt.label_texts",
                                 "generation.prompts"))
-  assert config.protocol == "privacy" in protocols.PROTOCOLS
+  assert config.protocol == "privacy" and "privacy" in protocols.PROTOCOLS
   mem.Options.from_config(config.privacy).check()
 
 
