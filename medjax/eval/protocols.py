@@ -18,9 +18,6 @@ Process 0 alone writes files; the others wait for it.
 Memory stays bounded whatever a split's size: splits, generated images and reconstructions
 go batch by batch into on-disk stores under workdir/stores (`medjax.eval.image_sets`).
 """
-import dataclasses
-import json
-import os
 from collections.abc import Callable
 from typing import Any
 
@@ -33,25 +30,31 @@ from medjax import atomic
 from medjax import exporter
 from medjax import hosts
 from medjax import paths
-from medjax import sharding
 from medjax import workdir as workdir_lib
 from medjax.data.defaults import default_config as data_config
 from medjax.errors import MedjaxError
 from medjax.eval import auc as auc_lib
 from medjax.eval import classifier_train
-from medjax.eval import fid as fid_lib
 from medjax.eval import image_sets
 from medjax.eval import image_store
-from medjax.eval import inception_weights
 from medjax.eval import leakage
-from medjax.eval import provenance
+from medjax.eval import memorization
 from medjax.eval import recon
 from medjax.eval.image_sets import Split  # noqa: F401  (re-exported)
 from medjax.eval.image_sets import class_prompts  # noqa: F401
 from medjax.eval.image_sets import generate_per_class
 from medjax.eval.image_sets import load_split
 from medjax.eval.image_sets import streamed_store
-from medjax.pipeline import StableDiffusion
+from medjax.eval.protocol_parts import binary
+from medjax.eval.protocol_parts import eval_mesh
+from medjax.eval.protocol_parts import fid_between
+from medjax.eval.protocol_parts import fid_notes
+from medjax.eval.protocol_parts import fmt
+from medjax.eval.protocol_parts import inception_params
+from medjax.eval.protocol_parts import load_model
+from medjax.eval.protocol_parts import positive_index
+from medjax.eval.protocol_parts import train_and_score
+from medjax.eval.protocol_parts import write_report
 from medjax.train_config import check_train_config
 
 PROTOCOLS: dict[str, Callable] = {}
@@ -124,6 +127,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.recon.batch_size = 4
   c.recon.resolutions = ()  # paper B's VAE table, one row group each; () = (resolution,)
 
+  c.privacy = memorization.default_config()  # protocol 'privacy'
   c.bootstrap = 200  # resamples for AUC confidence intervals; 0 = off
   c.progress_bar = True
   return c
@@ -170,135 +174,6 @@ def paper_scale(c: ml_collections.ConfigDict, source: str) -> ml_collections.Con
   c.fid.batch_size = 50
   c.bootstrap = 1000
   return c
-
-
-# -- shared pieces -------------------------------------------------------------------------------
-
-def eval_mesh() -> jax.sharding.Mesh:
-  """Every device of every process on the data axis: batches split, params replicated."""
-  return sharding.make_mesh(-1, 1)
-
-
-def positive_index(config: Any, class_names) -> int:
-  if config.positive_class not in class_names:
-    raise MedjaxError(f"config.positive_class={config.positive_class!r} is not one of the "
-                      f"data classes {list(class_names)} (config.data.classes)")
-  return class_names.index(config.positive_class)
-
-
-def binary(split, pos: int) -> np.ndarray:
-  return (split.labels == pos).astype(np.float32)
-
-
-def load_model(config: Any, mesh: jax.sharding.Mesh | None = None):
-  """The pipeline to generate with: a training workdir, or base weights + embedding files.
-
-  With `mesh`, its params are replicated over the mesh (which may span processes).
-  """
-  m = config.model
-  if m.train_workdir:
-    sd = exporter.restore_pipeline(m.train_workdir, mesh=mesh)
-    sd = dataclasses.replace(sd, params=hosts.to_host(sd.params))
-  elif m.pretrained:
-    sd = StableDiffusion.load(m.pretrained, allow_pickle=m.allow_pickle)
-  else:
-    sd = StableDiffusion.embedded(seed=m.embedded_seed)
-  sd = sd.load_embeddings(list(m.embeddings)) if m.embeddings else sd
-  if mesh is None:
-    return sd
-  return dataclasses.replace(sd, params=hosts.to_global(sd.params,
-                                                              sharding.replicated(mesh)))
-
-
-def inception_params(config: Any):
-  """pytorch-fid's weights, or (when allowed) random ones with a warning in the results.
-
-  The random fallback applies only when no weights file was named (`fid.weights` empty and
-  $MEDJAX_INCEPTION_WEIGHTS unset): a named file that is missing, unreadable or not the
-  Inception is an error naming it, never an FID that means nothing.
-  """
-  named = config.fid.weights or os.environ.get(inception_weights.ENV_VAR)
-  try:
-    return inception_weights.load_inception(config.fid.weights or None,
-                                            allow_pickle=config.fid.allow_pickle), None
-  except MedjaxError as e:
-    if named or not config.fid.random_weights:
-      raise
-    note = ("FID computed with a randomly initialised Inception (no pytorch-fid weights "
-            "found): compare these numbers only with each other. " + str(e).split(";")[0])
-    logging.warning(note)
-    return inception_weights.random_inception(config.seed), note
-
-
-def fid_notes(config: Any, weights_note: str | None) -> list[str]:
-  notes = [weights_note] if weights_note else []
-  if config.fid.dims:
-    notes.append(f"FID over the first {config.fid.dims} of 2048 Inception features and at most "
-                 f"{config.fid.max_images or 'all'} images per set (config.fid.dims / "
-                 "max_images): not comparable with published FIDs.")
-  return notes
-
-
-def fid_between(config: Any, params, a, b, mesh=None) -> float:
-  """FID between two image sets (the first `fid.max_images` of each): stores (read batch by
-  batch, statistics merged as they come) or arrays in [-1, 1]."""
-  cap = config.fid.max_images or None
-  sets = []
-  for name, x in (("first", a), ("second", b)):
-    x = x.head(cap) if hasattr(x, "head") else (np.asarray(x)[:cap] + 1) / 2
-    if len(x) < 2:
-      raise MedjaxError(f"FID: the {name} image set has {len(x)} image(s); at least 2 needed")
-    sets.append(x)
-  stats = [fid_lib.inception_statistics(params, x, batch_size=config.fid.batch_size, mesh=mesh,
-                                        resize=config.fid.resize, dims=config.fid.dims)
-           for x in sets]
-  return float(fid_lib.frechet_distance(*stats[0], *stats[1]))
-
-
-def train_and_score(config: Any, train, val, test, pos: int, seed: int, mesh=None):
-  """Trains the configured classifier (over `mesh`) reading batches from the stores; returns
-  (scores on test, metrics, state)."""
-  cfg = ml_collections.ConfigDict(config.classifier.to_dict())
-  cfg.seed = seed
-  cfg.task = "binary"
-  state, history = classifier_train.train_classifier(
-      cfg, (train, binary(train, pos)), (val, binary(val, pos)), mesh=mesh)
-  scores = classifier_train.predict(state, test, cfg.predict_batch_size, mesh=mesh)
-  y = binary(test, pos)
-  metrics = {"auc": auc_lib.roc_auc(y, scores), **auc_lib.threshold_metrics(y, scores),
-             "best_step": history.get("best_step")}
-  return scores, metrics, state
-
-
-# -- reports -------------------------------------------------------------------------------------
-
-def write_report(workdir, results: dict, table: list[list[str]], title: str,
-                 config=None) -> None:
-  """results.json, results.md (temp file + rename, by process 0); `config`'s provenance too."""
-  results["settings"] = provenance.settings(config) if config is not None else []
-  if not hosts.is_lead():
-    return
-  atomic.write_text(workdir / "results.json", json.dumps(results, indent=1, default=_json) + "\n")
-  lines = [f"# {title}", ""]
-  if results.get("notes"):
-    lines += [f"> {n}" for n in results["notes"]] + [""]
-  head, *rows = table
-  lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-  lines += ["| " + " | ".join(r) + " |" for r in rows]
-  lines += provenance.markdown(results["settings"])
-  atomic.write_text(workdir / "results.md", "\n".join(lines) + "\n")
-
-
-def _json(x):
-  if isinstance(x, (np.floating, np.integer)):
-    return x.item()
-  if isinstance(x, np.ndarray):
-    return x.tolist()
-  return str(x)
-
-
-def fmt(x: float, digits: int = 3) -> str:
-  return f"{x:.{digits}f}"
 
 
 # -- paper A ---------------------------------------------------------------------------------------
@@ -444,6 +319,45 @@ def vae_table_row(config: Any, sd, params, real, workdir, mesh=None) -> dict:
   metrics["fid"] = fid_between(config, params, reconstructed, originals, mesh)
   metrics["resolution"] = size
   return metrics
+
+
+@register("privacy")
+def privacy(config: Any, workdir, mesh=None) -> dict:
+  """Memorisation audit: flags generated images that near-copy a training image (by record
+  key), calibrated on held-out real images (medjax.eval.memorization)."""
+  workdir, mesh = paths.workdir_path(workdir), mesh or eval_mesh()
+  facts, notes = leakage.check_generator(config)  # before anything slow
+  p, mem = config.privacy, memorization
+  opt = mem.Options.from_config(p)
+  opt.check()
+  if p.features not in ("inception", "pixels"):
+    raise MedjaxError(f"config.privacy.features={p.features!r}: expected 'inception' or 'pixels'")
+  feature_fn = mem.pixel_feature_fn()
+  if p.features == "inception":
+    params, note = inception_params(config)
+    notes += [note] if note else []
+    feature_fn = mem.inception_feature_fn(params, config.fid.batch_size, mesh, config.fid.resize)
+  train, held = (load_split(config, s, workdir) for s in ("train", p.heldout_split))
+  synth = generate_per_class(config, load_model(config, mesh), train.class_names, workdir, mesh)
+  keys = [f"generated/{train.class_names[c]}/{i}" for i, c in enumerate(synth.labels)]
+  result = mem.audit(mem.store_batches(synth, keys, p.batch_size),
+                     mem.store_batches(held, None, p.batch_size),
+                     mem.store_batches(train, None, p.batch_size), mem.store_fetch(train),
+                     feature_fn, opt, mesh)
+  if hosts.is_lead():
+    mem.plot_histograms(result, workdir / "privacy_distances.png")
+    mem.save_gallery(result, workdir / "privacy_pairs.png")
+  results = {"protocol": "privacy", **mem.public(result), **facts, "notes": notes}
+  t = result["thresholds"]
+  table = [["measure", "value"], ["generated / held-out / training images",
+                                  f"{result['num_generated']} / {result['num_heldout']} / "
+                                  f"{result['num_train']}"],
+           ["flagged generated images", f"{result['flagged']} ({result['fraction_flagged']:.2%})"],
+           ["held-out images flagged by the same rule", f"{result['heldout_flag_rate']:.2%}"],
+           ["distance threshold", fmt(t["distance"], 4)], ["SSIM threshold", fmt(t["ssim"], 4)],
+           ["rule", result["rule"]]]
+  write_report(workdir, results, table, "Privacy audit: near-copies of training images", config)
+  return results
 
 
 def run_protocol(config: Any, workdir) -> dict:
