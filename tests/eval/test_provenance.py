@@ -35,7 +35,7 @@ def test_paper_b_borrows_its_classifier_from_a_and_its_sampling_from_roentgen():
   small = rows("eval_paper_b")  # the embedded default: every reduction is ours, theirs shown
   assert (small["guidance scale"]["source"], small["guidance scale"]["paper_value"]) == (
       "ours", "not stated (RoentGen: 4)")
-  assert "VAE table resolutions" not in r
+  assert r["VAE table resolutions"]["shown"] == "256 / 512 / 768"  # the issue's, not the paper's
 
 
 def test_paper_a_states_the_prostate_protocol_and_lends_it_to_cxr():
