@@ -114,9 +114,11 @@ def host_rows(run: Any, batch: dict, *, step: int, cache: LatentCache | None,
   """A data batch (this process's rows) -> the NumPy arrays the jitted step takes.
 
   Images go to the step, which encodes them (no host round trip), unless the latent cache
-  holds their moments; prior rows travel separately and the step appends them to the batch.
+  holds their moments (the VAE objective takes images only, no prompt ids); prior rows travel separately and the step appends them to the batch.
   """
-  out = {"input_ids": run.sd.tokenize(list(batch["prompt"]))}
+  out = {}
+  if run.trainable.kind != "vae":
+    out["input_ids"] = run.sd.tokenize(list(batch["prompt"]))
   if cache is not None:
     out["moments"] = cache.moments(encoder, list(batch["key"]), batch["image"])
   else:
