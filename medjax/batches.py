@@ -114,7 +114,8 @@ def host_rows(run: Any, batch: dict, *, step: int, cache: LatentCache | None,
   """A data batch (this process's rows) -> the NumPy arrays the jitted step takes.
 
   Images go to the step, which encodes them (no host round trip), unless the latent cache
-  holds their moments (the VAE objective takes images only, no prompt ids); prior rows travel separately and the step appends them to the batch.
+  holds their moments; prior rows travel separately and the step appends them to the batch.
+  The VAE objective takes the images only (no prompt ids).
   """
   out = {}
   if run.trainable.kind != "vae":

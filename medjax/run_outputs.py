@@ -105,7 +105,8 @@ def write_reconstruction_grid(config: Any, sd: StableDiffusion, workdir, step: i
         "layout": "pairs: original (left, real data) | VAE reconstruction (right, synthetic)",
         "psnr": f"{metrics['psnr']:.3f}", "ssim": f"{metrics['ssim']:.4f}"})
     atomic.write_text(out.with_suffix(".json"), json.dumps(
-        {"step": step, **{k: float(v) for k, v in metrics.items()}}, indent=1) + "\n")
+        {"step": step, **{k: v if k == "num_images" else float(v) for k, v in metrics.items()}},
+        indent=1) + "\n")
     writer.write_images(step, {"reconstructions": grid[None]})
     writer.write_scalars(step, {"held_out_psnr": metrics["psnr"],
                                 "held_out_ssim": metrics["ssim"]})
