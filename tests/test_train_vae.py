@@ -20,6 +20,7 @@ from medjax.convert.diffusers import params_to_state_dict
 from medjax.embedded import TINY_VAE_CONFIG
 from medjax.errors import MedjaxError
 from medjax.pipeline import StableDiffusion
+from tests.train_support import run_steps
 from tests.train_support import tiny_config
 
 LOSS_RTOL = 1e-4  # fp32 JAX vs fp32 torch, the same weights and noise (measured <= 2e-7)
@@ -113,7 +114,7 @@ def test_reconstruction_grid_and_held_out_psnr_rises(runs):
     assert image.size == (4 * 64, 64)  # 2 pairs side by side
   at = {s: json.loads((runs.a / "samples" / f"step_{s:06d}.json").read_text()) for s in (2, 4)}
   assert at[4]["num_images"] == 2 and 0 < at[4]["ssim"] <= 1
-  assert at[4]["psnr"] > at[2]["psnr"] + 0.5, at
+  assert at[4]["psnr"] > at[2]["psnr"] + 0.3, at  # measured 14.07 -> 14.95 dB
 
 
 def test_unet_and_text_encoder_untouched_in_the_export(runs, tmp_path):
@@ -164,3 +165,16 @@ def test_workdir_of_another_vae_loss_is_refused(runs):
   """A VAE workdir resumed with another VAE loss is another config: refused in one line."""
   with pytest.raises(MedjaxError, match="differs in vae.loss"):
     trainer.check_workdir(vae_config(**{"vae.loss": "l2"}), runs.a)
+
+
+@pytest.mark.slow(reason="compiles two steps (~20 s on 2 CPU cores)")
+def test_grad_accumulation_matches_one_batch():
+  """Two micro-batches of the VAE loss give the one-batch update (same noise, drawn first).
+  A large Adam epsilon keeps the update proportional to the gradient (see test_train.py)."""
+  kw = dict(batch_size=4, total_steps=1, adam_eps=1.0, learning_rate=1.0, max_grad_norm=0.0)
+  _, one, l1 = run_steps(vae_config(**kw), 1)
+  _, two, l2 = run_steps(vae_config(grad_accum=2, **kw), 1)
+  assert abs(l1[0] - l2[0]) < 1e-6
+  diff = max(float(jnp.max(jnp.abs(a - b))) for a, b in
+             zip(jax.tree.leaves(one.params), jax.tree.leaves(two.params)))
+  assert diff < 1e-6, diff
