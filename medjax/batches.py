@@ -115,8 +115,11 @@ def host_rows(run: Any, batch: dict, *, step: int, cache: LatentCache | None,
 
   Images go to the step, which encodes them (no host round trip), unless the latent cache
   holds their moments; prior rows travel separately and the step appends them to the batch.
+  The VAE objective takes the images only (no prompt ids).
   """
-  out = {"input_ids": run.sd.tokenize(list(batch["prompt"]))}
+  out = {}
+  if run.trainable.kind != "vae":
+    out["input_ids"] = run.sd.tokenize(list(batch["prompt"]))
   if cache is not None:
     out["moments"] = cache.moments(encoder, list(batch["key"]), batch["image"])
   else:

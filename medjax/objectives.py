@@ -1,12 +1,15 @@
-"""What a run trains and how: trainable/frozen param split, the diffusion loss, the train step.
+"""What a run trains and how: trainable/frozen param split, the losses, the train step.
 
-Two objectives share one loss and one step:
+Two objectives share the diffusion loss:
   textual inversion  only the new token-embedding rows are trainable; the step swaps them into
                      the looked-up token embeddings, so the frozen table (every other row) stays
                      bit-identical; `merge` writes them into the table for export.
   unet               the U-Net (and optionally the text encoder) is trainable; the VAE is frozen.
-The VAE never enters the gradient: the loss takes its latent moments (mean, logvar), computed
-under stop_gradient in the step (trainer.with_encoder) or beforehand and cached per image.
+There the VAE never enters the gradient: the loss takes its latent moments (mean, logvar),
+computed under stop_gradient in the step (trainer.with_encoder) or beforehand and cached.
+A third trains the VAE itself (`vae_loss`: latent diffusion's autoencoder recipe without the
+perceptual and GAN terms); the U-Net and text encoder are neither computed nor changed.
+All three share one step (`make_train_step`: noise drawn per step, EMA, gradient accumulation).
 """
 import dataclasses
 from collections.abc import Callable
@@ -22,7 +25,9 @@ from medjax import schedulers
 from medjax.errors import MedjaxError
 from medjax.models import clip
 
-KINDS = ("textual_inversion", "unet")
+KINDS = ("textual_inversion", "unet", "vae")
+# The VAE's params by the half they belong to (what config.vae.train_encoder/decoder pick).
+VAE_PARTS = {"encoder": ("encoder", "quant_conv"), "decoder": ("decoder", "post_quant_conv")}
 
 
 @flax.struct.dataclass
@@ -41,12 +46,18 @@ class Trainable:
   kind: str
   token_ids: tuple = ()  # textual inversion: rows of the token-embedding table
   train_text_encoder: bool = False
+  vae_parts: tuple = ("encoder", "decoder")  # vae: the halves it trains (VAE_PARTS)
 
   def __post_init__(self):
     if self.kind not in KINDS:
       raise MedjaxError(f"config.objective={self.kind!r}: expected one of {list(KINDS)}")
     if self.kind == "textual_inversion" and not self.token_ids:
       raise MedjaxError("textual inversion needs at least one placeholder token")
+    if self.kind == "vae" and not self.vae_parts:
+      raise MedjaxError("config.vae.train_encoder and config.vae.train_decoder are both False: "
+                        "nothing to train")
+    if set(self.vae_parts) - set(VAE_PARTS):
+      raise ValueError(f"vae_parts={self.vae_parts!r}: expected parts of {list(VAE_PARTS)}")
 
   def split(self, params: dict) -> tuple[dict, dict]:
     """Full params {'unet', 'vae', 'text_encoder'} -> (trainable, frozen)."""
@@ -54,6 +65,10 @@ class Trainable:
       table = clip.token_embedding_table(params["text_encoder"])
       rows = jnp.asarray(table)[np.asarray(self.token_ids)]
       return {"embeddings": rows}, dict(params)
+    if self.kind == "vae":  # (also splits a tree of logical axes: only its keys matter)
+      names = [n for part in self.vae_parts for n in VAE_PARTS[part] if n in params["vae"]]
+      return ({"vae": {k: params["vae"][k] for k in names}},
+              {**params, "vae": {k: v for k, v in params["vae"].items() if k not in names}})
     names = ("unet", "text_encoder") if self.train_text_encoder else ("unet",)
     return ({k: params[k] for k in names}, {k: v for k, v in params.items() if k not in names})
 
@@ -64,6 +79,8 @@ class Trainable:
       table = table.at[np.asarray(self.token_ids)].set(rows)
       text_encoder = clip.replace_token_embedding_table(frozen["text_encoder"], table)
       return {**frozen, "text_encoder": text_encoder}
+    if self.kind == "vae":
+      return {**frozen, "vae": {**frozen["vae"], **trainable["vae"]}}
     return {**frozen, **trainable}
 
   def text_inputs(self, trainable: dict, frozen: dict, input_ids: jax.Array
@@ -185,6 +202,55 @@ def diffusion_loss(unet, text_encoder, alphas_cumprod, lc: LossConfig, params: d
       if lc.prior_loss_weight else jnp.zeros(())}
 
 
+@dataclasses.dataclass(frozen=True)
+class VaeLossConfig:
+  """The numbers of the VAE loss (config.vae)."""
+  loss: str = "l1"  # 'l1' (latent diffusion's) | 'l2'
+  kl_weight: float = 1e-6  # latent diffusion's kl-f8
+
+
+def vae_loss(vae, lc: VaeLossConfig, vae_params: dict, batch: dict) -> tuple[jax.Array, dict]:
+  """Latent diffusion's autoencoder loss (`LPIPSWithDiscriminator` with its learned log-variance
+  at 0, no perceptual and no GAN term) divided by the pixel values per image (3HW), so it reads
+  as a per-pixel mean; Adam does not see the scale. Per image:
+
+    rec = mean |x - D(z)| ('l1') or mean (x - D(z))^2 ('l2'),  z = mean + std * latent_noise
+    kl  = diffusers' `DiagonalGaussianDistribution.kl()`: 0.5 sum(mean^2 + var - 1 - logvar)
+    loss = rec + kl_weight * kl / (3HW)
+
+  batch: image [B, H, W, 3] in [-1, 1], latent_noise [B, h, w, C], weight [B]. Returns the
+  weighted sum (micro-batches add up); aux: rec_loss, kl and psnr (dB, of the [0, 1] images,
+  the reconstruction clipped) as weighted sums too.
+  """
+  x = batch["image"].astype(jnp.float32)
+  mean, logvar = vae.apply({"params": vae_params}, x, method="encode")
+  z = mean + jnp.exp(0.5 * logvar) * batch["latent_noise"]
+  rec = vae.apply({"params": vae_params}, z, method="decode").astype(jnp.float32)
+  diff = x - rec
+  if lc.loss == "l1":
+    per_pixel = jnp.abs(diff)
+  elif lc.loss == "l2":
+    per_pixel = jnp.square(diff)
+  else:
+    raise MedjaxError(f"config.vae.loss={lc.loss!r}: expected 'l1' or 'l2'")
+  rec_loss = jnp.mean(per_pixel, axis=(1, 2, 3))
+  kl = 0.5 * jnp.sum(jnp.square(mean) + jnp.exp(logvar) - 1.0 - logvar, axis=(1, 2, 3))
+  per_example = rec_loss + lc.kl_weight * kl / (x.shape[1] * x.shape[2] * x.shape[3])
+  mse = jnp.mean(jnp.square((x + 1) / 2 - jnp.clip((rec + 1) / 2, 0.0, 1.0)), axis=(1, 2, 3))
+  psnr = -10.0 * jnp.log10(jnp.maximum(mse, 1e-10))
+  w = batch["weight"]
+  return jnp.sum(w * per_example), {"rec_loss": jnp.sum(w * rec_loss), "kl": jnp.sum(w * kl),
+                                    "psnr": jnp.sum(w * psnr)}
+
+
+def draw_latent_noise(batch: dict, key: jax.Array, factor: int, channels: int) -> dict:
+  """The VAE step's posterior-sample noise for the whole batch (before any micro-batch split),
+  and equal example weights."""
+  b, h, w, _ = batch["image"].shape
+  return {**batch, "latent_noise": jax.random.normal(key, (b, h // factor, w // factor, channels)),
+          "weight": jnp.full((b,), 1.0 / b, jnp.float32)}
+
+
 def init_state(trainable_params: dict, optimizer: optax.GradientTransformation, seed: int,
                ema: bool) -> TrainState:
   params = jax.tree.map(jnp.asarray, trainable_params)
@@ -195,29 +261,39 @@ def init_state(trainable_params: dict, optimizer: optax.GradientTransformation, 
 
 
 def make_train_step(sd, trainable: Trainable, optimizer: optax.GradientTransformation,
-                    lc: LossConfig, *, grad_accum: int = 1, ema_decay: float = 0.0,
+                    lc: LossConfig | VaeLossConfig, *, grad_accum: int = 1, ema_decay: float = 0.0,
                     schedule: optax.Schedule | None = None) -> Callable:
   """A pure `(state, frozen, batch) -> (state, metrics)`; jit it with shardings (trainer.py).
 
-  metrics: loss, grad_norm, instance_loss, prior_loss, learning_rate (with `schedule`) and
-  `finite` (a bool: loss and new params all finite).
+  metrics: loss, grad_norm, the loss's aux (instance_loss and prior_loss, or for the VAE
+  rec_loss, kl and psnr), learning_rate (with `schedule`) and `finite` (a bool: loss and new
+  params all finite).
 
   `grad_accum` > 1 splits the batch into that many micro-batches (a `lax.scan`) and sums their
   weighted gradients: one optimizer update per call, the same as one big batch.
   """
-  alphas_cumprod = jnp.asarray(_alphas_cumprod(sd), jnp.float32)
+  if trainable.kind == "vae":
+    def loss_fn(params, frozen, batch):
+      return vae_loss(sd.vae, lc, trainable.merge(params, frozen)["vae"], batch)
 
-  def loss_fn(params, frozen, batch):
-    full, token_embeds = trainable.text_inputs(params, frozen, batch["input_ids"])
-    return diffusion_loss(sd.unet, sd.text_encoder, alphas_cumprod, lc, full, batch,
-                          token_embeds)
+    def prepare(batch, key):
+      return draw_latent_noise(batch, key, sd.vae_scale_factor, sd.latent_channels)
+  else:
+    alphas_cumprod = jnp.asarray(_alphas_cumprod(sd), jnp.float32)
+
+    def loss_fn(params, frozen, batch):
+      full, token_embeds = trainable.text_inputs(params, frozen, batch["input_ids"])
+      return diffusion_loss(sd.unet, sd.text_encoder, alphas_cumprod, lc, full, batch,
+                            token_embeds)
+
+    def prepare(batch, key):
+      batch = draw_noise(batch, key, alphas_cumprod.shape[0], lc)
+      return {**batch, "weight": example_weights(batch, lc)}
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
   def step(state: TrainState, frozen: dict, batch: dict):
-    key = jax.random.fold_in(state.rng, state.step)
-    batch = draw_noise(batch, key, alphas_cumprod.shape[0], lc)
-    batch["weight"] = example_weights(batch, lc)
+    batch = prepare(batch, jax.random.fold_in(state.rng, state.step))
     if grad_accum == 1:
       (loss, aux), grads = grad_fn(state.params, frozen, batch)
     else:
@@ -226,8 +302,8 @@ def make_train_step(sd, trainable: Trainable, optimizer: optax.GradientTransform
       def body(carry, mb):
         return jax.tree.map(jnp.add, carry, grad_fn(state.params, frozen, mb)), None
 
-      zeros = ((jnp.zeros(()), {"instance_loss": jnp.zeros(()), "prior_loss": jnp.zeros(())}),
-               jax.tree.map(jnp.zeros_like, state.params))
+      shapes = jax.eval_shape(grad_fn, state.params, frozen, jax.tree.map(lambda x: x[0], micro))
+      zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
       ((loss, aux), grads), _ = jax.lax.scan(body, zeros, micro)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)

@@ -1,4 +1,5 @@
-"""What a train run leaves besides checkpoints: sample grids, learned embeddings, the summary.
+"""What a train run leaves besides checkpoints: sample grids (a VAE run: held-out originals
+beside their reconstructions), learned embeddings, the summary.
 
 Every process calls these (generation and gathering touch arrays sharded over all processes);
 only process 0 writes files. Paths are `etils.epath` paths (`medjax.paths`), so a `gs://`
@@ -18,7 +19,10 @@ from medjax import hosts
 from medjax import images as images_lib
 from medjax import paths as paths_lib
 from medjax.convert import embeddings as embeddings_lib
+from medjax.data import make_dataset
+from medjax.data import select_records
 from medjax.data import skips as skips_lib
+from medjax.eval import recon
 from medjax.pipeline import StableDiffusion
 
 
@@ -35,9 +39,12 @@ def sample_prompts(config: Any) -> list[str]:
   return ["a chest x-ray with pleural effusion", "a chest x-ray with no finding"]
 
 
-def write_sample_grid(config: Any, sd: StableDiffusion, workdir, step: int, writer):
+def write_sample_grid(config: Any, sd: StableDiffusion, workdir, step: int, writer, mesh=None):
   """A grid of `sample.num_per_prompt` images per sample prompt (none when that is 0): all
-  processes generate, process 0 writes `samples/step_NNNNNN.png`; returns its path."""
+  processes generate, process 0 writes `samples/step_NNNNNN.png`; returns its path.
+  A VAE run writes `write_reconstruction_grid` there instead (on `mesh`, the run's)."""
+  if config.objective == "vae":
+    return write_reconstruction_grid(config, sd, workdir, step, writer, mesh)
   s = config.sample
   if s.num_per_prompt <= 0:
     return None
@@ -54,6 +61,57 @@ def write_sample_grid(config: Any, sd: StableDiffusion, workdir, step: int, writ
                                     "step": step, "model": sd.name})
     writer.write_images(step, {"samples": grid[None]})
     logging.info("wrote %s", out)
+  return out
+
+
+_HELD_OUT: dict[str, np.ndarray] = {}  # the last held_out_images, by what it was read for
+
+
+def held_out_images(config: Any) -> np.ndarray:
+  """The first `sample.num_reconstructions` images of the val split ([0, 1] NHWC; the train
+  split when val is empty), the same on every process and at every grid of a run."""
+  n = int(config.sample.num_reconstructions)
+  key = json.dumps([config.data.to_json(), config.resolution, n, config.seed])
+  if key not in _HELD_OUT:
+    split = "val" if select_records(config.data, "val").records else "train"
+    data = make_dataset(config.data, split, n, seed=config.seed, resolution=config.resolution,
+                        process_index=0, process_count=1, num_epochs=1, shuffle=False,
+                        drop_remainder=False)
+    _HELD_OUT.clear()
+    _HELD_OUT[key] = (np.asarray(next(data)["image"], np.float32) + 1) / 2
+  return _HELD_OUT[key]
+
+
+def write_reconstruction_grid(config: Any, sd: StableDiffusion, workdir, step: int, writer,
+                              mesh=None):
+  """VAE runs: held-out originals, each beside its reconstruction (synthetic) in the grid;
+  PSNR/SSIM of the VAE round trip (posterior mean) to the writer and `samples/step_NNNNNN.json`.
+  None when sample.num_reconstructions is 0."""
+  if config.sample.num_reconstructions <= 0:
+    return None
+  images = held_out_images(config)
+  metrics, decoded = recon.vae_roundtrip(sd, images, batch_size=len(images), mesh=mesh)
+  pairs = np.stack([images, np.clip((decoded + 1) / 2, 0, 1)], axis=1)  # [N, 2, H, W, 3]
+  n, _, h, w, c = pairs.shape
+  cols = 2 * int(np.ceil(np.sqrt(n)))  # an even column count: a pair never breaks over rows
+  grid = np.zeros((-(-2 * n // cols) * h, cols * w, c), np.uint8)
+  for i, img in enumerate(images_lib.to_uint8(pairs.reshape(2 * n, h, w, c))):
+    r, q = divmod(i, cols)
+    grid[r * h:(r + 1) * h, q * w:(q + 1) * w] = img
+  out = workdir / "samples" / f"step_{step:06d}.png"
+  if hosts.is_lead():
+    images_lib.save_png(grid, out, {
+        "synthetic": "true", "generator": "medjax.train", "model": sd.name, "step": step,
+        "layout": "pairs: original (left, real data) | VAE reconstruction (right, synthetic)",
+        "psnr": f"{metrics['psnr']:.3f}", "ssim": f"{metrics['ssim']:.4f}"})
+    atomic.write_text(out.with_suffix(".json"), json.dumps(
+        {"step": step, **{k: v if k == "num_images" else float(v) for k, v in metrics.items()}},
+        indent=1) + "\n")
+    writer.write_images(step, {"reconstructions": grid[None]})
+    writer.write_scalars(step, {"held_out_psnr": metrics["psnr"],
+                                "held_out_ssim": metrics["ssim"]})
+    logging.info("wrote %s (held-out PSNR %.2f dB, SSIM %.4f)", out, metrics["psnr"],
+                 metrics["ssim"])
   return out
 
 

@@ -26,7 +26,7 @@ FREE_MAPS = ("data.prompt.class_prompts", "data.prompt.label_texts")
 
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  c.objective = "unet"  # 'unet' (fine-tune) | 'textual_inversion'
+  c.objective = "unet"  # 'unet' (fine-tune) | 'textual_inversion' | 'vae'
   # '' | 'paper_a' | 'paper_b': the paper whose protocol a `:paper` config follows; its
   # settings' sources (medjax.eval.provenance) then go into summary.json
   c.protocol = ""
@@ -68,6 +68,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.sample.guidance_scale = 7.5
   c.sample.scheduler = "ddim"
   c.sample.seed = 0
+  c.sample.num_reconstructions = 8  # vae: held-out images in each originals|reconstructions grid
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # -1: all devices not used by fsdp
@@ -90,6 +91,13 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.unet = ml_collections.ConfigDict()
   c.unet.train_text_encoder = False
+
+  # objective='vae': latent diffusion's autoencoder loss (no perceptual or GAN term)
+  c.vae = ml_collections.ConfigDict()
+  c.vae.loss = "l1"  # 'l1' | 'l2' reconstruction loss on the decoded posterior sample
+  c.vae.kl_weight = 1e-6  # KL(posterior || N(0, I)) weight, latent diffusion's kl-f8
+  c.vae.train_encoder = True  # encoder + quant_conv
+  c.vae.train_decoder = True  # decoder + post_quant_conv
 
   c.prior = ml_collections.ConfigDict()
   c.prior.enabled = False  # DreamBooth prior preservation
@@ -136,6 +144,28 @@ def ti_paper_scale(c: ml_collections.ConfigDict, source: str,
   c.cache_latents = True
   c.checkpoint_every_steps, c.log_every_steps = 1000, 100
   c.sample_every_steps = total_steps // 10
+  return c
+
+
+def vae_paper_scale(c: ml_collections.ConfigDict, source: str) -> ml_collections.ConfigDict:
+  """Fine-tuning a real SD's VAE at 512 px: the decoder only (as Stability's sd-vae-ft-mse; the
+  latents the U-Net knows stay put), batch 16, lr 1e-5 after 500 warmup steps, EMA, bf16, remat.
+  Our settings: neither paper fine-tunes the VAE."""
+  c.objective = "vae"
+  c.resolution = 512
+  c.total_steps = 20_000
+  c.batch_size = 16
+  c.learning_rate = 1e-5
+  c.lr_schedule, c.warmup_steps = "constant", 500
+  c.max_grad_norm = 1.0
+  c.mixed_precision = "bf16"
+  c.remat = True
+  c.ema_decay = 0.9999
+  c.vae.train_encoder = False
+  c.checkpoint_every_steps, c.log_every_steps, c.sample_every_steps = 1000, 50, 2000
+  c.sample.num_reconstructions = 8
+  c.data.source = source
+  c.data.on_bad_file = "skip"
   return c
 
 
@@ -188,9 +218,28 @@ def check_values(config: Any) -> None:
   check_fraction(config.data.max_bad_fraction)
   if config.get("protocol", "") not in ("", "paper_a", "paper_b"):
     raise MedjaxError(f"config.protocol={config.protocol!r}: expected '', 'paper_a' or 'paper_b'")
+  _check_vae(config)
   if config.attention not in attention_lib.IMPLEMENTATIONS:
     raise MedjaxError(f"config.attention={config.attention!r}: expected one of "
                       f"{', '.join(attention_lib.IMPLEMENTATIONS)}")
+
+
+def _check_vae(config: Any) -> None:
+  v = config.vae
+  if v.loss not in ("l1", "l2"):
+    raise MedjaxError(f"config.vae.loss={v.loss!r}: expected 'l1' or 'l2'")
+  if (isinstance(v.kl_weight, bool) or not isinstance(v.kl_weight, (int, float))
+      or not v.kl_weight >= 0):
+    raise MedjaxError(f"config.vae.kl_weight={v.kl_weight!r}: expected a number >= 0")
+  for key in ("train_encoder", "train_decoder"):
+    if not isinstance(v[key], bool):
+      raise MedjaxError(f"config.vae.{key}={v[key]!r}: expected True or False")
+  if config.objective == "vae" and not (v.train_encoder or v.train_decoder):
+    raise MedjaxError("config.vae.train_encoder and config.vae.train_decoder are both False: "
+                      "nothing to train")
+  n = config.sample.num_reconstructions
+  if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+    raise MedjaxError(f"config.sample.num_reconstructions={n!r}: expected an integer >= 0")
 
 
 def config_diff(a: dict, b: dict, prefix: str = "", defaults: dict | None = None) -> list[str]:

@@ -98,11 +98,15 @@ def build_model(config: Any) -> tuple[StableDiffusion, objectives.Trainable]:
     names = [name for t, _ in tokens for name in [t] + [f"{t}_{i}" for i in range(1, n)]]
     ids = tuple(int(base.convert_tokens_to_ids(name)) for name in names)
     return sd, objectives.Trainable("textual_inversion", token_ids=ids)
-  return sd, objectives.Trainable(config.objective,
+  parts = tuple(p for p in objectives.VAE_PARTS if config.vae[f"train_{p}"])
+  return sd, objectives.Trainable(config.objective, vae_parts=parts,
                                   train_text_encoder=config.unet.train_text_encoder)
 
 
-def loss_config(config: Any, sd: StableDiffusion) -> objectives.LossConfig:
+def loss_config(config: Any, sd: StableDiffusion
+                ) -> objectives.LossConfig | objectives.VaeLossConfig:
+  if config.objective == "vae":
+    return objectives.VaeLossConfig(loss=config.vae.loss, kl_weight=float(config.vae.kl_weight))
   return objectives.LossConfig(
       prediction_type=sd.scheduler_config.get("prediction_type", "epsilon"),
       min_snr_gamma=float(config.min_snr_gamma), prior_loss_weight=float(config.prior.weight),
@@ -110,11 +114,9 @@ def loss_config(config: Any, sd: StableDiffusion) -> objectives.LossConfig:
 
 
 def trainable_logical_axes(sd: StableDiffusion, trainable: objectives.Trainable) -> dict:
-  axes = sd.logical_axes()
   if trainable.kind == "textual_inversion":
     return {"embeddings": P(None, "embed")}
-  return {k: axes[k] for k in (("unet", "text_encoder") if trainable.train_text_encoder
-                               else ("unet",))}
+  return trainable.split(sd.logical_axes())[0]
 
 
 @dataclasses.dataclass
@@ -148,7 +150,8 @@ def setup(config: Any, mesh=None) -> Setup:
   sd, trainable = build_model(config)
   train_params, frozen = trainable.split(sd.params)
   all_axes = sd.logical_axes()
-  frozen_axes = {k: all_axes[k] for k in frozen}
+  frozen_axes = (trainable.split(all_axes)[1] if trainable.kind != "textual_inversion"
+                 else all_axes)
   frozen_sh = sharding.param_shardings(frozen_axes, frozen, mesh, rules)
   frozen = jax.device_put(frozen, frozen_sh)
   param_sh = sharding.param_shardings(trainable_logical_axes(sd, trainable), train_params, mesh,
@@ -167,7 +170,9 @@ def setup(config: Any, mesh=None) -> Setup:
   step_fn = objectives.make_train_step(
       sd, trainable, optimizer, loss_config(config, sd), grad_accum=config.grad_accum,
       ema_decay=float(config.ema_decay), schedule=schedule)
-  step = jax.jit(with_encoder(step_fn, sd), in_shardings=(state_sh, frozen_sh, None),
+  if trainable.kind != "vae":  # the VAE objective takes the images themselves
+    step_fn = with_encoder(step_fn, sd)
+  step = jax.jit(step_fn, in_shardings=(state_sh, frozen_sh, None),
                  out_shardings=(state_sh, rep), donate_argnums=(0,))
   return Setup(sd, trainable, mesh, frozen, state, state_sh, step, schedule)
 
@@ -257,6 +262,9 @@ def write_config(config: Any, workdir) -> None:
 
 def check_run_config(config: Any) -> None:
   train_config.check_train_config(config)
+  if config.objective == "vae" and (config.cache_latents or config.prior.enabled):
+    raise MedjaxError("config.objective='vae' trains the VAE on images: set "
+                      "config.cache_latents=False and config.prior.enabled=False")
   if config.cache_latents and (config.data.pipeline.flip or config.data.pipeline.crop != "center"):
     raise MedjaxError("config.cache_latents needs a deterministic pipeline: set "
                       "data.pipeline.flip=False and data.pipeline.crop='center'")
@@ -440,7 +448,7 @@ def _loop(config, workdir, run: Setup, ckpt, data, shard, lead: bool) -> dict:
       if (config.sample_every_steps and step % config.sample_every_steps == 0
           and not preempted):  # a preempted run has seconds to save: no grid
         grid = run_outputs.write_sample_grid(config, trained_pipeline(run, state), workdir,
-                                             step, writer)
+                                             step, writer, mesh=run.mesh)
       if preempted:
         stopped = "preempted"
         logging.warning("preempted at step %d: saving it, then exiting", step)
@@ -457,7 +465,7 @@ def _loop(config, workdir, run: Setup, ckpt, data, shard, lead: bool) -> dict:
   if not stopped:
     if grid is None or not grid.name.endswith(f"{step:06d}.png"):  # not made at this step yet
       grid = run_outputs.write_sample_grid(config, trained_pipeline(run, state), workdir, step,
-                                           writer)
+                                           writer, mesh=run.mesh)
     if grid is not None:
       outputs["samples"] = str(grid)
     if run.trainable.kind == "textual_inversion":
