@@ -364,8 +364,6 @@ def _train(config: ml_collections.ConfigDict, workdir) -> dict:
   data = make_dataset(config.data, "train", config.batch_size // jax.process_count(),
                       seed=config.seed, resolution=config.resolution, process_index=shard[0],
                       process_count=shard[1], drop_remainder=True, blocks=True)
-  if hosts.is_lead():  # what medjax.evaluate checks against its val/test patients
-    split_file.write_records(workdir, config.data, data.records, data.class_names)
   run = setup(config, mesh=mesh)
   if run.trainable.kind == "textual_inversion":
     check_prompt_lengths(run.sd, list(dict(config.data.prompt.class_prompts).values())
@@ -384,6 +382,8 @@ def _loop(config, workdir, run: Setup, ckpt, data, shard, lead: bool) -> dict:
     logging.info("resumed from step %d", start)
   if lead:  # only now: a failed restore leaves the workdir as it was
     write_config(config, workdir)
+    # What it trains on, which medjax.evaluate checks against its val/test patients.
+    split_file.write_records(workdir, config.data, data.records, data.class_names)
   encoder = (batches.LocalEncoder(run) if config.cache_latents or config.prior.enabled
              else None)
   cache = batches.LatentCache() if config.cache_latents else None

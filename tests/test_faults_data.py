@@ -26,6 +26,7 @@ from medjax.data import make_dataset
 from medjax.data import make_phantoms
 from medjax.data import read_image
 from medjax.data import skips
+from medjax.data import split_file
 from medjax.errors import MedjaxError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,6 +80,7 @@ def saved_run(tmp_path_factory):
   data = make_dataset(config.data, "train", config.batch_size, seed=config.seed,
                       resolution=config.resolution, process_index=0, process_count=1,
                       drop_remainder=True, blocks=True)
+  split_file.write_records(workdir, config.data, data.records, data.class_names)  # as train does
   for _ in range(3):
     next(data)
   ckpt = checkpoint_lib.Checkpointer(workdir / "checkpoints", every=3)
