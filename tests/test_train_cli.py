@@ -35,13 +35,10 @@ def _env(**extra):
 
 
 def _train(workdir, *args, wait=True):
-  # A persistent compilation cache shared by the runs: each restart reuses the compiled step
-  # (the same executable, so results stay bit-identical) instead of compiling it again.
-  cache = Path(workdir).parent / "jax_cache"
-  env = _env(JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+  # Each restart loads the compiled step from the session's persistent compilation cache
+  # (tests/conftest.py) instead of compiling it again.
   cmd = [sys.executable, "-m", "medjax.train", f"--workdir={workdir}", *TINY, *args]
-  proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+  proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True)
   if wait:
     out, _ = proc.communicate(timeout=600)
