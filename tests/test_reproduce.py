@@ -55,6 +55,16 @@ def test_paper_a_table_on_one_split(paper_a_mri):
   assert test_patients and not test_patients & set(evaluation["splits"]["patients"]["train"])
   assert [g["patients_in_eval_train"] for g in evaluation["generators"]] == [12, 12]
   assert evaluation["fid"]["reference"] == "generator's training images"
+  # The protocol's own report (the checks of tests/eval/test_protocols.py for the MRI config).
+  assert evaluation["sizes"] == {"real_train": 24, "synthetic": 4, "val": 16, "test": 16}
+  assert set(evaluation["summary_auc"]) == {"real", "real+synthetic", "synthetic"}
+  assert all(0 <= s["mean"] <= 1 and s["n"] == 1 for s in evaluation["summary_auc"].values())
+  assert evaluation["fid"]["all"] >= 0 and "diseased" in evaluation["fid"]
+  assert any("random" in n for n in evaluation["notes"])
+  for out in ("results.json", "results.md", "roc.png", "samples_diseased.png",
+              "samples_healthy.png", "config.json"):
+    assert (workdir / "evaluate" / out).exists(), out
+  assert "| classifier steps | 2 | ours |" in (workdir / "evaluate" / "results.md").read_text()
 
 
 def test_finished_stages_are_skipped_and_changes_refused(paper_a_mri):
@@ -74,6 +84,23 @@ def test_paper_b_table(tmp_path):
   assert [r[0] for r in results["rows"][1:]] == ["evaluate_base", "evaluate_finetune"]
   generators = json.loads((tmp_path / "evaluate_finetune" / "results.json").read_text())
   assert generators["generators"][0]["workdir"] == str(tmp_path / "finetune")
+  # The protocol's own report (the checks tests/eval/test_protocols.py made for paper B).
+  base = json.loads((tmp_path / "evaluate_base" / "results.json").read_text())
+  recon = base["vae_reconstruction"]
+  assert recon["num_images"] == 2 and recon["rmse"] > 0 and recon["fid"] >= 0
+  by_resolution = base["vae_reconstruction_by_resolution"]
+  assert list(by_resolution) == ["32", "64"]  # config.recon.resolutions of the embedded default
+  assert by_resolution["64"] == recon and by_resolution["32"]["resolution"] == 32
+  assert by_resolution["32"]["num_images"] == 2 and by_resolution["32"]["rmse"] > 0
+  assert 0 <= base["classifier_on_generated"]["auc"] <= 1
+  assert set(base["classifier_on_generated"]["per_class"]) == {"pleural_effusion", "no_finding"}
+  table = (tmp_path / "evaluate_base" / "results.md").read_text()
+  assert "| guidance scale | 7.5 | ours | not stated (RoentGen: 4) |" in table
+  assert "VAE reconstruction SSIM (32 px)" in table and "nan" not in table.lower()
+  assert "VAE reconstruction SSIM (64 px)" in table
+  assert {p.name for p in (tmp_path / "evaluate_base" / "stores").iterdir()} == {
+      "train_64px", "val_64px", "test_64px", "test_32px", "generated", "recon_32px",
+      "recon_64px"}
   assert "VAE reconstruction SSIM" in (tmp_path / "results.md").read_text()
 
 
