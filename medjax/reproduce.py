@@ -34,6 +34,7 @@ from medjax.errors import MedjaxError
 from medjax.eval import ablation
 from medjax.eval import protocols
 from medjax.train_config import check_train_config
+from medjax.train_config import config_diff
 
 KINDS = ("train", "evaluate")
 # config.data blocks that describe the dataset and its split: the same in every stage. Classes,
@@ -78,21 +79,12 @@ def stage_config(config: Any, name: str, workdir: epath.Path,
 
 # -- running ----------------------------------------------------------------------------------
 
-def _flat(d: Any, prefix: str = "") -> dict:
-  out = {}
-  for k, v in d.items():
-    if isinstance(v, dict):
-      out.update(_flat(v, f"{prefix}{k}."))
-    else:
-      out[f"{prefix}{k}"] = v
-  return out
-
-
-def _changed(saved: dict, now: ml_collections.ConfigDict) -> list[str]:
-  a, b = _flat(saved), _flat(json.loads(now.to_json()))
-  return sorted(k for k in set(a) | set(b)
-                if a.get(k) != b.get(k) and not k.endswith("progress_bar")
-                and not k.endswith("progress"))
+def _changed(kind: str, saved: dict, now: ml_collections.ConfigDict) -> list[str]:
+  """The keys of a stage's config that differ from those it finished with (progress bars
+  aside)."""
+  defaults = None if kind == "train" else json.loads(protocols.base_config().to_json())
+  changed = config_diff(saved, json.loads(now.to_json()), defaults=defaults)
+  return [k for k in changed if k.split(".")[-1] not in ("progress_bar", "progress")]
 
 
 def is_done(kind: str, stage_dir: epath.Path, config: ml_collections.ConfigDict) -> bool:
@@ -104,7 +96,7 @@ def is_done(kind: str, stage_dir: epath.Path, config: ml_collections.ConfigDict)
     done = (stage_dir / "results.json").exists()
   if not done:
     return False
-  changed = _changed(json.loads((stage_dir / "config.json").read_text()), config)
+  changed = _changed(kind, json.loads((stage_dir / "config.json").read_text()), config)
   if changed:
     raise MedjaxError(f"{stage_dir} finished with other settings ({', '.join(changed[:5])}); "
                       "remove that folder to run it again, or use another --workdir")
