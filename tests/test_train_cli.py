@@ -19,6 +19,7 @@ from medjax import sharding
 from medjax import train_config
 from medjax import trainer
 from medjax.pipeline import StableDiffusion
+from tests import early_jobs
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--config=configs/cxr_unet.py", "--config.total_steps=30",
@@ -146,17 +147,33 @@ SHARDING_SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_same_params_on_every_mesh_and_fsdp_splits_params(tmp_path):
-  """3 steps on one device and on meshes (8,1), (2,4), (1,8) of 8 simulated CPU devices (two
-  processes at once: the compiles dominate)."""
-  env = _env(XLA_FLAGS="--xla_force_host_platform_device_count=8")
-  procs = [subprocess.Popen([sys.executable, "-c", SHARDING_SCRIPT, str(tmp_path), *names],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True) for names in (["1", "8x1"], ["2x4", "1x8"])]
-  for proc in procs:
-    out, _ = proc.communicate(timeout=900)
-    assert proc.returncode == 0, out[-4000:]
-  results = {name: np.load(tmp_path / f"{name}.npz") for name in ("1", "8x1", "2x4", "1x8")}
+def _meshes(names):
+  """An early job (tests/early_jobs.py): SHARDING_SCRIPT for `names` on 8 simulated devices."""
+  def factory(path):
+    path.mkdir(parents=True)
+    return ([sys.executable, "-c", SHARDING_SCRIPT, str(path), *names],
+            _env(XLA_FLAGS="--xla_force_host_platform_device_count=8"))
+  return factory
+
+
+# Two processes (the compiles dominate), which depend on nothing: they run in the background
+# from the session's start.
+EARLY_JOBS = {"mesh_runs": {"cli_meshes_a": _meshes(["1", "8x1"]),
+                            "cli_meshes_b": _meshes(["2x4", "1x8"])}}
+
+
+@pytest.fixture
+def mesh_runs():
+  jobs = early_jobs.wait(EARLY_JOBS["mesh_runs"], ["cli_meshes_a", "cli_meshes_b"])
+  for job in jobs.values():
+    assert job.returncode == 0, job.output[-4000:]
+  return {f.stem: np.load(f) for job in jobs.values() for f in job.path.glob("*.npz")}
+
+
+def test_same_params_on_every_mesh_and_fsdp_splits_params(mesh_runs):
+  """3 steps on one device and on meshes (8,1), (2,4), (1,8) of 8 simulated CPU devices."""
+  results = mesh_runs
+  assert sorted(results) == ["1", "1x8", "2x4", "8x1"]
   n = len([k for k in results["1"].files if k.startswith("arr_")])
   ref = [results["1"][f"arr_{i}"] for i in range(n)]
   for name in ("8x1", "2x4", "1x8"):

@@ -26,6 +26,7 @@ from medjax import checkpoint as checkpoint_lib
 from medjax import sharding
 from medjax import train_config
 from medjax import trainer
+from tests import early_jobs
 from tests import launch_support
 
 ROOT = launch_support.ROOT
@@ -68,15 +69,13 @@ def _run_two(workdir: Path, args) -> str:
   return out.getvalue()
 
 
-def _start_one(workdir: Path, args) -> subprocess.Popen:
-  return subprocess.Popen(_cmd(workdir, args), cwd=ROOT, env=_env(devices=4),
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+def _one(args):
+  """An early job (tests/early_jobs.py): the run as 1 process x 4 devices into its path."""
+  return lambda path: (_cmd(path, args), _env(devices=4))
 
 
-def _finish(proc: subprocess.Popen) -> str:
-  out, _ = proc.communicate(timeout=900)
-  assert proc.returncode == 0, out[-5000:]
-  return out
+# The 1-process references depend on nothing: they run in the background from the session's start.
+EARLY_JOBS = {"runs": {"multihost_unet_one": _one(UNET), "multihost_ti_one": _one(TI)}}
 
 
 def _start_two(workdir: Path, args) -> subprocess.Popen:
@@ -154,17 +153,19 @@ def _wrote(out: str, name: str) -> list[str]:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
   """The uninterrupted runs: U-Net and textual inversion as 2 processes x 2 devices and as
-  1 process x 4 devices (the two 1-process runs at once: each compiles mostly on one core)."""
+  1 process x 4 devices (early jobs; any not started yet start together here)."""
   root = tmp_path_factory.mktemp("multihost")
   t0 = time.time()
   outs = {"unet_two": _run_two(root / "unet_two", UNET)}
   t1 = time.time()
-  singles = {name: _start_one(root / name, args)
-             for name, args in (("unet_one", UNET), ("ti_one", TI))}
-  outs.update({name: _finish(proc) for name, proc in singles.items()})
+  singles = early_jobs.wait(EARLY_JOBS["runs"], ["multihost_unet_one", "multihost_ti_one"])
+  for name, result in singles.items():
+    assert result.returncode == 0, result.output[-5000:]
+    (root / name.removeprefix("multihost_")).symlink_to(result.path)
+    outs[name.removeprefix("multihost_")] = result.output
   t2 = time.time()
   outs["ti_two"] = _run_two(root / "ti_two", TI)
-  print(f"uninterrupted runs: U-Net 2 processes {t1 - t0:.0f} s, both 1-process runs "
+  print(f"uninterrupted runs: U-Net 2 processes {t1 - t0:.0f} s, waited for the 1-process runs "
         f"{t2 - t1:.0f} s, textual inversion 2 processes {time.time() - t2:.0f} s")
   return root, outs
 
