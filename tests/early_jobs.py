@@ -41,10 +41,12 @@ class _Job:
 
   def start(self, nice: bool) -> None:
     argv, env = self.factory(self.path)
+    if nice and shutil.which("nice"):  # from the start, so processes it starts inherit it
+      argv = ["nice", "-n", "19", *argv]
     with open(self.log, "w") as log:
       self.proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdin=subprocess.DEVNULL,
                                    stdout=log, stderr=subprocess.STDOUT)
-    if nice:  # (children it starts from here on inherit it)
+    if nice and not argv[0] == "nice":
       with contextlib.suppress(OSError):
         os.setpriority(os.PRIO_PROCESS, self.proc.pid, 19)
 
