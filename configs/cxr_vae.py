@@ -16,7 +16,7 @@ r"""Chest X-ray VAE training (the autoencoder of latent diffusion: L1 + 1e-6 KL,
 """
 from medjax.config_args import ArgSpec
 from medjax.train_config import base_config
-from medjax.train_config import vae_paper_scale
+from medjax.train_config import vae_recipe
 
 ARG = ArgSpec(flags=("paper", "full"))
 
@@ -24,18 +24,7 @@ ARG = ArgSpec(flags=("paper", "full"))
 def get_config(arg: str = ""):
   opts = ARG.parse(arg, __file__)
   c = base_config()
-  c.objective = "vae"
   c.data.phantoms.kind = "cxr"
   c.data.classes = (("pleural_effusion", {"Pleural Effusion": 1}),
                    ("no_finding", {"No Finding": 1}))
-  c.total_steps = 1000
-  c.batch_size = 8
-  c.learning_rate = 1e-3  # a tiny VAE from random weights
-  c.lr_schedule, c.warmup_steps = "cosine", 50
-  c.weight_decay = 0.0
-  c.checkpoint_every_steps, c.log_every_steps, c.sample_every_steps = 250, 50, 250
-  if opts.paper:
-    vae_paper_scale(c, "chexpert")
-  if opts.full:
-    c.vae.train_encoder = True
-  return c
+  return vae_recipe(c, "chexpert", paper=opts.paper, full=opts.full)

@@ -17,7 +17,7 @@ r"""Prostate MRI VAE training on PI-CAI slices (T2W/ADC/HBV as RGB): L1 + 1e-6 K
 """
 from medjax.config_args import ArgSpec
 from medjax.train_config import base_config
-from medjax.train_config import vae_paper_scale
+from medjax.train_config import vae_recipe
 
 ARG = ArgSpec(flags=("paper", "full"))
 
@@ -25,20 +25,9 @@ ARG = ArgSpec(flags=("paper", "full"))
 def get_config(arg: str = ""):
   opts = ARG.parse(arg, __file__)
   c = base_config()
-  c.objective = "vae"
   c.data.phantoms.kind = "mri"
   c.data.classes = (("diseased", {"csPCa": 1}), ("healthy", {"csPCa": 0}))
   c.data.prompt.kind = "class"
   c.data.prompt.class_prompts = {"diseased": "a prostate mri with clinically significant "
                                  "prostate cancer", "healthy": "a prostate mri with no lesion"}
-  c.total_steps = 1000
-  c.batch_size = 8
-  c.learning_rate = 1e-3  # a tiny VAE from random weights
-  c.lr_schedule, c.warmup_steps = "cosine", 50
-  c.weight_decay = 0.0
-  c.checkpoint_every_steps, c.log_every_steps, c.sample_every_steps = 250, 50, 250
-  if opts.paper:
-    vae_paper_scale(c, "picai")
-  if opts.full:
-    c.vae.train_encoder = True
-  return c
+  return vae_recipe(c, "picai", paper=opts.paper, full=opts.full)

@@ -169,6 +169,24 @@ def vae_paper_scale(c: ml_collections.ConfigDict, source: str) -> ml_collections
   return c
 
 
+def vae_recipe(c: ml_collections.ConfigDict, source: str, *, paper: bool,
+               full: bool) -> ml_collections.ConfigDict:
+  """configs/{cxr,mri}_vae.py: the tiny VAE from random weights (1,000 steps at batch 8, lr 1e-3
+  cosine), or `vae_paper_scale` on `source`; `full` also trains the encoder."""
+  c.objective = "vae"
+  c.total_steps = 1000
+  c.batch_size = 8
+  c.learning_rate = 1e-3  # a tiny VAE from random weights
+  c.lr_schedule, c.warmup_steps = "cosine", 50
+  c.weight_decay = 0.0
+  c.checkpoint_every_steps, c.log_every_steps, c.sample_every_steps = 250, 50, 250
+  if paper:
+    vae_paper_scale(c, source)
+  if full:
+    c.vae.train_encoder = True
+  return c
+
+
 def prior_preservation(c: ml_collections.ConfigDict, class_prompt: str,
                        paper: bool) -> ml_collections.ConfigDict:
   c.prior.enabled = True
