@@ -108,18 +108,38 @@ class PriorImages:
     return self.moments[idx], self.input_ids[idx]
 
 
+def uncond_setting(config: Any) -> tuple[float, int]:
+  """(config.unet.uncond_prob, config.seed), checked: what `host_rows` takes as `uncond`."""
+  p = config.unet.uncond_prob
+  if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p < 1:
+    raise MedjaxError(f"config.unet.uncond_prob={p!r}: expected a share in [0, 1)")
+  return float(p), int(config.seed)
+
+
+def drop_prompts(prompts, probability: float, *, seed: int, step: int,
+                 shard: tuple[int, int]) -> list[str]:
+  """Classifier-free guidance training: a seeded share of the prompts becomes '' (the empty
+  prompt that guidance contrasts with at sampling); a resumed run drops the same rows."""
+  if probability <= 0:
+    return list(prompts)
+  drop = np.random.default_rng([seed, step, shard[0]]).random(len(prompts)) < probability
+  return ["" if d else str(p) for p, d in zip(prompts, drop, strict=True)]
+
+
 def host_rows(run: Any, batch: dict, *, step: int, cache: LatentCache | None,
               prior: PriorImages | None, encoder: LocalEncoder | None = None,
-              shard: tuple[int, int] = (0, 1)) -> dict:
+              shard: tuple[int, int] = (0, 1), uncond: tuple[float, int] = (0.0, 0)) -> dict:
   """A data batch (this process's rows) -> the NumPy arrays the jitted step takes.
 
   Images go to the step, which encodes them (no host round trip), unless the latent cache
   holds their moments; prior rows travel separately and the step appends them to the batch.
-  The VAE objective takes the images only (no prompt ids).
+  The VAE objective takes the images only (no prompt ids). `uncond`: (probability, seed) of
+  `drop_prompts`.
   """
   out = {}
   if run.trainable.kind != "vae":
-    out["input_ids"] = run.sd.tokenize(list(batch["prompt"]))
+    prompts = drop_prompts(batch["prompt"], uncond[0], seed=uncond[1], step=step, shard=shard)
+    out["input_ids"] = run.sd.tokenize(prompts)
   if cache is not None:
     out["moments"] = cache.moments(encoder, list(batch["key"]), batch["image"])
   else:
@@ -131,10 +151,10 @@ def host_rows(run: Any, batch: dict, *, step: int, cache: LatentCache | None,
 
 def host_batch(run: Any, batch: dict, *, step: int, cache: LatentCache | None,
                prior: PriorImages | None, encoder: LocalEncoder | None = None,
-               shard: tuple[int, int] = (0, 1)) -> dict:
+               shard: tuple[int, int] = (0, 1), uncond: tuple[float, int] = (0.0, 0)) -> dict:
   """`host_rows`, sharded over the mesh (global arrays)."""
   return sharding.shard_batch(host_rows(run, batch, step=step, cache=cache, prior=prior,
-                                        encoder=encoder, shard=shard), run.mesh)
+                                        encoder=encoder, shard=shard, uncond=uncond), run.mesh)
 
 
 class Prefetcher:

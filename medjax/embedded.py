@@ -1,9 +1,12 @@
-"""The embedded default: a tiny Stable Diffusion with seeded random weights.
+"""The embedded default: a tiny Stable Diffusion that medjax trained on its own phantoms.
 
 With no pretrained weights given, every medjax command runs on this model, so a fresh 2-core CPU
 machine can exercise the whole toolkit in minutes. It has SD's structure (a VAE that downsamples
 8x, a cross-attention U-Net, a causal CLIP text encoder, a real CLIP BPE tokenizer with a small
-vocabulary) at a size that trains on phantoms in seconds; its images mean nothing until trained.
+vocabulary) at 1.2M parameters. The shipped weights (`WEIGHTS`, 4.6 MB) come from
+`configs/embedded_pretrain.py` (`medjax.embedded_recipe`): they draw chest X-ray and prostate
+MRI phantoms of the prompted class. `pretrained=False` gives the same model with seeded random
+weights (tests that need a model of no particular skill, or several different ones).
 """
 import copy
 import dataclasses
@@ -14,6 +17,17 @@ from medjax import tokenizer as tokenizer_lib
 
 TINY_TOKENIZER_VERSION = 1  # bump when write_tiny_clip_tokenizer changes
 TINY_RESOLUTION = 64  # pixels; latents are 8 x 8 x 4
+WEIGHTS = Path(__file__).resolve().parent / "weights" / "embedded_tiny_sd.safetensors"
+PRETRAINED_NAME = "embedded-tiny"
+# The shipped file's metadata: how it was made and what it measured.
+META_RECIPE, META_COMMIT, META_FIGURES = "medjax_recipe", "medjax_git_commit", "medjax_acceptance"
+# What the phantom-trained model was taught to draw (configs/embedded_pretrain.py).
+CLASS_PROMPTS = {
+    "pleural_effusion": "a chest x-ray with pleural effusion",
+    "no_finding": "a chest x-ray with no finding",
+    "diseased": "a prostate mri with clinically significant prostate cancer",
+    "healthy": "a prostate mri with no lesion",
+}
 
 TINY_UNET_CONFIG = {
     "_class_name": "UNet2DConditionModel",

@@ -44,7 +44,9 @@ def define_flags():
   flags.DEFINE_string("to", None, "Output diffusers directory, or .safetensors file with "
                       "--format=single_file (must not exist); not inside --from, nor containing "
                       "it.")
-  flags.DEFINE_integer("seed", 0, "Seed of the embedded tiny model's weights.")
+  flags.DEFINE_bool("embedded_random", False, "Empty --from: the tiny model with random weights "
+                    "drawn from --seed instead of its shipped phantom-trained weights.")
+  flags.DEFINE_integer("seed", 0, "Seed of the embedded tiny model's random weights.")
   flags.DEFINE_bool("overwrite", False, "Replace --to if it is a diffusers export (never any "
                     "other folder), or with --format=single_file a .safetensors file.")
   flags.DEFINE_enum("save_dtype", "float32", ["float32", "float16", "bfloat16"],
@@ -61,7 +63,8 @@ def main(argv):
   # the target first: a refused one costs no model load
   hosts.lead_only(lambda: check_target(FLAGS.to, source, overwrite=FLAGS.overwrite,
                                        fmt=FLAGS.format))
-  sd = load_source(source, seed=FLAGS.seed, step=FLAGS.step, ema=FLAGS.ema,
+  sd = load_source(source, seed=FLAGS.seed, embedded_random=FLAGS.embedded_random,
+                   step=FLAGS.step, ema=FLAGS.ema,
                    allow_pickle=FLAGS.allow_pickle)  # on every process
   if hosts.is_lead():  # host arrays from here on: no collectives, so process 0 alone
     error = export(sd, FLAGS.to, overwrite=FLAGS.overwrite, dtype=FLAGS.save_dtype,

@@ -169,7 +169,8 @@ def restore_pipeline(workdir, *, step: int | None = None, ema: bool = True,
   return trainer.trained_pipeline(run, state, ema=ema)
 
 
-def load_source(source: str, *, seed: int = 0, step: int | None = None, ema: bool = True,
+def load_source(source: str, *, seed: int = 0, embedded_random: bool = False,
+                step: int | None = None, ema: bool = True,
                 allow_pickle: bool = False) -> StableDiffusion:
   """A training workdir, '' (the embedded model), or any weights `StableDiffusion.load` reads
   (a diffusers directory, a single file, a Hugging Face id in the local cache).
@@ -179,5 +180,6 @@ def load_source(source: str, *, seed: int = 0, step: int | None = None, ema: boo
   if source and is_training_workdir(source):
     sd = restore_pipeline(source, step=step, ema=ema)
     return dataclasses.replace(sd, params=hosts.to_host(sd.params))
-  return StableDiffusion.load(source, allow_pickle=allow_pickle,
-                              **({} if source else {"seed": seed}))
+  if not source:
+    return StableDiffusion.embedded(seed=seed, pretrained=not embedded_random)
+  return StableDiffusion.load(source, allow_pickle=allow_pickle)

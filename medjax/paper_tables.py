@@ -39,29 +39,52 @@ def paper_a_config(modality: str, arg: str, config_file: str) -> ml_collections.
   return paper_a(modality, opts.paper, "" if opts.ablation == "none" else opts.ablation)
 
 
-def stage(kind: str, file: str, arg: str = "", **needs) -> ml_collections.ConfigDict:
+def stage(kind: str, file: str = "", arg: str = "", **needs) -> ml_collections.ConfigDict:
   """One stage: a `kind` run of configs/`file`:`arg` (a name in configs/ or a path).
 
   The stage holds that file's whole config as `config`, so `--config.stages.<stage>.config.<key>`
   overrides any of its keys from the command line (with ml_collections' type checks).
   needs: embeddings=(train stages whose embedding files the generator loads),
-    train_workdir='<train stage>' (the fine-tuned generator to evaluate).
+    train_workdir='<train stage>' (the fine-tuned generator to evaluate),
+    pretrained='<export stage>' (its diffusers directory is this stage's base model),
+    generator_workdirs=(train stages behind that model, for the leakage check),
+    own_data=True (this stage reads its own dataset, not the table's shared one),
+    changes={'dotted.key': value} (set on the loaded config).
+  An 'export' stage (no file) writes a train stage's model as a diffusers directory:
+    source='<train stage>', fit_scaling_factor=N (refit the VAE's latent scale on N images of
+    its train split; 0 keeps it).
   """
   s = ml_collections.ConfigDict()
   s.kind = kind
-  s.file = str(CONFIGS / file)  # an absolute path stays as it is
+  s.file = str(CONFIGS / file) if file else ""  # an absolute path stays as it is
   s.arg = arg
-  s.config = config_args.load_config_file(f"{s.file}:{arg}" if arg else s.file)
+  s.config = (config_args.load_config_file(f"{s.file}:{arg}" if arg else s.file) if file
+              else ml_collections.ConfigDict())
+  set_keys(s.config, needs.get("changes", {}))
   s.embeddings = tuple(needs.get("embeddings", ()))
   s.train_workdir = needs.get("train_workdir", "")
+  s.pretrained = needs.get("pretrained", "")
+  s.generator_workdirs = tuple(needs.get("generator_workdirs", ()))
+  s.own_data = bool(needs.get("own_data", False))
+  s.source = needs.get("source", "")
+  s.fit_scaling_factor = int(needs.get("fit_scaling_factor", 0))
   return s
+
+
+def set_keys(config: ml_collections.ConfigDict, changes) -> None:
+  """Sets {'a.b.c': value} on `config` (the keys must exist)."""
+  for key, value in (changes or {}).items():
+    node, *path = [config, *key.split(".")]
+    for part in path[:-1]:
+      node = node[part]
+    node[path[-1]] = value
 
 
 def base_config(table: str, title: str,
                 data: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """What every reproduce config holds; `data` is the evaluation's data config (shared)."""
   c = ml_collections.ConfigDict()
-  c.table = table  # 'paper_a' | 'paper_b' | 'ablation'
+  c.table = table  # 'paper_a' | 'paper_b' | 'ablation' | 'embedded'
   c.title = title
   c.data = data
   c.model = ml_collections.ConfigDict()
@@ -93,11 +116,7 @@ def _ti_stages(c, ti, modality: str, paper: bool, suffix: str = "", changes=None
     s.config.textual_inversion.tokens = (tuple(token),)
     s.config.data.keep_classes = (cls,)
     s.config.sample.prompts = (ti.data.prompt.class_prompts[cls],)
-    for key, value in (changes or {}).items():
-      node, *path = [s.config, *key.split(".")]
-      for part in path[:-1]:
-        node = node[part]
-      node[path[-1]] = value
+    set_keys(s.config, changes)
     c.stages[name] = s
     names.append(name)
   return names

@@ -187,16 +187,27 @@ class StableDiffusion:
                name=name)
 
   @classmethod
-  def embedded(cls, seed: int = 0, dtype=jnp.float32, *, param_dtype=jnp.float32,
-               remat: bool = False, attention: str = "auto",
+  def embedded(cls, seed: int = 0, dtype=jnp.float32, *, pretrained: bool = True,
+               param_dtype=jnp.float32, remat: bool = False, attention: str = "auto",
                tokenizer_dir=None) -> "StableDiffusion":
-    """The embedded default: a tiny Stable Diffusion with seeded random weights (no download).
+    """The embedded default (no download): the tiny SD medjax trained on its phantoms.
 
-    The same seed gives the same weights; see `medjax.embedded`.
+    pretrained=False: the same model with seeded random weights (`seed`; the same seed gives
+    the same weights). See `medjax.embedded`.
     """
+    kw = {"dtype": dtype, "param_dtype": param_dtype, "remat": remat, "attention": attention}
+    if pretrained:
+      if tokenizer_dir is not None:
+        raise MedjaxError("StableDiffusion.embedded: tokenizer_dir is for pretrained=False (the "
+                          "shipped weights carry their tokenizer)")
+      if not embedded_lib.WEIGHTS.is_file():
+        raise MedjaxError(f"{embedded_lib.WEIGHTS}: the embedded model's weights are missing "
+                          "(rebuild them: configs/embedded_pretrain.py), or use "
+                          "pretrained=False (config.model.embedded_random=True)")
+      sd = cls.from_single_file(embedded_lib.WEIGHTS, **kw)
+      return dataclasses.replace(sd, name=embedded_lib.PRETRAINED_NAME)
     tiny = embedded_lib.tiny_parts(seed, tokenizer_dir)
-    models = build_models(tiny.configs, dtype=dtype, param_dtype=param_dtype, remat=remat,
-                          attention=attention)
+    models = build_models(tiny.configs, **kw)
     params = {name: init_params(m, tiny.param_seeds[name], dtype=param_dtype)
               for name, m in models.items()}
     return cls(**models, params=params, tokenizer=tiny.tokenizer,
@@ -206,8 +217,8 @@ class StableDiffusion:
   @classmethod
   def load(cls, pretrained: str | None, *, allow_pickle: bool = False,
            variant: str | None = None, **kwargs) -> "StableDiffusion":
-    """The model a command's `pretrained` names; '' = the embedded tiny model (`seed=` then
-    picks its weights).
+    """The model a command's `pretrained` names; '' = the embedded tiny model (keywords
+    `pretrained=False, seed=N` give its random weights instead).
 
     Otherwise a diffusers directory (PyTorch or old Flax weights), a single-file checkpoint
     (`.ckpt` only with `allow_pickle`), or a Hugging Face id from the local cache; see
@@ -229,15 +240,17 @@ class StableDiffusion:
         out_dir, configs=self.configs, params=jax.device_get(self.params),
         scheduler_config=self.scheduler_config, tokenizer_dir=self.tokenizer_dir, dtype=dtype)
 
-  def save_single_file(self, path, dtype=np.float32) -> None:
+  def save_single_file(self, path, dtype=np.float32, metadata=None) -> None:
     """Writes one `.safetensors` checkpoint in the original SD layout, which AUTOMATIC1111,
     ComfyUI and diffusers' `from_single_file` load; medjax reloads it exactly (its configs,
-    scheduler and tokenizer ride in the metadata: `convert.single_file_meta`)."""
+    scheduler and tokenizer ride in the metadata: `convert.single_file_meta`). `metadata`: more
+    str -> str entries."""
     params = jax.device_get(self.params)
     state_dicts = {n: diffusers_io.params_to_state_dict(params[n], dtype=dtype)
                    for n in MODEL_CLASSES}
-    single_file.save_single_file(path, state_dicts, self.configs, metadata=single_file_meta.encode(
-        self.configs, self.scheduler_config, self.tokenizer_dir))
+    single_file.save_single_file(path, state_dicts, self.configs, metadata={
+        **single_file_meta.encode(self.configs, self.scheduler_config, self.tokenizer_dir),
+        **(metadata or {})})
 
   # -- properties ----------------------------------------------------------------------------
 

@@ -26,6 +26,7 @@ from etils import epath
 from medjax import atomic
 from medjax import cli
 from medjax import distributed
+from medjax import embedded_recipe
 from medjax import hosts
 from medjax import paper_tables
 from medjax import paths
@@ -36,7 +37,7 @@ from medjax.eval import protocols
 from medjax.train_config import check_train_config
 from medjax.train_config import config_diff
 
-KINDS = ("train", "evaluate")
+KINDS = ("train", "evaluate", "export")
 # config.data blocks that describe the dataset and its split: the same in every stage. Classes,
 # prompts, per-class counts and augmentation stay each stage's own.
 SHARED_DATA = ("source", "root", "on_bad_file", "max_bad_fraction", "check_files", "phantoms",
@@ -52,13 +53,22 @@ def stage_config(config: Any, name: str, workdir: epath.Path,
   s = config.stages[name]
   if s.kind not in KINDS:
     raise MedjaxError(f"config.stages.{name}.kind={s.kind!r}: expected one of {KINDS}")
+  for dep in (s.train_workdir, s.pretrained, s.source, *s.embeddings, *s.generator_workdirs):
+    if dep and dep not in config.order[:list(config.order).index(name)]:
+      raise MedjaxError(f"config.stages.{name} needs stage {dep!r}, which does not run "
+                        f"before it in config.order={tuple(config.order)}")
+  if s.kind == "export":
+    return embedded_recipe.export_config(workdir / s.source, s.fit_scaling_factor)
   c = ml_collections.ConfigDict(s.config.to_dict())  # a copy, unlocked
-  for key in SHARED_DATA:
-    c.data[key] = ml_collections.ConfigDict(config.data[key].to_dict()) if isinstance(
-        config.data[key], ml_collections.ConfigDict) else config.data[key]
-  if not c.data.split.file:
-    c.data.split.file = str(workdir / "split.json")
+  if not s.own_data:
+    for key in SHARED_DATA:
+      c.data[key] = ml_collections.ConfigDict(config.data[key].to_dict()) if isinstance(
+          config.data[key], ml_collections.ConfigDict) else config.data[key]
+    if not c.data.split.file:
+      c.data.split.file = str(workdir / "split.json")
   c.model.pretrained, c.model.allow_pickle = config.model.pretrained, config.model.allow_pickle
+  if s.pretrained:
+    c.model.pretrained = str(workdir / s.pretrained)
   if s.kind == "evaluate":
     c.fid.weights, c.fid.allow_pickle = config.fid.weights, config.fid.allow_pickle
     files = []
@@ -70,6 +80,7 @@ def stage_config(config: Any, name: str, workdir: epath.Path,
     c.model.embeddings = tuple(files)
     if s.train_workdir:
       c.model.train_workdir = str(workdir / s.train_workdir)
+    c.model.generator_workdirs = tuple(str(workdir / d) for d in s.generator_workdirs)
   if s.kind == "train":
     check_train_config(c)
   else:
@@ -92,6 +103,8 @@ def is_done(kind: str, stage_dir: epath.Path, config: ml_collections.ConfigDict)
   if kind == "train":
     summary = stage_dir / "summary.json"
     done = summary.exists() and json.loads(summary.read_text()).get("step") == config.total_steps
+  elif kind == "export":
+    return embedded_recipe.export_done(config, stage_dir)
   else:
     done = (stage_dir / "results.json").exists()
   if not done:
@@ -106,6 +119,8 @@ def is_done(kind: str, stage_dir: epath.Path, config: ml_collections.ConfigDict)
 def run_stage(kind: str, config: ml_collections.ConfigDict, stage_dir: epath.Path) -> None:
   if kind == "train":
     trainer.train(config, stage_dir)
+  elif kind == "export":
+    embedded_recipe.export_stage(config, stage_dir)
   else:
     protocols.run_protocol(config, stage_dir)
 
@@ -204,9 +219,17 @@ def write_table(config: Any, workdir: epath.Path) -> dict:
     out["rows"] = paper_a_rows(config, results)
   elif config.table == "paper_b":
     out["rows"] = paper_b_rows(config, evaluations, workdir)
+  elif config.table == "embedded":
+    out["rows"], out["targets_met"] = embedded_recipe.rows(
+        {n: _results(workdir, n) for n in evaluations})
+    lines += [f"All targets met: {'yes' if out['targets_met'] else 'NO'}.", ""]
+    model = [n for n in config.order if config.stages[n].kind == "export"][-1]
+    out["weights"] = str(workdir / "embedded_tiny_sd.safetensors")
+    if hosts.is_lead():
+      embedded_recipe.package(workdir / model, epath.Path(out["weights"]), out["rows"])
   else:
-    raise MedjaxError(f"config.table={config.table!r}: expected 'paper_a', 'paper_b' or "
-                      "'ablation'")
+    raise MedjaxError(f"config.table={config.table!r}: expected 'paper_a', 'paper_b', "
+                      "'ablation' or 'embedded'")
   if config.table != "ablation":
     head, *body = out["rows"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]

@@ -81,7 +81,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.pretrained = ""
   c.model.variant = ""  # weight variant, e.g. 'fp16'
   c.model.allow_pickle = False  # read a .ckpt/.pt pretrained (torch.load(weights_only=True))
-  c.model.embedded_seed = 0  # seed of the embedded tiny model's random weights
+  # '' pretrained: the shipped phantom-trained tiny SD, or with embedded_random=True the same
+  # model with random weights drawn from embedded_seed
+  c.model.embedded_random = False
+  c.model.embedded_seed = 0
 
   c.textual_inversion = ml_collections.ConfigDict()
   # (('<token>', 'initializer words'), ...): each token gets num_vectors rows, initialised
@@ -91,6 +94,8 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.unet = ml_collections.ConfigDict()
   c.unet.train_text_encoder = False
+  # share of prompts replaced by '' (classifier-free guidance training, as SD's 10%); 0 = off
+  c.unet.uncond_prob = 0.0
 
   # objective='vae': latent diffusion's autoencoder loss (no perceptual or GAN term)
   c.vae = ml_collections.ConfigDict()

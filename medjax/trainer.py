@@ -87,7 +87,8 @@ def build_model(config: Any) -> tuple[StableDiffusion, objectives.Trainable]:
     sd = StableDiffusion.load(config.model.pretrained, variant=config.model.variant or None,
                               allow_pickle=config.model.allow_pickle, **kw)
   else:
-    sd = StableDiffusion.embedded(seed=config.model.embedded_seed, **kw)
+    sd = StableDiffusion.embedded(seed=config.model.embedded_seed,
+                                  pretrained=not config.model.embedded_random, **kw)
   if config.objective == "textual_inversion":
     tokens = parse_tokens(config.textual_inversion.tokens)
     n = int(config.textual_inversion.num_vectors)
@@ -395,8 +396,10 @@ def _loop(config, workdir, run: Setup, ckpt, data, shard, lead: bool) -> dict:
     writer.write_hparams({k: v for k, v in json.loads(config.to_json()).items()
                           if not isinstance(v, dict)})
   ckpt.watch_preemption()
+  uncond = batches.uncond_setting(config)
   prefetch = batches.Prefetcher(data, lambda rows, s: batches.host_batch(
-      run, rows, step=s, cache=cache, prior=prior, encoder=encoder, shard=shard), start)
+      run, rows, step=s, cache=cache, prior=prior, encoder=encoder, shard=shard, uncond=uncond),
+                                start)
 
   def save(step: int, state, force: bool = False) -> None:
     if not force and step % ckpt.every:

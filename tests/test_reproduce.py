@@ -17,7 +17,7 @@ def tiny(name: str, arg: str = ""):
       s.total_steps, s.batch_size, s.progress_bar, s.checkpoint_every_steps = 1, 2, False, 1
       s.sample.num_per_prompt = 0
       s.prior.num_class_images, s.prior.num_inference_steps = 2, 2
-    else:
+    elif stage.kind == "evaluate":
       g = s.generation
       g.num_per_class, g.num_inference_steps, g.batch_size = 2, 2, 2
       s.classifier.num_steps = 2

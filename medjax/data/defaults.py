@@ -16,7 +16,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.check_files = True  # stat every indexed image up front (CheXpert, MIMIC)
 
   c.phantoms = ml_collections.ConfigDict()
-  c.phantoms.kind = "cxr"  # 'cxr' | 'mri'
+  c.phantoms.kind = "cxr"  # 'cxr' | 'mri' | 'cxr+mri' (alternating, one label set)
   c.phantoms.num = 600  # phantom images in the pool (before splits)
   c.phantoms.seed = 0
   c.phantoms.effusion_fraction = 0.5  # cxr: share with pleural effusion

@@ -13,21 +13,26 @@ from medjax.data.picai import load_picai
 from medjax.errors import MedjaxError
 
 SOURCES = ("", "phantoms", "chexpert", "mimic", "picai", "folder")
+PHANTOM_KINDS = ("cxr", "mri", "cxr+mri")
 
 
 def phantom_index(kind: str = "cxr", num: int = 600, seed: int = 0, *,
                   effusion_fraction: float = 0.5, cardiomegaly_fraction: float = 0.2,
                   lesion_fraction: float = 0.5) -> records_lib.DataIndex:
-  """Phantom records (pixels are generated at the requested resolution when loaded)."""
-  if kind not in ("cxr", "mri"):
-    raise MedjaxError(f"config.data.phantoms.kind={kind!r}: expected 'cxr' or 'mri'")
+  """Phantom records (pixels are generated at the requested resolution when loaded).
+
+  kind 'cxr+mri' alternates the two (even indices chest X-rays, odd prostate MRI) under one
+  label set: what the embedded model is trained on, one model for both modalities.
+  """
+  if kind not in PHANTOM_KINDS:
+    raise MedjaxError(f"config.data.phantoms.kind={kind!r}: expected one of {list(PHANTOM_KINDS)}")
   if num < 1:
     raise MedjaxError(f"config.data.phantoms.num={num}: must be positive")
   rng = np.random.default_rng(seed)
   out = []
   for i in range(num):
     image_seed = int(seed) * 1_000_003 + i
-    if kind == "cxr":
+    if kind == "cxr" or (kind == "cxr+mri" and i % 2 == 0):
       effusion = bool(rng.random() < effusion_fraction)
       cardiomegaly = bool(rng.random() < cardiomegaly_fraction)
       side = str(rng.choice(["right", "left", "both"]))
@@ -44,7 +49,8 @@ def phantom_index(kind: str = "cxr", num: int = 600, seed: int = 0, *,
                                     kind="phantom_mri", labels={"csPCa": float(lesion)},
                                     modality="prostate mri", view="axial",
                                     extra=(("seed", image_seed), ("lesion", lesion))))
-  names = labels_lib.CHEXPERT_LABELS if kind == "cxr" else ("csPCa",)
+  names = {"cxr": labels_lib.CHEXPERT_LABELS, "mri": ("csPCa",),
+           "cxr+mri": (*labels_lib.CHEXPERT_LABELS, "csPCa")}[kind]
   return records_lib.DataIndex(records=out, label_names=names, source="phantoms")
 
 

@@ -22,6 +22,7 @@ import numpy as np
 import tqdm
 from absl import logging
 
+from medjax import embedded as embedded_lib
 from medjax import hosts
 from medjax import images as images_lib
 from medjax import paths
@@ -133,7 +134,8 @@ def _model_identity(config: Any) -> list:
   """Names, sizes and times of the model files, so a changed checkpoint is not reused."""
   m = config.model
   out: list = [m.to_dict()]
-  for name in (m.train_workdir, m.pretrained, *m.embeddings):
+  embedded = "" if m.pretrained or m.embedded_random else str(embedded_lib.WEIGHTS)
+  for name in (m.train_workdir, m.pretrained, embedded, *m.embeddings):
     if not name or paths.is_url(name) or not os.path.exists(name):
       continue
     if os.path.isfile(name):

@@ -51,7 +51,7 @@ def load_model(config: Any, mesh: jax.sharding.Mesh | None = None):
   elif m.pretrained:
     sd = StableDiffusion.load(m.pretrained, allow_pickle=m.allow_pickle)
   else:
-    sd = StableDiffusion.embedded(seed=m.embedded_seed)
+    sd = StableDiffusion.embedded(seed=m.embedded_seed, pretrained=not m.embedded_random)
   sd = sd.load_embeddings(list(m.embeddings)) if m.embeddings else sd
   if mesh is None:
     return sd

@@ -81,6 +81,7 @@ def base_config() -> ml_collections.ConfigDict:
   # (medjax.convert.sources); '' = the embedded tiny SD
   c.model.pretrained = ""
   c.model.allow_pickle = False  # read a .ckpt/.pt pretrained (torch.load(weights_only=True))
+  c.model.embedded_random = False  # '' pretrained: random weights (embedded_seed) for the tiny SD
   c.model.embedded_seed = 0
   c.model.train_workdir = ""  # a medjax training workdir: use its trained pipeline instead
   c.model.embeddings = ()  # textual-inversion files to load (diffusers or A1111)

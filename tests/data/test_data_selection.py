@@ -155,3 +155,22 @@ def test_phantom_index_labels():
   index = phantom_index("mri", 20, seed=3, lesion_fraction=0.5)
   assert index.label_names == ("csPCa",)
   assert {r.labels["csPCa"] for r in index.records} == {0.0, 1.0}
+
+
+def test_phantom_index_cxr_and_mri():
+  """'cxr+mri': the two modalities alternate under one label set; classes pick them apart."""
+  index = phantom_index("cxr+mri", 40, seed=7)
+  kinds = [r.kind for r in index.records]
+  assert kinds[:4] == ["phantom_cxr", "phantom_mri", "phantom_cxr", "phantom_mri"]
+  assert index.label_names[-1] == "csPCa" and "Pleural Effusion" in index.label_names
+  assert len({r.patient_id for r in index.records}) == 40
+  config = default_config()
+  config.phantoms.kind, config.phantoms.num, config.phantoms.seed = "cxr+mri", 40, 7
+  config.split.fractions = (1.0, 0.0, 0.0)
+  config.classes = (("effusion", {"Pleural Effusion": 1}), ("diseased", {"csPCa": 1}),
+                    ("healthy", {"csPCa": 0}))
+  records = select_records(config, "train").records
+  by_class = {k: {r.kind for r in records if r.class_index == k} for k in range(3)}
+  assert by_class == {0: {"phantom_cxr"}, 1: {"phantom_mri"}, 2: {"phantom_mri"}}
+  with pytest.raises(MedjaxError, match="phantoms.kind='ct'"):
+    phantom_index("ct", 4)
