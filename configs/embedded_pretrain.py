@@ -17,12 +17,14 @@ import ml_collections
 
 from medjax import embedded
 from medjax import paper_tables
+from medjax.config_args import ArgSpec
 from medjax.data.defaults import default_config as data_config
 from medjax.eval import protocols
 
 CLASSES = (("pleural_effusion", {"Pleural Effusion": 1}), ("no_finding", {"No Finding": 1}),
            ("diseased", {"csPCa": 1}), ("healthy", {"csPCa": 0}))
 GENERATORS = ("vae", "unet")
+ARG = ArgSpec()  # no options: one recipe
 
 
 def _check(modality: str) -> ml_collections.ConfigDict:
@@ -43,7 +45,7 @@ def _check(modality: str) -> ml_collections.ConfigDict:
 
 
 def get_config(arg: str = ""):
-  del arg
+  ARG.parse(arg, __file__)
   data = data_config()
   data.phantoms.kind = "cxr+mri"
   data.phantoms.num = 4000

@@ -1,7 +1,8 @@
 r"""Paper A's prostate MRI protocol: ResNet-18 on N real vs N real + M synthetic vs synthetic only.
 
   python -m medjax.evaluate --config=configs/eval_paper_a_mri.py --workdir=/tmp/eval_a_mri
-      The embedded default: tiny random SD, MRI phantoms, small sizes (minutes on a CPU).
+      The embedded default: the tiny phantom-trained SD, MRI phantoms, small sizes (minutes on a
+      CPU).
   python -m medjax.evaluate --config=configs/eval_paper_a_mri.py:paper --workdir=... \
       --config.model.pretrained=/path/to/stable-diffusion-2-base \
       --config.model.embeddings='("/runs/mri_ti/embeddings/diffusers/cspca.safetensors",
@@ -27,5 +28,5 @@ def get_config(arg: str = ""):
         "diseased": "a prostate mri with <cspca>",
         "healthy": "a prostate mri with <healthy-prostate>"}), "picai")
   return protocol_config("paper_a", "mri", {
-      "diseased": "a prostate mri with clinically significant cancer",
+      "diseased": "a prostate mri with clinically significant prostate cancer",
       "healthy": "a prostate mri with no lesion"})

@@ -1,7 +1,7 @@
 r"""Prostate MRI U-Net fine-tuning on PI-CAI slices, prompts from the slice's csPCa label.
 
   python -m medjax.train --config=configs/mri_unet.py --workdir=/tmp/mri_unet
-      The embedded default: tiny random SD, prostate MRI phantoms, 64 px.
+      The embedded default: tiny phantom-trained SD, prostate MRI phantoms, 64 px.
   python -m medjax.train --config=configs/mri_unet.py:paper --workdir=... \
       --config.model.pretrained=/path/to/stable-diffusion-2-base \
       --config.data.source=picai --config.data.root=/path/to/picai \

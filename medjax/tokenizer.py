@@ -10,6 +10,7 @@ to the same ids: an n-vector token `tok` becomes tokens `tok, tok_1, ..., tok_{n
 are expanded (`tok` -> `tok tok_1 ... tok_{n-1}`) before tokenizing, as `maybe_convert_prompt`
 does (`ExpandingTokenizer`).
 """
+import atexit
 import collections
 import copy
 import functools
@@ -305,7 +306,7 @@ def add_tokens(tokenizer, names: Sequence[str]) -> tuple[ExpandingTokenizer, lis
   """A copy of `tokenizer` with `names` added (in order), their ids, and its saved folder.
 
   `tokenizer` stays unchanged. The copy is saved to a new folder so that an export carries the
-  added tokens too.
+  added tokens too; the folder is removed when the process exits.
   """
   tok = copy.deepcopy(base_tokenizer(tokenizer))
   ids = []
@@ -313,5 +314,6 @@ def add_tokens(tokenizer, names: Sequence[str]) -> tuple[ExpandingTokenizer, lis
     tok.add_tokens(name)
     ids.append(int(tok.convert_tokens_to_ids(name)))
   folder = Path(tempfile.mkdtemp(prefix="medjax-tokenizer-"))
+  atexit.register(shutil.rmtree, folder, ignore_errors=True)
   tok.save_pretrained(str(folder))
   return ExpandingTokenizer(tok), ids, folder

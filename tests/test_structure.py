@@ -35,7 +35,8 @@ LAYERS = [
                     "medjax.eval.image_store"]),
     ("trainer", ["medjax.batches", "medjax.trainer", "medjax.eval.classifier_train",
                  "medjax.run_outputs"]),
-    ("protocols", ["medjax.eval", "medjax.exporter", "medjax.paper_tables"]),
+    ("protocols", ["medjax.eval", "medjax.exporter", "medjax.paper_tables",
+                   "medjax.embedded_recipe"]),
     ("entry", sorted(ENTRY)),
 ]
 

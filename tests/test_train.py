@@ -288,7 +288,7 @@ def test_prior_preservation_with_generated_class_images_and_cached_latents(tmp_p
   assert summary["step"] == 2 and np.isfinite(summary["loss"])
   settings = json.loads((tmp_path / "summary.json").read_text())["settings"]
   assert [(r["setting"], r["value"], r["source"], r["paper_value"]) for r in settings] == [
-      ("base model", "embedded tiny random SD", "ours", "SD 1.4"),
+      ("base model", "embedded tiny SD, trained on phantoms", "ours", "SD 1.4"),
       ("resolution", 64, "ours", "512"), ("steps", 2, "ours", "not stated"),
       ("learning rate", 1e-4, "ours", "not stated"),
       ("images per class", "all", "ours", "1,000s of images in all")]

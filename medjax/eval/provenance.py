@@ -118,8 +118,9 @@ def _model(config: Any, protocol: str) -> dict:
   base = BASE_MODELS.get(protocol, NOT_STATED)
   if given:
     return {**row("base model", "model", given, Ref(given, GIVEN)), "paper_value": base}
-  return {**row("base model", "model.pretrained", "embedded tiny random SD", None),
-          "paper_value": base}
+  what = ("embedded tiny SD, random weights" if m.get("embedded_random")
+          else "embedded tiny SD, trained on phantoms")
+  return {**row("base model", "model.pretrained", what, None), "paper_value": base}
 
 
 def _eval_settings(c: Any) -> list[dict]:
