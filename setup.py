@@ -14,6 +14,8 @@ setup(
     long_description=Path("README.md").read_text(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["medjax", "medjax.*"]),
+    # the embedded model's phantom-trained weights (4.6 MB; configs/embedded_pretrain.py)
+    package_data={"medjax": ["weights/*.safetensors"]},
     python_requires=">=3.11",  # current jax needs 3.11+; CI tests 3.11 (README "Set up")
     install_requires=[
         "jax>=0.4.35",

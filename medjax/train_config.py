@@ -179,6 +179,7 @@ def vae_recipe(c: ml_collections.ConfigDict, source: str, *, paper: bool,
   """configs/{cxr,mri}_vae.py: the tiny VAE from random weights (1,000 steps at batch 8, lr 1e-3
   cosine), or `vae_paper_scale` on `source`; `full` also trains the encoder."""
   c.objective = "vae"
+  c.model.embedded_random = True  # not the shipped VAE: training one is the point
   c.total_steps = 1000
   c.batch_size = 8
   c.learning_rate = 1e-3  # a tiny VAE from random weights

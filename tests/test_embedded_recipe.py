@@ -8,6 +8,7 @@ from safetensors import safe_open
 
 from medjax import StableDiffusion
 from medjax import batches
+from medjax import config_args
 from medjax import embedded
 from medjax import embedded_recipe
 from medjax import reproduce
@@ -130,3 +131,20 @@ def test_recipe_skips_done_stages_and_refuses_a_changed_export(recipe):
   config.stages.vae_model.fit_scaling_factor = 16
   with pytest.raises(MedjaxError, match="vae_model was exported with"):
     reproduce.reproduce(config, workdir)
+
+
+@pytest.mark.slow
+def test_rebuilding_the_shipped_weights_meets_the_same_figures(tmp_path):
+  """The whole recipe (about 40 min on 2 CPU cores): every target met again, each figure near
+  the shipped file's (XLA's CPU reductions may order sums differently on another machine)."""
+  config = config_args.load_config_file("configs/embedded_pretrain.py")
+  for name in ("vae", "unet"):
+    config.stages[name].config.progress_bar = False
+  results = reproduce.reproduce(config, tmp_path)
+  assert results["targets_met"], results["rows"]
+  with safe_open(str(embedded.WEIGHTS), "np") as f:
+    shipped = json.loads(f.metadata()[embedded.META_FIGURES])
+  assert [r[0] for r in results["rows"]] == [r[0] for r in shipped]
+  for ours, theirs in zip(results["rows"][1:], shipped[1:], strict=True):
+    for a, b in zip(ours[1:-1], theirs[1:-1], strict=True):
+      assert abs(float(a) - float(b)) <= 0.05 * max(1.0, abs(float(b))), (ours, theirs)
