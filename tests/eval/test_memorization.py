@@ -1,5 +1,6 @@
-"""Privacy audit: planted near-copies of training images are flagged, fresh images mostly not;
-the block search is exact; bad inputs are one-line errors."""
+"""Privacy audit: planted near-copies of training images are flagged, fresh images within the
+false-positive budget; the block search is exact, the aligned SSIM scikit-image's; bad inputs
+are one-line errors."""
 import importlib.util
 import json
 from pathlib import Path
@@ -7,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from skimage.metrics import structural_similarity
 
 from medjax.data import phantoms
 from medjax.errors import MedjaxError
@@ -122,6 +124,44 @@ def test_inception_path_flags_a_copy():
   assert copy and copy[0]["train"] == "train/0" and copy[0]["distance"] < 1e-3
 
 
+def test_aligned_ssim_equals_skimage_over_the_alignment_search():
+  """Each pair's best SSIM over shifts and the flip is scikit-image's SSIM of the aligned
+  windows, maximised by brute force; ragged chunks (7 of 3 x 18 variants) change nothing."""
+  rng = np.random.default_rng(3)
+  b = phantom_set([5, 6, 7])[:, :24, :24]
+  a = np.clip(b + rng.normal(0, 0.3, b.shape), -1, 1).astype(np.float32)
+  a[1] = np.roll(b[1], -1, axis=1)[:, ::-1]  # b[1] shifted left 1 px, then mirrored
+  got, how = mem.aligned_ssim(a, b, max_shift=1, flip=True, chunk=7)
+  for i in range(3):
+    target = (b[i, 1:-1, 1:-1].astype(np.float64) + 1) / 2
+    ref = {v: structural_similarity((mem._crop(a[i:i + 1], *v, 1)[0].astype(np.float64) + 1) / 2,
+                                    target, gaussian_weights=True, sigma=1.5,
+                                    use_sample_covariance=False, data_range=1.0,
+                                    channel_axis=-1) for v in mem._variants(1, True)}
+    assert abs(got[i] - max(ref.values())) <= 1e-4, (i, got[i], max(ref.values()))
+    assert ref[how[i]] == max(ref.values())
+  assert how[1] == (True, 0, -1) and got[1] > 0.999
+
+
+def test_budget_split_between_the_rules():
+  """privacy.ssim_share of the false-positive budget to the SSIM rule, the rest to the distance
+  rule: each threshold the conformal order statistic of its tail, a rule with no share off."""
+  images, k = phantom_set(range(6)), keys("t", 6)
+  held = phantom_set(range(50, 60))
+  copies = lambda: mem.array_batches(images[:3], k[:3], 2)  # a function: fresh batches per read
+  for share, tails in ((0.0, (20, 0)), (1.0, (0, 20)), (0.5, (10, 10))):
+    r = mem.audit(copies, mem.array_batches(held, keys("h", 10)), [(images, k)],
+                  mem.array_fetch(images, k), mem.pixel_feature_fn(8),
+                  mem.Options(top_k=2, percentile=20, ssim_share=share, max_shift=1,
+                              query_shifts=()))
+    t, d, s = r["thresholds"], sorted(r["distances"]["heldout"]), sorted(r["ssim"]["heldout"])
+    j = [mem.order(10, tail) for tail in tails]  # floor(tail / 100 * 11): 2, or 1 and 1
+    assert t["distance"] == (d[j[0] - 1] if tails[0] else None)
+    assert t["ssim"] == (s[-j[1]] if tails[1] else None)
+    assert r["false_positive_bound"] == pytest.approx(2 / 11)
+    assert r["flagged"] == 3, share  # exact copies: beyond either rule's threshold
+
+
 def test_bad_inputs():
   images, k = phantom_set(range(3)), keys("t", 3)
   fetch, fn = mem.array_fetch(images, k), mem.pixel_feature_fn(8)
@@ -131,6 +171,10 @@ def test_bad_inputs():
     run([(images, k)], mem.Options(top_k=0))
   with pytest.raises(MedjaxError, match="percentile=150"):
     run([(images, k)], mem.Options(percentile=150))
+  with pytest.raises(MedjaxError, match="percentile=0"):
+    run([(images, k)], mem.Options(percentile=0))
+  with pytest.raises(MedjaxError, match="ssim_share=1.5"):
+    run([(images, k)], mem.Options(ssim_share=1.5))
   with pytest.raises(MedjaxError, match="query_shifts"):
     run([(images, k)], mem.Options(query_shifts=(-3, 0)))
   with pytest.raises(MedjaxError, match="fewer than top_k=5"):
@@ -176,3 +220,6 @@ def test_privacy_protocol_writes_its_report(tmp_path):
   for out in ("results.json", "results.md", "privacy_distances.png", "privacy_pairs.png"):
     assert (tmp_path / out).exists(), out
   assert all(p["train"].startswith("phantom_cxr/") for p in results["flagged_pairs"])
+  assert results["train_images"] == "real train split"  # no generator workdir: noted
+  assert any(n.startswith("privacy audit: the generator's training images are unknown")
+             for n in results["notes"])

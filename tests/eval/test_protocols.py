@@ -42,6 +42,10 @@ def test_configs_are_valid(name, arg):
   assert config.protocol in protocols.PROTOCOLS
   if arg == "paper":
     assert config.fid.dims == 0 and not config.fid.random_weights
+  # The privacy audit runs after generation: Inception features at paper scale, pixels (~3 s
+  # on a CPU) on the embedded default.
+  assert config.privacy.enabled
+  assert config.privacy.features == ("inception" if arg == "paper" else "pixels")
 
 
 # The MRI config and paper B run end to end in tests/test_reproduce.py (the same protocols as
