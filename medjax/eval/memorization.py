@@ -272,34 +272,46 @@ def _variants(max_shift: int, flip: bool) -> list[tuple[bool, int, int]]:
 
 
 def aligned_ssim(a: np.ndarray, b: np.ndarray, max_shift: int = 2, flip: bool = True,
-                 chunk: int = 128) -> tuple[np.ndarray, list[tuple[bool, int, int]]]:
+                 chunk: int = 16) -> tuple[np.ndarray, list[tuple[bool, int, int]]]:
   """Best SSIM of each a[i] (mirrored or not, shifted) against b[i]'s central window.
 
   Images [n, H, W, 3] in [-1, 1]. For shift (dy, dx) the window a[m+dy : H-m+dy, m+dx : W-m+dx]
   is compared with b[m : H-m, m : W-m] (m = max_shift), so a copy of b shifted by up to m pixels
   either way, mirrored or not, scores as the copy it is. Returns (best SSIM [n], its
   (flipped, dy, dx) per image). SSIM in [0, 1] units (data_range 1), scikit-image's definition.
+  Pairs go to the device `chunk` at a time (the last padded: one compile), windows cut there.
   """
   a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
   if a.shape != b.shape or a.ndim != 4:
     raise MedjaxError(f"aligned_ssim: two [n, H, W, C] arrays of one shape, got {a.shape}, "
                       f"{b.shape}")
-  m, n = max_shift, len(a)
-  variants = _variants(m, flip)
-  target = (_crop(b, False, 0, 0, m) + 1) / 2
-  total = len(variants) * n  # (variant, pair) t = v * n + i, in chunks of one compiled size
-  scores = np.empty(total, np.float32)
-  for start in range(0, total, chunk):
-    ts = np.arange(start, min(start + chunk, total))
-    xs = np.stack([_crop(a[t % n][None], *variants[t // n], m)[0] for t in ts])
-    ys = target[ts % n]
-    pad = chunk - len(ts)
+  variants, n = _variants(max_shift, flip), len(a)
+  scores = np.empty((n, len(variants)), np.float32)
+  for start in range(0, n, chunk):
+    xs, ys = a[start:start + chunk], b[start:start + chunk]
+    pad = chunk - len(xs)
     if pad:
       xs, ys = (np.concatenate([z, np.repeat(z[-1:], pad, 0)]) for z in (xs, ys))
-    scores[start:start + len(ts)] = np.asarray(recon.ssim((xs + 1) / 2, ys))[:len(ts)]
-  scores = scores.reshape(len(variants), n).T
+    got = _aligned_scores((xs + 1) / 2, (ys + 1) / 2, max_shift, flip)
+    scores[start:start + chunk] = np.asarray(got)[:chunk - pad]
   best = scores.argmax(1)
   return scores.max(1).astype(np.float64), [variants[v] for v in best]
+
+
+@functools.partial(jax.jit, static_argnames=("m", "flip"))
+def _aligned_scores(a, b, m: int, flip: bool):
+  """SSIM [c, V] of each `_variants(m, flip)` window of a[i] against b[i]'s central window
+  (images in [0, 1]), one variant at a time."""
+  h, w = a.shape[1] - 2 * m, a.shape[2] - 2 * m
+  target = b[:, m:m + h, m:m + w]
+  sides = jnp.stack([a, a[:, :, ::-1]]) if flip else a[None]
+  table = jnp.asarray([(int(f), m + dy, m + dx) for f, dy, dx in _variants(m, flip)], jnp.int32)
+
+  def one(row):
+    x = jax.lax.dynamic_index_in_dim(sides, row[0], keepdims=False)
+    x = jax.lax.dynamic_slice(x, (0, row[1], row[2], 0), (x.shape[0], h, w, x.shape[3]))
+    return recon.ssim(x, target)
+  return jax.lax.map(one, table).T
 
 
 def _ssim_pass(source, name, idx, train_keys, fetch, opt, on_image=None):

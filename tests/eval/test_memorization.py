@@ -126,12 +126,12 @@ def test_inception_path_flags_a_copy():
 
 def test_aligned_ssim_equals_skimage_over_the_alignment_search():
   """Each pair's best SSIM over shifts and the flip is scikit-image's SSIM of the aligned
-  windows, maximised by brute force; ragged chunks (7 of 3 x 18 variants) change nothing."""
+  windows, maximised by brute force; a ragged last chunk (2 + 1 pairs) changes nothing."""
   rng = np.random.default_rng(3)
   b = phantom_set([5, 6, 7])[:, :24, :24]
   a = np.clip(b + rng.normal(0, 0.3, b.shape), -1, 1).astype(np.float32)
   a[1] = np.roll(b[1], -1, axis=1)[:, ::-1]  # b[1] shifted left 1 px, then mirrored
-  got, how = mem.aligned_ssim(a, b, max_shift=1, flip=True, chunk=7)
+  got, how = mem.aligned_ssim(a, b, max_shift=1, flip=True, chunk=2)
   for i in range(3):
     target = (b[i, 1:-1, 1:-1].astype(np.float64) + 1) / 2
     ref = {v: structural_similarity((mem._crop(a[i:i + 1], *v, 1)[0].astype(np.float64) + 1) / 2,
