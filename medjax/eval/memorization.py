@@ -53,7 +53,7 @@ def default_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   # Paper A / B protocols: audit the generated images after generation (protocol 'privacy'
   # always does).
-  c.enabled = False
+  c.enabled = True
   c.features = "inception"  # or 'pixels' (mean-centred downsampled grey pixels)
   c.top_k = 5  # feature candidates per image re-read for pixel SSIM
   # False-positive budget (percent): an image like the held-out ones is flagged with at most
@@ -65,7 +65,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.flip = True  # also search horizontally mirrored images
   c.block_size = 4096  # training features per search block
   c.batch_size = 16  # images per feature / SSIM batch
-  c.heldout_split = "test"  # real images never trained on ('val' or 'test'): the calibration
+  c.heldout_split = "test"  # the calibration: real images never trained on ('val' or 'test')
   c.gallery = 16  # closest pairs drawn side by side
   # Feature queries: training images' central windows (margin max |offset|) are matched by each
   # image's windows moved by these offsets in y and x (and mirrored with `flip`), so a shifted

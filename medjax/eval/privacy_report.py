@@ -1,11 +1,11 @@
 """The privacy audit as a step of an evaluation, and its report.
 
-`run` audits the generated images of a protocol (paper A, paper B, or the 'privacy' protocol
-alone) with `medjax.eval.memorization`: against the images the generator trained on
+`audit_store` audits the generated images of a protocol (paper A, paper B, or the 'privacy'
+protocol alone) with `medjax.eval.memorization`: against the images the generator trained on
 (`image_sets.generator_train`), calibrated on a real held-out split it never saw. It returns the
 results.json section (counts, thresholds, the flagged pairs by record key only, the figures'
-names) and the results.md rows; process 0 draws the two PNGs: the NN distance histograms and the
-closest generated / training pairs side by side.
+names); `rows` are its results.md rows; process 0 draws the two PNGs: the NN distance
+histograms and the closest generated / training pairs side by side.
 """
 import dataclasses
 import math
@@ -102,8 +102,8 @@ def run(config: Any, synth, train_name: str, train, held, workdir, mesh=None,
 
 
 def unique_rows(store, name: str):
-  """(`store` without rows whose record key repeats an earlier row's, e.g. an image two
-  generator runs trained on, their keys); keys `name/<row>` for a store without keys."""
+  """(`store` less the rows whose record key repeats an earlier row's, e.g. an image that two
+  generator runs trained on; the kept rows' keys). A store without keys: `name/<row>`."""
   keys = list(getattr(store, "keys", []))
   if len(keys) != len(store):
     return store, [f"{name}/{i}" for i in range(len(store))]
@@ -201,5 +201,3 @@ def save_gallery(result: dict, path, cell: int = 96) -> bool:
       "synthetic": "true", "generator": "medjax.eval.memorization",
       "content": "left: generated image; right: its closest training image (a real one)"})
   return True
-
-

@@ -133,7 +133,6 @@ def base_config() -> ml_collections.ConfigDict:
   # generation when enabled. The embedded default: pixel features, 2 queries per image
   # (mirrored), 3 candidates: ~3 s of an evaluation on a 2-core CPU.
   c.privacy = memorization.default_config()
-  c.privacy.enabled = True
   c.privacy.features = "pixels"
   c.privacy.top_k = 3
   c.privacy.query_shifts = (0,)
