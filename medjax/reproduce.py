@@ -194,6 +194,33 @@ def paper_b_rows(config: Any, evaluations: list[str], workdir: epath.Path) -> li
   return rows
 
 
+def privacy_summary(workdir: epath.Path, evaluations: list[str]) -> dict:
+  """{stage: its privacy audit's counts} for each evaluation stage whose audit ran
+  (eval/privacy_report.py)."""
+  keys = ("flagged", "num_generated", "fraction_flagged", "heldout_flag_rate",
+          "false_positive_bound", "train_images")
+  out = {}
+  for name in evaluations:
+    p = _results(workdir, name).get("privacy")
+    if p:
+      out[name] = {k: p[k] for k in keys}
+  return out
+
+
+def privacy_lines(summary: dict) -> list[str]:
+  """The results.md section of `privacy_summary`: one row per audited stage."""
+  if not summary:
+    return []
+  lines = ["## Privacy audit (ours: generated near-copies of training images)", "",
+           "| evaluation stage | flagged generated images | held-out flagged | "
+           "false-positive bound | audited against |", "|---|---|---|---|---|"]
+  for name, p in summary.items():
+    lines.append(f"| {name} | {p['flagged']} / {p['num_generated']} "
+                 f"({p['fraction_flagged']:.1%}) | {p['heldout_flag_rate']:.1%} | "
+                 f"{p['false_positive_bound']:.1%} | {p['train_images']} |")
+  return lines + [""]
+
+
 def write_table(config: Any, workdir: epath.Path) -> dict:
   """DIR/results.md and results.json from the stages' results (process 0 writes)."""
   evaluations = _evaluations(config)
@@ -234,6 +261,8 @@ def write_table(config: Any, workdir: epath.Path) -> dict:
     head, *body = out["rows"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(r) + " |" for r in body] + [""]
+  out["privacy"] = privacy_summary(workdir, evaluations)
+  lines += privacy_lines(out["privacy"])
   for name in evaluations:
     report = workdir / name / "results.md"
     if report.exists():

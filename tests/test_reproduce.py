@@ -6,6 +6,7 @@ import pytest
 from medjax import config_args
 from medjax import reproduce
 from medjax.errors import MedjaxError
+from tests.eval.test_protocols import check_privacy_section
 
 
 def tiny(name: str, arg: str = ""):
@@ -65,6 +66,12 @@ def test_paper_a_table_on_one_split(paper_a_mri):
               "samples_healthy.png", "config.json"):
     assert (workdir / "evaluate" / out).exists(), out
   assert "| classifier steps | 2 | ours |" in (workdir / "evaluate" / "results.md").read_text()
+  # The privacy audit against the images the two textual-inversion runs trained on (12 each).
+  check_privacy_section(workdir / "evaluate", evaluation, "generator's training images",
+                        "phantom_mri/", 24)
+  assert results["privacy"]["evaluate"]["num_generated"] == 4
+  assert results["privacy"]["evaluate"]["flagged"] == evaluation["privacy"]["flagged"]
+  assert "## Privacy audit (ours" in table and "| evaluate | " in table
 
 
 def test_finished_stages_are_skipped_and_changes_refused(paper_a_mri):
@@ -102,6 +109,12 @@ def test_paper_b_table(tmp_path):
       "train_64px", "val_64px", "test_64px", "test_32px", "generated", "recon_32px",
       "recon_64px"}
   assert "VAE reconstruction SSIM" in (tmp_path / "results.md").read_text()
+  # The base model's training images are unknown: audited against the real train split, noted.
+  check_privacy_section(tmp_path / "evaluate_base", base, "real train split", "phantom_cxr/", 24)
+  assert any(n.startswith("privacy audit: the generator's training images are unknown")
+             for n in base["notes"])
+  assert generators["privacy"]["train_images"] == "generator's training images"
+  assert set(results["privacy"]) == {"evaluate_base", "evaluate_finetune"}
 
 
 def test_bad_reproduce_configs(tmp_path):

@@ -199,6 +199,19 @@ def generate_per_class(config: Any, sd, class_names, workdir, mesh=None) -> Spli
   return synth
 
 
+def generator_train(config: Any, train, workdir) -> tuple[str, Any, list[str]]:
+  """The images the generator trained on, re-read from its training workdirs' data configs (in
+  stores `generator<i>_train`), its name and notes; the evaluation's real train split `train`
+  when they are unknown (no training workdir with records.json)."""
+  runs, _ = leakage.generator_records(config.model)
+  if not runs:
+    return "real train split", train, [
+        "the generator's training images are unknown (no training workdir with records.json)"]
+  parts = [load_split(c, "train", workdir, name=f"generator{i}_train")
+           for i, (_, c) in enumerate(leakage.generator_data_configs(config, runs))]
+  return "generator's training images", image_store.Chain(parts), []
+
+
 def fid_reference(config: Any, train, test, workdir) -> tuple[str, Any, list[str]]:
   """The real images FID compares against (`config.fid.reference`), its name and notes."""
   ref = config.fid.reference
@@ -209,16 +222,13 @@ def fid_reference(config: Any, train, test, workdir) -> tuple[str, Any, list[str
   if ref != "generator_train":
     raise MedjaxError(f"config.fid.reference={ref!r}: expected 'generator_train', 'train' or "
                       "'test'")
-  runs, _ = leakage.generator_records(config.model)
-  if not runs:
-    return "real train split", train, [
-        "FID reference: the generator's training images are unknown (no training workdir "
-        "with records.json), so FID is against the evaluation's real train split"]
-  parts = [load_split(c, "train", workdir, name=f"generator{i}_train")
-           for i, (_, c) in enumerate(leakage.generator_data_configs(config, runs))]
-  for p in parts:
+  name, images, notes = generator_train(config, train, workdir)
+  if images is train:
+    return name, train, [f"FID reference: {notes[0]}, so FID is against the evaluation's real "
+                         "train split"]
+  for p in images.parts:
     if tuple(p.class_names) != tuple(train.class_names):
       raise MedjaxError(f"config.fid.reference='generator_train': the generator's classes "
                         f"{list(p.class_names)} are not the evaluation's "
                         f"{list(train.class_names)}")
-  return "generator's training images", image_store.Chain(parts), []
+  return name, images, notes

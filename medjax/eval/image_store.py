@@ -135,6 +135,14 @@ class Chain(_Rows):
   def __len__(self) -> int:
     return int(self._starts[-1])
 
+  @property
+  def keys(self) -> list[str]:
+    """The parts' record keys in order; [] when a part has none."""
+    parts = [list(getattr(p, "keys", [])) for p in self.parts]
+    if any(len(k) != len(p) for k, p in zip(parts, self.parts, strict=True)):
+      return []
+    return [k for ks in parts for k in ks]
+
   def subset(self, positions) -> "_Rows":
     """A view of these positions (ascending indices, or a boolean mask) across the parts."""
     positions = np.arange(len(self))[np.asarray(positions)]

@@ -102,7 +102,7 @@ def generator_data_configs(config: Any, runs: Sequence[tuple[epath.Path, dict]]
     raw = checkpoint_lib.read_run_config(workdir)
     if raw is None:
       raise MedjaxError(f"{workdir}: no config.json; cannot read the generator's training "
-                        "images (config.fid.reference='generator_train')")
+                        "images (config.fid.reference='generator_train', the privacy audit)")
     data = train_config.from_saved(raw).data
     c = ml_collections.ConfigDict(config.to_dict())
     c.data = data

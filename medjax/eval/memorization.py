@@ -13,14 +13,16 @@ For every generated image, its nearest training images, in three steps:
    re-read with `fetch(keys)`, maximised over an alignment search: integer shifts of up to
    `max_shift` pixels each way, with and without a horizontal flip, on the central
    (H - 2 max_shift) x (W - 2 max_shift) window of the training image.
-3. Calibration on real held-out images (never trained on), searched the same way. The rule: a
-   generated image is flagged when its nearest-neighbour distance is strictly below the
-   held-out distances' `percentile`-th percentile, or its best aligned SSIM is strictly above
-   the held-out SSIMs' `ssim_percentile`-th percentile, both percentiles taken conservatively
-   (`threshold`: split-conformal order statistics). A fresh image exchangeable with the
-   held-out ones is then flagged with probability at most percentile + (100 - ssim_percentile)
-   percent (less when the two tails overlap), given at least 100 / percentile held-out images;
-   `heldout_flag_rate` is the rule's rate on the held-out images themselves.
+3. Calibration on real held-out images (never trained on), searched the same way. A generated
+   image is flagged when its nearest-neighbour distance is strictly below the held-out
+   distances' lower `percentile * (1 - ssim_share)` percent tail, or its best aligned SSIM
+   strictly above the held-out SSIMs' upper `percentile * ssim_share` percent tail: the
+   false-positive budget `percentile` is split between the two rules (Bonferroni), each tail
+   taken conservatively (`threshold`: split-conformal order statistics). A fresh image
+   exchangeable with the held-out ones is then flagged with probability at most
+   `false_positive_bound` (the two tails' j / (n + 1)), which is at most `percentile` percent
+   given n >= 100 / (the smaller tail) - 1 held-out images (199 for the default 1%, split in
+   halves); `heldout_flag_rate` is the rule's rate on the held-out images themselves.
 
 Inputs are iterables of (images [B, H, W, 3] in [-1, 1], keys [B]) batches, so callers can feed
 arrays (`array_batches`) or on-disk stores; the generated and held-out batches are read twice
@@ -36,13 +38,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from PIL import Image
-from PIL import ImageDraw
 
 from medjax import hosts
-from medjax import images as images_lib
 from medjax import sharding
-from medjax.atomic import atomic_path
 from medjax.errors import MedjaxError
 from medjax.eval import fid as fid_lib
 from medjax.eval import recon
@@ -51,17 +49,23 @@ FeatureFn = Callable[[np.ndarray], np.ndarray]
 
 
 def default_config() -> ml_collections.ConfigDict:
-  """`config.privacy` of an evaluation config (protocol 'privacy')."""
+  """`config.privacy` of an evaluation config (the audit step of every protocol)."""
   c = ml_collections.ConfigDict()
+  # Paper A / B protocols: audit the generated images after generation (protocol 'privacy'
+  # always does).
+  c.enabled = True
   c.features = "inception"  # or 'pixels' (mean-centred downsampled grey pixels)
   c.top_k = 5  # feature candidates per image re-read for pixel SSIM
-  c.percentile = 1.0  # distance threshold: this percentile of held-out NN distances
-  c.ssim_percentile = 99.0  # SSIM threshold: this percentile of held-out best SSIMs
+  # False-positive budget (percent): an image like the held-out ones is flagged with at most
+  # this probability (given 100 / (its smaller half) held-out images); `ssim_share` of it goes
+  # to the SSIM rule (held-out upper tail), the rest to the feature distance rule (lower tail).
+  c.percentile = 1.0
+  c.ssim_share = 0.5  # 0: the distance rule alone; 1: the SSIM rule alone
   c.max_shift = 2  # alignment search: integer shifts of +- this many pixels
   c.flip = True  # also search horizontally mirrored images
   c.block_size = 4096  # training features per search block
   c.batch_size = 16  # images per feature / SSIM batch
-  c.heldout_split = "test"  # real images never trained on: the calibration reference
+  c.heldout_split = "test"  # the calibration: real images never trained on ('val' or 'test')
   c.gallery = 16  # closest pairs drawn side by side
   # Feature queries: training images' central windows (margin max |offset|) are matched by each
   # image's windows moved by these offsets in y and x (and mirrored with `flip`), so a shifted
@@ -74,7 +78,7 @@ def default_config() -> ml_collections.ConfigDict:
 class Options:
   top_k: int = 5
   percentile: float = 1.0
-  ssim_percentile: float = 99.0
+  ssim_share: float = 0.5
   max_shift: int = 2
   flip: bool = True
   block_size: int = 4096
@@ -91,9 +95,10 @@ class Options:
     for name in ("top_k", "block_size", "batch_size"):
       if isinstance(getattr(self, name), bool) or int(getattr(self, name)) < 1:
         raise MedjaxError(f"privacy.{name}={getattr(self, name)!r}: expected an integer >= 1")
-    for name in ("percentile", "ssim_percentile"):
-      if not 0 <= float(getattr(self, name)) <= 100:
-        raise MedjaxError(f"privacy.{name}={getattr(self, name)!r}: expected 0..100")
+    if not 0 < float(self.percentile) <= 100:
+      raise MedjaxError(f"privacy.percentile={self.percentile!r}: expected a percent in (0, 100]")
+    if not 0 <= float(self.ssim_share) <= 1:
+      raise MedjaxError(f"privacy.ssim_share={self.ssim_share!r}: expected 0..1")
     if any(abs(int(s)) > self.max_shift for s in self.query_shifts):
       raise MedjaxError(f"privacy.query_shifts={self.query_shifts}: each within +-max_shift="
                         f"{self.max_shift}")
@@ -131,11 +136,10 @@ def pixel_feature_fn(size: int = 16) -> FeatureFn:
 
 
 def _iterate(source, name: str):
-  batches = source() if callable(source) else source
-  if iter(batches) is batches and name != "train":
+  if not callable(source) and iter(source) is source and name != "train":
     raise MedjaxError(f"{name}: a one-shot iterator is read twice (features, then SSIM); pass "
                       "a list, a re-iterable object or a function returning fresh batches")
-  for images, keys in batches:
+  for images, keys in source() if callable(source) else source:
     images = np.asarray(images)
     if images.ndim != 4 or images.shape[-1] != 3 or len(keys) != len(images):
       raise MedjaxError(f"{name}: expected batches of (images [B, H, W, 3], B keys), got "
@@ -268,32 +272,46 @@ def _variants(max_shift: int, flip: bool) -> list[tuple[bool, int, int]]:
 
 
 def aligned_ssim(a: np.ndarray, b: np.ndarray, max_shift: int = 2, flip: bool = True,
-                 chunk: int = 128) -> tuple[np.ndarray, list[tuple[bool, int, int]]]:
+                 chunk: int = 16) -> tuple[np.ndarray, list[tuple[bool, int, int]]]:
   """Best SSIM of each a[i] (mirrored or not, shifted) against b[i]'s central window.
 
   Images [n, H, W, 3] in [-1, 1]. For shift (dy, dx) the window a[m+dy : H-m+dy, m+dx : W-m+dx]
   is compared with b[m : H-m, m : W-m] (m = max_shift), so a copy of b shifted by up to m pixels
   either way, mirrored or not, scores as the copy it is. Returns (best SSIM [n], its
   (flipped, dy, dx) per image). SSIM in [0, 1] units (data_range 1), scikit-image's definition.
+  Pairs go to the device `chunk` at a time (the last padded: one compile), windows cut there.
   """
   a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
   if a.shape != b.shape or a.ndim != 4:
     raise MedjaxError(f"aligned_ssim: two [n, H, W, C] arrays of one shape, got {a.shape}, "
                       f"{b.shape}")
-  m, n = max_shift, len(a)
-  variants = _variants(m, flip)
-  target = (_crop(b, False, 0, 0, m) + 1) / 2
+  variants, n = _variants(max_shift, flip), len(a)
   scores = np.empty((n, len(variants)), np.float32)
-  for v, how in enumerate(variants):
-    x = (_crop(a, *how, m) + 1) / 2
-    for start in range(0, n, chunk):
-      xs, ys = x[start:start + chunk], target[start:start + chunk]
-      pad = chunk - len(xs)  # one compile per image size
-      if pad:
-        xs, ys = (np.concatenate([z, np.repeat(z[-1:], pad, 0)]) for z in (xs, ys))
-      scores[start:start + chunk, v] = np.asarray(recon.ssim(xs, ys))[:chunk - pad]
+  for start in range(0, n, chunk):
+    xs, ys = a[start:start + chunk], b[start:start + chunk]
+    pad = chunk - len(xs)
+    if pad:
+      xs, ys = (np.concatenate([z, np.repeat(z[-1:], pad, 0)]) for z in (xs, ys))
+    got = _aligned_scores((xs + 1) / 2, (ys + 1) / 2, max_shift, flip)
+    scores[start:start + chunk] = np.asarray(got)[:chunk - pad]
   best = scores.argmax(1)
   return scores.max(1).astype(np.float64), [variants[v] for v in best]
+
+
+@functools.partial(jax.jit, static_argnames=("m", "flip"))
+def _aligned_scores(a, b, m: int, flip: bool):
+  """SSIM [c, V] of each `_variants(m, flip)` window of a[i] against b[i]'s central window
+  (images in [0, 1]), one variant at a time."""
+  h, w = a.shape[1] - 2 * m, a.shape[2] - 2 * m
+  target = b[:, m:m + h, m:m + w]
+  sides = jnp.stack([a, a[:, :, ::-1]]) if flip else a[None]
+  table = jnp.asarray([(int(f), m + dy, m + dx) for f, dy, dx in _variants(m, flip)], jnp.int32)
+
+  def one(row):
+    x = jax.lax.dynamic_index_in_dim(sides, row[0], keepdims=False)
+    x = jax.lax.dynamic_slice(x, (0, row[1], row[2], 0), (x.shape[0], h, w, x.shape[3]))
+    return recon.ssim(x, target)
+  return jax.lax.map(one, table).T
 
 
 def _ssim_pass(source, name, idx, train_keys, fetch, opt, on_image=None):
@@ -329,16 +347,20 @@ def _ssim_pass(source, name, idx, train_keys, fetch, opt, on_image=None):
 
 def threshold(values, percentile: float, upper: bool) -> float:
   """The `percentile`-th percentile of held-out `values`, taken conservatively (split-conformal):
-  the j-th smallest value with j = floor(percentile / 100 * (n + 1)), or, with `upper`, the j-th
-  largest with j = floor((100 - percentile) / 100 * (n + 1)). A fresh image exchangeable with
-  the n held-out ones falls strictly beyond it with probability j / (n + 1), at most the tail's
-  share; j is at least 1 (the most extreme held-out value), so with n + 1 < 100 / share the
-  rate is 1 / (n + 1), above the share: calibrate on enough held-out images."""
+  the j-th smallest value with j = `order(n, percentile)`, or, with `upper`, the j-th largest
+  with j = `order(n, 100 - percentile)`. A fresh image exchangeable with the n held-out ones
+  falls strictly beyond it with probability at most j / (n + 1), at most the tail's share but
+  for j = 1 (the most extreme held-out value) when n + 1 < 100 / share: calibrate on enough
+  held-out images."""
   v = np.sort(np.asarray(values, np.float64))
-  tail = (100 - percentile) if upper else percentile
-  j = max(1, int(np.floor(tail / 100 * (len(v) + 1) + 1e-9)))
-  j = min(j, len(v))
+  j = order(len(v), (100 - percentile) if upper else percentile)
   return float(v[-j] if upper else v[j - 1])
+
+
+def order(n: int, tail: float) -> int:
+  """j = floor(tail / 100 * (n + 1)), kept within 1..n: the order statistic of a `tail` percent
+  conformal threshold on n values."""
+  return min(max(1, int(np.floor(tail / 100 * (n + 1) + 1e-9))), n)
 
 
 def array_batches(images: np.ndarray, keys: Sequence[str], batch_size: int = 16) -> list:
@@ -355,9 +377,10 @@ def store_batches(store, keys: Sequence[str] | None = None, batch_size: int = 16
                   for i, x in enumerate(store.batches(batch_size)))
 
 
-def store_fetch(store) -> Callable:
-  """`fetch(keys) -> images` reading only those rows of a store."""
-  row = {str(k): i for i, k in enumerate(store.keys)}
+def store_fetch(store, keys: Sequence[str] | None = None) -> Callable:
+  """`fetch(keys) -> images` reading only those rows of a store (`keys`: its rows' keys,
+  default the store's record keys)."""
+  row = {str(k): i for i, k in enumerate(store.keys if keys is None else keys)}
   return lambda wanted: store.floats([row[k] for k in wanted])
 
 
@@ -369,7 +392,8 @@ def array_fetch(images: np.ndarray, keys: Sequence[str]) -> Callable:
 
 def audit(generated, heldout, train, fetch: Callable, feature_fn: FeatureFn,
           options: Options = Options(), mesh=None) -> dict:
-  """The audit's results (JSON-able) plus `_gallery` (images for `write_figures`)."""
+  """The audit's results (JSON-able) plus `_gallery`: the closest pairs' images, for
+  `medjax.eval.privacy_report.save_gallery`."""
   opt = options
   opt.check()
   variants = _query_variants(opt)
@@ -391,8 +415,12 @@ def audit(generated, heldout, train, fetch: Callable, feature_fn: FeatureFn,
   gen_d, gen_i = _merge_variants(d[:ng], i[:ng], len(gen_keys), opt.top_k)
   held_d, held_i = _merge_variants(d[ng:ng + nh], i[ng:], len(held_keys), opt.top_k)
   held_s, _ = _ssim_pass(heldout, "heldout", held_i, train_keys, fetch, opt)
-  d_thr = threshold(held_d[:, 0], opt.percentile, upper=False)
-  s_thr = threshold(held_s, opt.ssim_percentile, upper=True)
+  # The budget's two tails; a rule with none never flags.
+  d_tail, s_tail = opt.percentile * (1 - opt.ssim_share), opt.percentile * opt.ssim_share
+  d_thr = threshold(held_d[:, 0], d_tail, upper=False) if d_tail > 0 else -np.inf
+  s_thr = threshold(held_s, 100 - s_tail, upper=True) if s_tail > 0 else np.inf
+  n_held = len(held_keys)
+  bound = sum(order(n_held, t) for t in (d_tail, s_tail) if t > 0) / (n_held + 1)
   gallery, pairs = [], []
 
   def on_image(r, key, image, j, match, s, how):
@@ -414,13 +442,10 @@ def audit(generated, heldout, train, fetch: Callable, feature_fn: FeatureFn,
   return {
       "num_generated": len(gen_keys), "num_heldout": len(held_keys), "num_train": len(train_keys),
       "flagged": int(flags.sum()), "fraction_flagged": float(flags.mean()),
-      "heldout_flag_rate": float(held_flags.mean()),
-      "thresholds": {"distance": d_thr, "ssim": s_thr, "percentile": opt.percentile,
-                     "ssim_percentile": opt.ssim_percentile},
-      "rule": (f"flagged when the feature NN distance < {d_thr:.4g} (held-out "
-               f"{opt.percentile:g}th percentile) or the best aligned SSIM > {s_thr:.4g} "
-               f"(held-out {opt.ssim_percentile:g}th percentile; shifts +-{opt.max_shift} px"
-               f"{', mirrored' if opt.flip else ''}, top {opt.top_k} feature candidates)"),
+      "heldout_flag_rate": float(held_flags.mean()), "false_positive_bound": bound,
+      "thresholds": {"distance": _finite(d_thr), "ssim": _finite(s_thr),
+                     "percentile": opt.percentile, "ssim_share": opt.ssim_share},
+      "rule": _rule(opt, d_thr, s_thr, bound),
       "flagged_pairs": [p for p in pairs if p["flagged"]],
       "distances": {"generated": gen_d[:, 0].tolist(), "heldout": held_d[:, 0].tolist()},
       "ssim": {"generated": gen_s.tolist(), "heldout": held_s.tolist()},
@@ -430,68 +455,21 @@ def audit(generated, heldout, train, fetch: Callable, feature_fn: FeatureFn,
 
 # -- report --------------------------------------------------------------------------------------
 
-def plot_histograms(result: dict, path, bins: int = 30, size: tuple[int, int] = (640, 400)):
-  """Generated -> train and held-out -> train NN distance histograms (densities) as a PNG, with
-  the distance threshold; PIL only (matplotlib is not a medjax dependency), atomic."""
-  sets = {"generated -> train": np.asarray(result["distances"]["generated"]),
-          "held-out -> train": np.asarray(result["distances"]["heldout"])}
-  thr = result["thresholds"]["distance"]
-  hi = max(max(v.max() for v in sets.values()), thr) * 1.05 or 1.0
-  edges = np.linspace(0, hi, bins + 1)
-  dens = {n: np.histogram(v, edges)[0] / len(v) for n, v in sets.items()}
-  top_v = max(d.max() for d in dens.values()) or 1.0
-  w, h = size
-  img = Image.new("RGB", size, "white")
-  draw = ImageDraw.Draw(img)
-  left, top, right, bottom = 60, 40, w - 20, h - 50
-  to_x = lambda v: left + v / hi * (right - left)
-  draw.rectangle([left, top, right, bottom], outline="black")
-  for t in np.linspace(0, hi, 5):
-    draw.text((to_x(t) - 12, bottom + 5), f"{t:.3g}", fill="black")
-  for t in np.linspace(0, top_v, 5):
-    draw.text((5, bottom - t / top_v * (bottom - top) - 5), f"{t:.2f}", fill="black")
-  colors = [(214, 39, 40), (31, 119, 180)]
-  for k, (name, d) in enumerate(dens.items()):
-    pts = [(to_x(edges[0]), bottom)]
-    for b, v in enumerate(d):
-      y = bottom - v / top_v * (bottom - top)
-      pts += [(to_x(edges[b]), y), (to_x(edges[b + 1]), y)]
-    pts.append((to_x(edges[-1]), bottom))
-    draw.line(pts, fill=colors[k], width=2)
-    draw.line([(right - 220, top + 10 + 16 * k + 6), (right - 200, top + 10 + 16 * k + 6)],
-              fill=colors[k], width=3)
-    draw.text((right - 195, top + 10 + 16 * k), f"{name} (n={len(sets[name])})", fill="black")
-  draw.line([(to_x(thr), top), (to_x(thr), bottom)], fill=(44, 160, 44), width=1)
-  draw.text((to_x(thr) + 3, top + 48), f"threshold {thr:.3g}", fill=(44, 160, 44))
-  draw.text(((left + right) / 2 - 110, bottom + 25), "nearest training image: feature distance",
-            fill="black")
-  draw.text(((left + right) / 2 - 90, 10), "Privacy audit: NN distances", fill="black")
-  with atomic_path(path) as tmp:
-    img.save(tmp, format="PNG")
+def _finite(x: float) -> float | None:
+  return float(x) if np.isfinite(x) else None
 
 
-def save_gallery(result: dict, path, cell: int = 96) -> bool:
-  """The closest (flagged first) generated / training pairs side by side as one PNG, marked
-  synthetic in its metadata. False when there is no pair to draw."""
-  rows = result["_gallery"]
-  if not rows:
-    return False
-  label_w, gap = 220, 4
-  canvas = Image.new("RGB", (2 * cell + gap + label_w, len(rows) * (cell + gap)), "white")
-  draw = ImageDraw.Draw(canvas)
-  for r, (pair, gen, match) in enumerate(rows):
-    y = r * (cell + gap)
-    for c, image in enumerate((gen, match)):
-      tile = Image.fromarray(images_lib.to_uint8((np.asarray(image) + 1) / 2))
-      canvas.paste(tile.resize((cell, cell), Image.Resampling.NEAREST), (c * (cell + gap), y))
-    text = (f"{'FLAGGED' if pair['flagged'] else 'not flagged'}\nd={pair['distance']:.4f}"
-            f"\nSSIM={pair['ssim']:.3f}{' mirrored' if pair['flipped'] else ''}"
-            f"\nshift={tuple(pair['shift'])}\n{pair['generated'][:30]}\n{pair['train'][:30]}")
-    draw.multiline_text((2 * cell + 2 * gap, y + 2), text, fill="black", spacing=2)
-  images_lib.save_png(np.asarray(canvas), path, {
-      "synthetic": "true", "generator": "medjax.eval.memorization",
-      "content": "left: generated image; right: its closest training image (a real one)"})
-  return True
+def _rule(opt: Options, d_thr: float, s_thr: float, bound: float) -> str:
+  rules = []
+  if np.isfinite(d_thr):
+    rules.append(f"the feature NN distance < {d_thr:.4g} (held-out lower "
+                 f"{opt.percentile * (1 - opt.ssim_share):g}% tail)")
+  if np.isfinite(s_thr):
+    rules.append(f"the best aligned SSIM > {s_thr:.4g} (held-out upper "
+                 f"{opt.percentile * opt.ssim_share:g}% tail; shifts +-{opt.max_shift} px"
+                 f"{', mirrored' if opt.flip else ''}, top {opt.top_k} feature candidates)")
+  return (f"flagged when {' or '.join(rules)}: an image like the held-out ones is flagged "
+          f"with probability <= {bound:.2%} (budget {opt.percentile:g}%)")
 
 
 def public(result: dict) -> dict:

@@ -122,8 +122,9 @@ def train_and_score(config: Any, train, val, test, pos: int, seed: int, mesh=Non
 # -- reports -------------------------------------------------------------------------------------
 
 def write_report(workdir, results: dict, table: list[list[str]], title: str,
-                 config=None) -> None:
-  """results.json, results.md (temp file + rename, by process 0); `config`'s provenance too."""
+                 config=None, sections=()) -> None:
+  """results.json, results.md (temp file + rename, by process 0); `config`'s provenance too.
+  `sections`: (title, table) pairs shown as '## title' after the main table."""
   results["settings"] = provenance.settings(config) if config is not None else []
   if not hosts.is_lead():
     return
@@ -134,8 +135,17 @@ def write_report(workdir, results: dict, table: list[list[str]], title: str,
   head, *rows = table
   lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   lines += ["| " + " | ".join(r) + " |" for r in rows]
+  for name, part in sections:
+    lines += section(name, part)
   lines += provenance.markdown(results["settings"])
   atomic.write_text(workdir / "results.md", "\n".join(lines) + "\n")
+
+
+def section(title: str, table: list[list[str]]) -> list[str]:
+  """A '## title' section (after a blank line) holding `table` (its first row the header)."""
+  head, *body = table
+  return ["", f"## {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + [
+      "| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in body]
 
 
 def _json(x):

@@ -39,6 +39,7 @@ from medjax.eval import image_sets
 from medjax.eval import image_store
 from medjax.eval import leakage
 from medjax.eval import memorization
+from medjax.eval import privacy_report
 from medjax.eval import recon
 from medjax.eval.image_sets import Split  # noqa: F401  (re-exported)
 from medjax.eval.image_sets import class_prompts  # noqa: F401
@@ -128,7 +129,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.recon.batch_size = 4
   c.recon.resolutions = ()  # paper B's VAE table, one row group each; () = (resolution,)
 
-  c.privacy = memorization.default_config()  # protocol 'privacy'
+  # The privacy audit (eval/privacy_report.py): protocol 'privacy', and paper A / B after
+  # generation when enabled. The embedded default: pixel features, 2 queries per image
+  # (mirrored), 3 candidates: ~3 s of an evaluation on a 2-core CPU.
+  c.privacy = memorization.default_config()
+  c.privacy.features = "pixels"
+  c.privacy.top_k = 3
+  c.privacy.query_shifts = (0,)
   c.bootstrap = 200  # resamples for AUC confidence intervals; 0 = off
   c.progress_bar = True
   return c
@@ -156,7 +163,8 @@ def protocol_config(protocol: str, modality: str, prompts: dict) -> ml_collectio
 
 def paper_scale(c: ml_collections.ConfigDict, source: str) -> ml_collections.ConfigDict:
   """The papers' sizes: 512 px real data, pytorch-fid's full FID with real weights, paper A's
-  classifier (ResNet-18, lr 1e-4, batch 32, 6,250 steps, 196 px) and 200/200/200 splits."""
+  classifier (ResNet-18, lr 1e-4, batch 32, 6,250 steps, 196 px) and 200/200/200 splits; and
+  our privacy audit after generation, with shifted queries."""
   c.resolution = 512
   c.data.source = source
   c.data.split.sizes = (200, 200, 200)
@@ -174,7 +182,15 @@ def paper_scale(c: ml_collections.ConfigDict, source: str) -> ml_collections.Con
   c.fid.dims = 0
   c.fid.batch_size = 50
   c.bootstrap = 1000
+  c.privacy.enabled = True
+  c.privacy.features = "inception"
+  c.privacy.top_k = 5
+  c.privacy.query_shifts = (-2, 0, 2)
+  c.privacy.batch_size = 32
   return c
+
+
+SETTINGS = ("real", "synthetic", "real+synthetic")  # paper A's classifier training sets
 
 
 # -- paper A ---------------------------------------------------------------------------------------
@@ -191,14 +207,15 @@ def paper_a(config: Any, workdir, mesh=None) -> dict:
     if len(np.unique(binary(split, pos))) < 2:
       raise MedjaxError(f"the {name} split holds one class only ({len(split.labels)} images): "
                         "AUC needs both; use more images (config.data.split.sizes)")
+  settings = list(config.settings)
+  unknown = [s for s in settings if s not in SETTINGS]
+  if unknown:
+    raise MedjaxError(f"config.settings: unknown {unknown}; expected {list(SETTINGS)}")
   sd = load_model(config, mesh)
   synth = generate_per_class(config, sd, train.class_names, workdir, mesh)
+  audit = _audit(config, synth, train, {"val": val, "test": test}, workdir, mesh, params)
   sets = {"real": train, "synthetic": synth,
           "real+synthetic": image_store.Chain([train, synth])}
-  settings = list(config.settings)
-  unknown = [s for s in settings if s not in sets]
-  if unknown:
-    raise MedjaxError(f"config.settings: unknown {unknown}; expected {list(sets)}")
   runs = {s: [] for s in settings}
   curves = {}
   y_test = binary(test, pos)
@@ -228,6 +245,7 @@ def paper_a(config: Any, workdir, mesh=None) -> dict:
                        "val": len(val.labels), "test": len(test.labels)},
              "classifier": config.classifier.to_dict(), **facts,
              "notes": leak_notes + ref_notes + fid_notes(config, note)}
+  sections = _audit_report(results, audit)
   table = [["training set", "AUC (mean ± std)", "repeats", "accuracy (mean)"]]
   for s in settings:
     acc = np.mean([r["accuracy"] for r in runs[s]])
@@ -236,7 +254,7 @@ def paper_a(config: Any, workdir, mesh=None) -> dict:
   table.append([f"FID generated vs {ref_name}", fmt(fid["all"], 2), "", ""])
   table.append(["FID generated vs real test split", fmt(fid["vs_test"], 2), "", ""])
   write_report(workdir, results, table, "Paper A protocol: classifier AUC with synthetic data",
-               config)
+               config, sections)
   return results
 
 
@@ -272,6 +290,7 @@ def paper_b(config: Any, workdir, mesh=None) -> dict:
   real_scores, real_metrics, state = train_and_score(config, train, val, test, pos, config.seed,
                                                      mesh)
   synth = generate_per_class(config, sd, train.class_names, workdir, mesh)
+  audit = _audit(config, synth, train, {"val": val, "test": test}, workdir, mesh, params)
   scores = classifier_train.predict(state, synth, config.classifier.predict_batch_size,
                                     mesh=mesh)
   y = binary(synth, pos)
@@ -290,6 +309,7 @@ def paper_b(config: Any, workdir, mesh=None) -> dict:
              "vae_reconstruction_by_resolution": by_resolution,
              "classifier_real_test": real_metrics, "classifier_on_generated": generated,
              **facts, "notes": leak_notes + fid_notes(config, note)}
+  sections = _audit_report(results, audit)
   table = [["measure", "value"]]
   for resolution, row in by_resolution.items():
     for k in ("rmse", "psnr", "ssim", "ms_ssim", "fid"):
@@ -301,7 +321,7 @@ def paper_b(config: Any, workdir, mesh=None) -> dict:
   for name, m in per_class.items():
     table.append([f"accuracy on generated '{name}'", fmt(m["accuracy"])])
   write_report(workdir, results, table, "Paper B protocol: VAE reconstruction and classifier",
-               config)
+               config, sections)
   return results
 
 
@@ -322,42 +342,39 @@ def vae_table_row(config: Any, sd, params, real, workdir, mesh=None) -> dict:
   return metrics
 
 
+def _audit(config: Any, synth, train, splits: dict, workdir, mesh, params) -> dict | None:
+  """The privacy audit of the generated images (`config.privacy.enabled`): its section."""
+  if not config.privacy.enabled:
+    return None
+  return privacy_report.audit_store(config, synth, train, workdir, mesh, params,
+                                    held=splits[config.privacy.heldout_split])
+
+
+def _audit_report(results: dict, section: dict | None) -> list:
+  """Puts the audit's section (if any) into `results`; its results.md sections."""
+  if section is None:
+    return []
+  results["notes"] += section.pop("notes")
+  results["privacy"] = section
+  return [(privacy_report.TITLE, privacy_report.rows(section))]
+
+
 @register("privacy")
 def privacy(config: Any, workdir, mesh=None) -> dict:
-  """Memorisation audit: flags generated images that near-copy a training image (by record
-  key), calibrated on held-out real images (medjax.eval.memorization)."""
+  """Memorisation audit alone: flags generated images that near-copy an image the generator
+  trained on (by record key), calibrated on held-out real images (eval/privacy_report.py)."""
   workdir, mesh = paths.workdir_path(workdir), mesh or eval_mesh()
   facts, notes = leakage.check_generator(config)  # before anything slow
-  p, mem = config.privacy, memorization
-  opt = mem.Options.from_config(p)
-  opt.check()
-  if p.features not in ("inception", "pixels"):
-    raise MedjaxError(f"config.privacy.features={p.features!r}: expected 'inception' or 'pixels'")
-  feature_fn = mem.pixel_feature_fn()
-  if p.features == "inception":
-    params, note = inception_params(config)
+  params = None
+  if config.privacy.features == "inception":
+    params, note = inception_params(config)  # a bad weights file fails before any data or model
     notes += [note] if note else []
-    feature_fn = mem.inception_feature_fn(params, config.fid.batch_size, mesh, config.fid.resize)
-  train, held = (load_split(config, s, workdir) for s in ("train", p.heldout_split))
+  train = load_split(config, "train", workdir)
   synth = generate_per_class(config, load_model(config, mesh), train.class_names, workdir, mesh)
-  keys = [f"generated/{train.class_names[c]}/{i}" for i, c in enumerate(synth.labels)]
-  result = mem.audit(mem.store_batches(synth, keys, p.batch_size),
-                     mem.store_batches(held, None, p.batch_size),
-                     mem.store_batches(train, None, p.batch_size), mem.store_fetch(train),
-                     feature_fn, opt, mesh)
-  if hosts.is_lead():
-    mem.plot_histograms(result, workdir / "privacy_distances.png")
-    mem.save_gallery(result, workdir / "privacy_pairs.png")
-  results = {"protocol": "privacy", **mem.public(result), **facts, "notes": notes}
-  t = result["thresholds"]
-  table = [["measure", "value"], ["generated / held-out / training images",
-                                  f"{result['num_generated']} / {result['num_heldout']} / "
-                                  f"{result['num_train']}"],
-           ["flagged generated images", f"{result['flagged']} ({result['fraction_flagged']:.2%})"],
-           ["held-out images flagged by the same rule", f"{result['heldout_flag_rate']:.2%}"],
-           ["distance threshold", fmt(t["distance"], 4)], ["SSIM threshold", fmt(t["ssim"], 4)],
-           ["rule", result["rule"]]]
-  write_report(workdir, results, table, "Privacy audit: near-copies of training images", config)
+  section = privacy_report.audit_store(config, synth, train, workdir, mesh, params)
+  notes += section.pop("notes")
+  results = {"protocol": "privacy", **section, **facts, "notes": notes}
+  write_report(workdir, results, privacy_report.rows(section), privacy_report.TITLE, config)
   return results
 
 
@@ -369,6 +386,7 @@ def run_protocol(config: Any, workdir) -> dict:
   check_train_config(config, base_config(),
                      free_maps=FREE_MAPS)
   classifier_train.check_config(config.classifier)
+  privacy_report.check_config(config.privacy)
   if config.protocol not in PROTOCOLS:
     raise MedjaxError(f"config.protocol={config.protocol!r}: expected one of {list(PROTOCOLS)}")
   workdir = workdir_lib.output_path(workdir)

@@ -173,11 +173,26 @@ def _eval_settings(c: Any) -> list[dict]:
       row("FID resize", "fid.resize", fid.resize,
           None if a else Ref("clean", BORROWED_ROENTGEN, "clean (clean-fid, PIL bicubic)")),
   ]
+  rows += _privacy_rows(c)
   if not a:
     rows.append(row("VAE reconstruction images", "recon.num_images", c.recon.num_images, None))
     if "resolutions" in c.recon:
       rows.append(row("VAE table resolutions", "recon.resolutions", tuple(c.recon.resolutions),
                       Ref(None, PAPER_B, "several (the VAE works at any resolution)")))
+  return rows
+
+
+def _privacy_rows(c: Any) -> list[dict]:
+  """The privacy audit (medjax.eval.privacy_report) is ours: neither paper audits its images."""
+  p = c.get("privacy")
+  if p is None:
+    return []
+  on = c.protocol == "privacy" or p.get("enabled", False)
+  rows = [row("privacy audit", "privacy.enabled", "on" if on else "off", None)]
+  if on:
+    rows += [row("privacy audit features", "privacy.features", p.features, None),
+             row("privacy audit false-positive budget (%)", "privacy.percentile", p.percentile,
+                 None)]
   return rows
 
 

@@ -42,6 +42,10 @@ def test_configs_are_valid(name, arg):
   assert config.protocol in protocols.PROTOCOLS
   if arg == "paper":
     assert config.fid.dims == 0 and not config.fid.random_weights
+  # The privacy audit runs after generation: Inception features at paper scale, pixels (~3 s
+  # on a CPU) on the embedded default.
+  assert config.privacy.enabled
+  assert config.privacy.features == ("inception" if arg == "paper" else "pixels")
 
 
 # The MRI config and paper B run end to end in tests/test_reproduce.py (the same protocols as
@@ -65,6 +69,32 @@ def test_paper_a_protocol_writes_its_report(tmp_path, name, positive, negative):
   assert json.loads((tmp_path / "results.json").read_text())["protocol"] == "paper_a"
   assert "| classifier steps | 8 | ours |" in (tmp_path / "results.md").read_text()
   assert {r["setting"] for r in results["settings"]} >= {"repeats", "FID features"}
+  check_privacy_section(tmp_path, results, "real train split", "phantom_cxr/", 24)
+
+
+def check_privacy_section(workdir, results: dict, train_images: str, key_prefix: str,
+                          num_train: int) -> None:
+  """The privacy audit ran after generation (on by default): its results.json section (flagged
+  pairs by record key, never a patient id), its results.md section, its PNGs, its settings."""
+  p = json.loads((workdir / "results.json").read_text())["privacy"]
+  assert p == json.loads(json.dumps(results["privacy"]))
+  assert (p["train_images"], p["num_train"], p["heldout_split"]) == (train_images, num_train,
+                                                                     "test")
+  assert p["num_generated"] == results.get("sizes", {}).get("synthetic", p["num_generated"])
+  assert p["flagged"] == len(p["flagged_pairs"]) == round(p["fraction_flagged"] *
+                                                          p["num_generated"])
+  assert 0 < p["false_positive_bound"] <= 1 and p["thresholds"]["percentile"] == 1.0
+  for pair in p["flagged_pairs"]:
+    assert set(pair) & {"patient", "patient_id"} == set() and pair["generated"].startswith(
+        "generated/") and pair["train"].startswith(key_prefix), pair
+  assert len(p["distances"]["generated"]) == p["num_generated"]
+  for name in p["figures"].values():
+    assert (workdir / name).exists(), name
+  text = (workdir / "results.md").read_text()
+  assert "## Privacy audit: near-copies of training images" in text
+  assert f"| flagged generated images | {p['flagged']} (" in text
+  assert "| privacy audit | on | ours | not stated |" in text
+  assert "| privacy audit false-positive budget (%) | 1 | ours | not stated |" in text
 
 
 def test_bad_protocol_inputs(tmp_path):

@@ -58,6 +58,21 @@ def test_paper_a_states_the_prostate_protocol_and_lends_it_to_cxr():
       "/w/sd2", "given", "SD 2.0 512-base-ema")
 
 
+def test_the_privacy_audit_is_ours():
+  """Neither paper audits its generated images: the audit, its features and its budget are
+  ours wherever they run (on at paper scale and on the embedded default)."""
+  for name, arg, features in (("eval_paper_a_mri", "paper", "inception"),
+                              ("eval_paper_b", "", "pixels"), ("eval_privacy", "", "inception")):
+    r = rows(name, arg)
+    assert [(r[s]["shown"], r[s]["source"], r[s]["paper_value"]) for s in (
+        "privacy audit", "privacy audit features", "privacy audit false-positive budget (%)")
+            ] == [("on", "ours", "not stated"), (features, "ours", "not stated"),
+                  ("1", "ours", "not stated")], name
+  off = rows("eval_paper_a_cxr", "", **{"privacy.enabled": False})
+  assert off["privacy audit"]["shown"] == "off" and "privacy audit features" not in off
+  assert rows("eval_privacy", "", **{"privacy.enabled": False})["privacy audit"]["shown"] == "on"
+
+
 def test_vae_resolutions_are_listed_when_the_config_has_them():
   config = config_args.load_config_file(f"{ROOT / 'configs' / 'eval_paper_b'}.py:paper")
   config.recon.resolutions = (256, 512)
