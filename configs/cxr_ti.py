@@ -1,7 +1,8 @@
 r"""Chest X-ray textual inversion (paper A, de Wilde et al.): one 64-vector token per class.
 
   python -m medjax.train --config=configs/cxr_ti.py --workdir=/tmp/cxr_ti
-      The embedded default: tiny phantom-trained SD, chest X-ray phantoms, 64 px, a few minutes on CPU.
+      The embedded default: tiny phantom-trained SD, chest X-ray phantoms, 64 px, a few minutes
+      on CPU.
   python -m medjax.train --config=configs/cxr_ti.py:paper --workdir=... \
       --config.model.pretrained=/path/to/stable-diffusion-2-base \
       --config.data.source=chexpert --config.data.root=/path/to/CheXpert-v1.0

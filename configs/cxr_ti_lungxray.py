@@ -1,7 +1,8 @@
 r"""Paper B's textual inversion (Chambon et al.): one new token `<lungxray>` on a few chest X-rays.
 
   python -m medjax.train --config=configs/cxr_ti_lungxray.py --workdir=/tmp/cxr_lungxray
-      The embedded default: tiny phantom-trained SD, 5 chest X-ray phantoms, 64 px, a minute or two on CPU.
+      The embedded default: tiny phantom-trained SD, 5 chest X-ray phantoms, 64 px, a minute or
+      two on CPU.
   python -m medjax.train --config=configs/cxr_ti_lungxray.py:paper --workdir=... \
       --config.model.pretrained=/path/to/stable-diffusion-v1-4 \
       --config.data.source=chexpert --config.data.root=/path/to/CheXpert-v1.0

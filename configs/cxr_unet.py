@@ -1,8 +1,8 @@
 r"""Chest X-ray U-Net fine-tuning (paper B, Chambon et al.): prompts from labels, optional prior.
 
   python -m medjax.train --config=configs/cxr_unet.py --workdir=/tmp/cxr_unet
-      The embedded default: tiny phantom-trained SD, chest X-ray phantoms (pleural effusion / no finding),
-      64 px, 60 steps; a few minutes on a 2-core CPU.
+      The embedded default: tiny phantom-trained SD, chest X-ray phantoms (pleural effusion /
+      no finding), 64 px, 60 steps; a few minutes on a 2-core CPU.
   python -m medjax.train --config=configs/cxr_unet.py:paper --workdir=... \
       --config.model.pretrained=/path/to/stable-diffusion-v1-4 \
       --config.data.source=chexpert --config.data.root=/path/to/CheXpert-v1.0

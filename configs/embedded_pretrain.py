@@ -34,7 +34,7 @@ def _check(modality: str) -> ml_collections.ConfigDict:
   return paper_tables.stage(
       "evaluate", "eval_paper_b.py", pretrained="model", generator_workdirs=GENERATORS,
       own_data=True, changes={
-          "data.phantoms.kind": modality, "data.phantoms.num": 600,
+          "data.phantoms.kind": modality, "data.phantoms.num": 1000,
           "data.split.sizes": (200, 100, 200), "data.classes": classes,
           "positive_class": positive, "generation.prompts": prompts,
           "generation.num_per_class": 100, "generation.num_inference_steps": 25,

@@ -1,7 +1,8 @@
 r"""Prostate MRI textual inversion (paper A on PI-CAI): T2W/ADC/HBV as RGB, slice labels.
 
   python -m medjax.train --config=configs/mri_ti.py --workdir=/tmp/mri_ti
-      The embedded default: tiny phantom-trained SD, prostate MRI phantoms, 64 px, a few minutes on CPU.
+      The embedded default: tiny phantom-trained SD, prostate MRI phantoms, 64 px, a few minutes
+      on CPU.
   python -m medjax.train --config=configs/mri_ti.py:paper --workdir=... \
       --config.model.pretrained=/path/to/stable-diffusion-2-base \
       --config.data.source=picai --config.data.root=/path/to/picai \

@@ -10,6 +10,7 @@ figures beside their targets, and DIR/embedded_tiny_sd.safetensors (the file med
 `medjax/weights/`, with the recipe's command and the git commit in its metadata).
 """
 import dataclasses
+import functools
 import json
 import subprocess
 import sys
@@ -132,8 +133,10 @@ def rows(evaluations: dict[str, dict]) -> tuple[list[list[str]], bool]:
 REPO = Path(__file__).resolve().parents[1]
 
 
+@functools.cache
 def git_commit(repo: Path = REPO) -> str:
-  """HEAD of the checkout medjax runs from ('+dirty' with uncommitted changes), or 'unknown'."""
+  """HEAD of the checkout medjax runs from ('+dirty' with uncommitted changes), or 'unknown'.
+  Cached: `medjax.reproduce` asks at its start, so the code that ran is the commit recorded."""
   try:
     head = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True,
                           text=True, check=True, timeout=30).stdout.strip()

@@ -141,6 +141,8 @@ def reproduce(config: Any, workdir) -> dict:
   """Runs every stage not yet done, then writes the table; returns results.json's dict."""
   workdir = paths.workdir_path(workdir)
   check_config(config, workdir)
+  if config.table == "embedded":
+    embedded_recipe.git_commit()  # the commit the stages run from, for the packaged file
   done = []
   for i, name in enumerate(config.order):
     kind, stage_dir = config.stages[name].kind, workdir / name

@@ -35,7 +35,7 @@ def test_cli_writes_marked_pngs_and_grid(tmp_path):
     assert img.text == {"synthetic": "true", "generator": "medjax",
                         "prompt": "a <lungxray>:0.7 AND pleural effusion:0.3",
                         "negative_prompt": "blurry", "seed": str(7 + i), "steps": "2",
-                        "guidance": "5.0", "scheduler": "ddim", "model": "embedded-tiny-seed0",
+                        "guidance": "5.0", "scheduler": "ddim", "model": "embedded-tiny",
                         "embeddings": "lungxray.safetensors"}
   grid = Image.open(out / "grid.png")
   assert grid.size == (128, 64)
