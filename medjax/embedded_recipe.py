@@ -31,7 +31,7 @@ from medjax.errors import MedjaxError
 from medjax.pipeline import StableDiffusion
 
 EXPORT_RECORD = "export.json"
-# The acceptance: measure -> (results key path, target, higher is better).
+# The acceptance: measure -> (results key path, target: at least this; None = shown only).
 TARGETS = {"VAE PSNR, held-out (dB)": (("vae_reconstruction", "psnr"), 25.0),
            "VAE SSIM, held-out": (("vae_reconstruction", "ssim"), 0.80),
            "classifier AUC, real test": (("classifier_real_test", "auc"), None),
