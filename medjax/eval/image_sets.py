@@ -31,6 +31,7 @@ from medjax.data import make_dataset
 from medjax.errors import MedjaxError
 from medjax.eval import image_store
 from medjax.eval import leakage
+from medjax.eval import recon
 
 # A split, the generated images or reconstructions: an on-disk store (or a view / chain of
 # them) with `labels` [N] (class index), `class_names` and float batches in [-1, 1].
@@ -101,14 +102,15 @@ def load_split(config: Any, split: str, workdir=None, resolution: int | None = N
 def streamed_store(workdir, name: str, fp: str, class_names, produce: Callable[[Callable], Any]
                    ) -> tuple[Any, image_store.ImageStore]:
   """(`produce(add)`, the store `name`): `produce` runs on every process (it may compute over
-  the mesh) and calls `add(images, labels)` per batch; the writing process appends them to the
-  store as they come, the others drop them."""
+  the mesh) and calls `add(images, labels[, keys])` per batch; the writing process appends them
+  to the store as they come, the others drop them."""
   root, shared = store_root(workdir)
   writer = None
   if hosts.is_lead() or not shared:
     writer = image_store.StoreWriter(root / name, tuple(class_names), fp)
   try:
-    result = produce(writer.add if writer is not None else lambda images, labels: None)
+    drop = lambda images, labels, keys=None: None
+    result = produce(writer.add if writer is not None else drop)
   except BaseException:
     if writer is not None:
       writer.abort()
@@ -116,6 +118,40 @@ def streamed_store(workdir, name: str, fp: str, class_names, produce: Callable[[
   if writer is not None:
     writer.close()
   return result, shared_store(workdir, name, fp, lambda path: None)
+
+
+def reused_or_streamed(workdir, name: str, fp: str, class_names,
+                       produce: Callable[[Callable], Any]) -> image_store.ImageStore:
+  """The complete store `name` of fingerprint `fp` if there (every process agreeing), else
+  `streamed_store`'s: for sets a model computes over the mesh (generations, VAE round trips)."""
+  root, shared = store_root(workdir)
+  found = image_store.open_store(root / name, fp) is not None
+  if hosts.agree(found) if shared else found:
+    logging.info("reusing the images in %s", root / name)
+    return shared_store(workdir, name, fp, lambda path: None)
+  return streamed_store(workdir, name, fp, class_names, produce)[1]
+
+
+def vae_roundtrip(config: Any, sd, split: Split, workdir, mesh=None) -> Split:
+  """`split` passed through `sd`'s VAE (posterior mean, decoded), as a store with its labels
+  and keys: real images the generator never saw, smoothed as its decoder smooths everything it
+  outputs (the privacy audit calibrates on them; `config.privacy.heldout_through_vae`)."""
+  name = f"{split.path.name}_vae"
+  fp = fingerprint("vae_roundtrip", _model_identity(config), split.fingerprint,
+                   split.rows.tolist())
+  labels, keys = split.labels, split.keys
+
+  def produce(add):
+    done = [0]
+
+    def sink(decoded):
+      start, stop = done[0], done[0] + len(decoded)
+      add(decoded, labels[start:stop], keys[start:stop] if keys else None)
+      done[0] = stop
+
+    recon.vae_roundtrip(sd, split, batch_size=config.privacy.batch_size, mesh=mesh, sink=sink)
+
+  return reused_or_streamed(workdir, name, fp, split.class_names, produce)
 
 
 def class_prompts(config: Any, class_names) -> dict[str, str]:
@@ -179,16 +215,11 @@ def generate_per_class(config: Any, sd, class_names, workdir, mesh=None) -> Spli
         yield np.asarray(out)[:n] * 2 - 1, np.full(n, k)
     bar.close()
 
-  root, shared = store_root(workdir)
-  found = image_store.open_store(root / "generated", fp) is not None
-  if hosts.agree(found) if shared else found:
-    logging.info("reusing the generated images in %s", root / "generated")
-    synth = shared_store(workdir, "generated", fp, lambda path: None)
-  else:
-    def produce(add):
-      for images, labels in batches():
-        add(images, labels)
-    _, synth = streamed_store(workdir, "generated", fp, class_names, produce)
+  def produce(add):
+    for images, labels in batches():
+      add(images, labels)
+
+  synth = reused_or_streamed(workdir, "generated", fp, class_names, produce)
   if hosts.is_lead():
     for k, name in enumerate(class_names):
       rows = np.flatnonzero(synth.labels == k)[:16]

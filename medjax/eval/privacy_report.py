@@ -34,6 +34,9 @@ def check_config(p: Any) -> mem.Options:
   """`config.privacy` checked (before anything slow): its audit options."""
   if p.features not in ("inception", "pixels"):
     raise MedjaxError(f"config.privacy.features={p.features!r}: expected 'inception' or 'pixels'")
+  if not isinstance(p.heldout_through_vae, bool):
+    raise MedjaxError(f"config.privacy.heldout_through_vae={p.heldout_through_vae!r}: expected "
+                      "True or False")
   if p.heldout_split not in ("val", "test"):
     raise MedjaxError(f"config.privacy.heldout_split={p.heldout_split!r}: expected 'val' or "
                       "'test' (real images the generator never trained on)")
@@ -42,15 +45,22 @@ def check_config(p: Any) -> mem.Options:
   return opt
 
 
-def audit_store(config: Any, synth, train, workdir, mesh=None, params=None, held=None) -> dict:
+def audit_store(config: Any, synth, train, workdir, mesh=None, params=None, held=None,
+                sd=None) -> dict:
   """`run` on the images the generator trained on (`image_sets.generator_train`; the
   evaluation's real train split `train` when unknown) and the real held-out split
-  `config.privacy.heldout_split` (`held`, or read from the data): the results.json section."""
+  `config.privacy.heldout_split` (`held`, or read from the data), passed through `sd`'s VAE
+  with `config.privacy.heldout_through_vae`: the results.json section."""
   check_config(config.privacy)
   split = config.privacy.heldout_split
   name, images, notes = image_sets.generator_train(config, train, workdir)
   held = held if held is not None else image_sets.load_split(config, split, workdir)
+  if config.privacy.heldout_through_vae:
+    if sd is None:
+      raise MedjaxError("config.privacy.heldout_through_vae needs the generator's VAE")
+    held = image_sets.vae_roundtrip(config, sd, held, workdir, mesh)
   section = run(config, synth, name, images, held, workdir, mesh, params)
+  section["heldout_through_vae"] = bool(config.privacy.heldout_through_vae)
   section["notes"] = [f"privacy audit: {n}, so the generated images are compared with the "
                       "evaluation's real train split" for n in notes] + section["notes"]
   return section
@@ -125,6 +135,8 @@ def rows(section: dict) -> list[list[str]]:
       ["generated / held-out / training images",
        f"{section['num_generated']} / {section['num_heldout']} / {section['num_train']}"],
       ["training images audited against", section["train_images"]],
+      ["calibrated on", f"{section['heldout_split']} split"
+       + (", through the generator's VAE" if section.get("heldout_through_vae") else "")],
       ["flagged generated images",
        f"{section['flagged']} ({section['fraction_flagged']:.2%})"],
       ["held-out images flagged by the same rule", f"{section['heldout_flag_rate']:.2%}"],

@@ -213,7 +213,7 @@ def paper_a(config: Any, workdir, mesh=None) -> dict:
     raise MedjaxError(f"config.settings: unknown {unknown}; expected {list(SETTINGS)}")
   sd = load_model(config, mesh)
   synth = generate_per_class(config, sd, train.class_names, workdir, mesh)
-  audit = _audit(config, synth, train, {"val": val, "test": test}, workdir, mesh, params)
+  audit = _audit(config, sd, synth, train, {"val": val, "test": test}, workdir, mesh, params)
   sets = {"real": train, "synthetic": synth,
           "real+synthetic": image_store.Chain([train, synth])}
   runs = {s: [] for s in settings}
@@ -290,7 +290,7 @@ def paper_b(config: Any, workdir, mesh=None) -> dict:
   real_scores, real_metrics, state = train_and_score(config, train, val, test, pos, config.seed,
                                                      mesh)
   synth = generate_per_class(config, sd, train.class_names, workdir, mesh)
-  audit = _audit(config, synth, train, {"val": val, "test": test}, workdir, mesh, params)
+  audit = _audit(config, sd, synth, train, {"val": val, "test": test}, workdir, mesh, params)
   scores = classifier_train.predict(state, synth, config.classifier.predict_batch_size,
                                     mesh=mesh)
   y = binary(synth, pos)
@@ -342,12 +342,12 @@ def vae_table_row(config: Any, sd, params, real, workdir, mesh=None) -> dict:
   return metrics
 
 
-def _audit(config: Any, synth, train, splits: dict, workdir, mesh, params) -> dict | None:
+def _audit(config: Any, sd, synth, train, splits: dict, workdir, mesh, params) -> dict | None:
   """The privacy audit of the generated images (`config.privacy.enabled`): its section."""
   if not config.privacy.enabled:
     return None
   return privacy_report.audit_store(config, synth, train, workdir, mesh, params,
-                                    held=splits[config.privacy.heldout_split])
+                                    held=splits[config.privacy.heldout_split], sd=sd)
 
 
 def _audit_report(results: dict, section: dict | None) -> list:
@@ -370,8 +370,9 @@ def privacy(config: Any, workdir, mesh=None) -> dict:
     params, note = inception_params(config)  # a bad weights file fails before any data or model
     notes += [note] if note else []
   train = load_split(config, "train", workdir)
-  synth = generate_per_class(config, load_model(config, mesh), train.class_names, workdir, mesh)
-  section = privacy_report.audit_store(config, synth, train, workdir, mesh, params)
+  sd = load_model(config, mesh)
+  synth = generate_per_class(config, sd, train.class_names, workdir, mesh)
+  section = privacy_report.audit_store(config, synth, train, workdir, mesh, params, sd=sd)
   notes += section.pop("notes")
   results = {"protocol": "privacy", **section, **facts, "notes": notes}
   write_report(workdir, results, privacy_report.rows(section), privacy_report.TITLE, config)

@@ -192,7 +192,9 @@ def _privacy_rows(c: Any) -> list[dict]:
   if on:
     rows += [row("privacy audit features", "privacy.features", p.features, None),
              row("privacy audit false-positive budget (%)", "privacy.percentile", p.percentile,
-                 None)]
+                 None),
+             row("privacy audit calibrated on held-out images through the VAE",
+                 "privacy.heldout_through_vae", p.get("heldout_through_vae", False), None)]
   return rows
 
 

@@ -13,8 +13,12 @@ from tests import early_jobs
 from tests import launch_support
 
 # Every number of results.json: floats within this relative / absolute tolerance, the rest equal.
-# Measured: 0 (bit-identical) for both protocols on the embedded default.
+# Measured: 0 (bit-identical) for both protocols on the embedded default, but for the privacy
+# audit's distances and SSIMs: its images are uint8 stores, and the VAE round trip of the held-out
+# images (as generation) can differ by one grey level between 2 x 2 and 1 x 4 devices (the sample
+# grids below are compared within 1 too): measured up to 1.5e-5 (eval_paper_a_mri, 2026-12-01).
 REL, ABS = 1e-5, 1e-6
+PRIVACY_ABS = 1e-4
 
 
 def _numbers(tree, prefix: str = "") -> dict:
@@ -80,7 +84,8 @@ def _two_processes_equal_one(tmp_path, config: str, title: str, run_one=None) ->
   worst = 0.0
   for key, value in one.items():
     if isinstance(value, float):
-      assert two[key] == pytest.approx(value, rel=REL, abs=ABS), key
+      tolerance = PRIVACY_ABS if key.startswith("privacy.") else ABS
+      assert two[key] == pytest.approx(value, rel=REL, abs=tolerance), key
       worst = max(worst, abs(two[key] - value))
     else:
       assert two[key] == value, key

@@ -3,9 +3,11 @@ import importlib.util
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from medjax.errors import MedjaxError
+from medjax.eval import image_store
 from medjax.eval import protocols
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -80,6 +82,14 @@ def check_privacy_section(workdir, results: dict, train_images: str, key_prefix:
   assert p == json.loads(json.dumps(results["privacy"]))
   assert (p["train_images"], p["num_train"], p["heldout_split"]) == (train_images, num_train,
                                                                      "test")
+  # Calibrated on the held-out images as the generator's VAE round-trips them: that store holds
+  # each held-out image once, decoded (not the image itself).
+  assert p["heldout_through_vae"] is True
+  (vae_store,) = (workdir / "stores").glob("test_*px_vae")
+  held = image_store.open_store(vae_store.with_name(vae_store.name[:-len("_vae")]))
+  decoded = image_store.open_store(vae_store)
+  assert len(decoded) == len(held) == p["num_heldout"] and decoded.keys == held.keys
+  assert np.abs(decoded.floats(range(4)) - held.floats(range(4))).mean() > 0.01
   assert p["num_generated"] == results.get("sizes", {}).get("synthetic", p["num_generated"])
   assert p["flagged"] == len(p["flagged_pairs"]) == round(p["fraction_flagged"] *
                                                           p["num_generated"])
@@ -95,6 +105,7 @@ def check_privacy_section(workdir, results: dict, train_images: str, key_prefix:
   assert f"| flagged generated images | {p['flagged']} (" in text
   assert "| privacy audit | on | ours | not stated |" in text
   assert "| privacy audit false-positive budget (%) | 1 | ours | not stated |" in text
+  assert "| calibrated on | test split, through the generator's VAE |" in text
 
 
 def test_bad_protocol_inputs(tmp_path):
