@@ -66,7 +66,6 @@ SD1.5 shape in bf16, batch 8, in under 8 minutes, and prints one summary table (
 says what it prints and how its budget is spent).
 """
 import argparse
-import ctypes
 import json
 import os
 import statistics
@@ -116,15 +115,6 @@ def images(batch: int, resolution: int):
       np.float32)
 
 
-def malloc_trim() -> None:
-  """Returns freed glibc heap (e.g. XLA's compiler arenas) to the OS, so RSS drops to what is
-  in use."""
-  try:
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-  except (OSError, AttributeError):
-    pass
-
-
 def run_steps(step, warmup: int, repeats: int, trim: bool = False) -> dict:
   """Warm-up steps (untimed), then the peak-RSS reset, then `repeats` timed steps."""
   start = time.perf_counter()
@@ -133,7 +123,7 @@ def run_steps(step, warmup: int, repeats: int, trim: bool = False) -> dict:
   for _ in range(warmup - 1):
     step()
   if trim:
-    malloc_trim()
+    unet_bench.malloc_trim()
   unet_bench.reset_peak_host_bytes()
   times = []
   for _ in range(repeats):

@@ -31,6 +31,7 @@ SD1.5 shape in bf16, batch 8, in under 8 minutes, and prints one summary table (
 says what it prints and how its budget is spent).
 """
 import argparse
+import ctypes
 import json
 import os
 import resource
@@ -86,10 +87,21 @@ def peak_host_bytes() -> int:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def timed(fn, repeats):
+def malloc_trim() -> None:
+  """Returns freed glibc heap (e.g. XLA's compiler arenas) to the OS, so RSS drops to what is
+  in use."""
+  try:
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+  except (OSError, AttributeError):
+    pass
+
+
+def timed(fn, repeats, trim: bool = False):
   start = time.perf_counter()
   fn()
   first = time.perf_counter() - start
+  if trim:
+    malloc_trim()
   reset_peak_host_bytes()
   times = []
   for _ in range(repeats):
@@ -122,7 +134,7 @@ def random_params(unet, seed: int):
   return flax.traverse_util.unflatten_dict(params)
 
 
-def run_jax(config_name, mode, repeats, bf16, remat, batch, attention="auto"):
+def run_jax(config_name, mode, repeats, bf16, remat, batch, attention="auto", trim=False):
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from medjax.models import UNet2DConditionModel  # pylint: disable=g-import-not-at-top
@@ -158,7 +170,7 @@ def run_jax(config_name, mode, repeats, bf16, remat, batch, attention="auto"):
       state["p"], loss = compiled(state["p"])
       loss.block_until_ready()
   compile_s = time.perf_counter() - t0
-  first, median = timed(fn, repeats)
+  first, median = timed(fn, repeats, trim)
   device = jax.devices()[0]
   plan = compiled.memory_analysis()
   plan_bytes = (plan.argument_size_in_bytes + plan.output_size_in_bytes + plan.temp_size_in_bytes
@@ -169,7 +181,8 @@ def run_jax(config_name, mode, repeats, bf16, remat, batch, attention="auto"):
               flops=device_stats.xla_flops(compiled), jax=jax.__version__)
 
 
-def run_torch(config_name, mode, repeats, bf16, remat, batch, compile_model=False):
+def run_torch(config_name, mode, repeats, bf16, remat, batch, compile_model=False,
+              trim=False):
   del remat  # the issue's memory target allows remat on the medjax side only
   import torch  # pylint: disable=g-import-not-at-top
   from diffusers import UNet2DConditionModel  # pylint: disable=g-import-not-at-top
@@ -205,7 +218,7 @@ def run_torch(config_name, mode, repeats, bf16, remat, batch, compile_model=Fals
       loss.backward()
       opt.step()
       sync()
-  first, median = timed(fn, repeats)
+  first, median = timed(fn, repeats, trim)
   peak = torch.cuda.max_memory_allocated() if device == "cuda" else peak_host_bytes()
   return dict(first_s=first, median_s=median, peak_bytes=peak, device=device,
               device_kind=torch.cuda.get_device_name() if device == "cuda" else "cpu",
@@ -215,9 +228,10 @@ def run_torch(config_name, mode, repeats, bf16, remat, batch, compile_model=Fals
 def worker(args):
   common = (args.configs, args.modes, args.repeats, args.bf16, args.remat, args.batch)
   if args.worker == "jax":
-    result = run_jax(*common, attention=args.attention)
+    result = run_jax(*common, attention=args.attention, trim=args.malloc_trim)
   else:
-    result = run_torch(*common, compile_model=args.worker == "torch_compile")
+    result = run_torch(*common, compile_model=args.worker == "torch_compile",
+                       trim=args.malloc_trim)
   print("RESULT " + json.dumps(result))
 
 
@@ -232,6 +246,7 @@ def spawn(framework, config, mode, args) -> dict:
   cmd = [sys.executable, os.path.abspath(__file__), f"--worker={framework}", f"--configs={config}",
          f"--modes={mode}", f"--repeats={args.repeats}", f"--batch={args.batch}"]
   cmd += ["--bf16"] if args.bf16 else []
+  cmd += ["--malloc_trim"] if args.malloc_trim else []
   cmd += ["--remat"] if args.remat and framework == "jax" else []
   cmd += [f"--attention={args.attention}"] if framework == "jax" else []
   start = time.perf_counter()
@@ -276,6 +291,9 @@ def main():
   parser.add_argument("--json", help="write all results to this file")
   parser.add_argument("--xla_cpu_default_scheduler", action="store_true",
                       help="keep XLA:CPU's concurrency-optimised scheduler (more memory)")
+  parser.add_argument("--malloc_trim", action="store_true",
+                      help="both sides: glibc malloc_trim(0) before the peak-RSS reset, so freed "
+                           "heap (XLA's compiler arenas) is not counted")
   parser.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.worker:
