@@ -87,6 +87,7 @@ def recipe(tmp_path_factory):
   config.order = config.order[:-1]  # check_mri is check_cxr on other phantoms: CI time
   s = config.stages.check_cxr.config
   s.data.phantoms.num, s.data.split.sizes = 40, (8, 4, 8)
+  s.privacy.enabled = False  # not a recipe target; the audit's own tests: eval/test_protocols
   return config, workdir, reproduce.reproduce(config, workdir)
 
 
