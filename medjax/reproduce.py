@@ -200,12 +200,13 @@ def privacy_summary(workdir: epath.Path, evaluations: list[str]) -> dict:
   """{stage: its privacy audit's counts} for each evaluation stage whose audit ran
   (eval/privacy_report.py)."""
   keys = ("flagged", "num_generated", "fraction_flagged", "heldout_flag_rate",
-          "false_positive_bound", "train_images")
+          "false_positive_bound", "train_images", "heldout_split")
   out = {}
   for name in evaluations:
     p = _results(workdir, name).get("privacy")
     if p:
       out[name] = {k: p[k] for k in keys}
+      out[name]["heldout_through_vae"] = bool(p.get("heldout_through_vae", False))
   return out
 
 
@@ -215,11 +216,14 @@ def privacy_lines(summary: dict) -> list[str]:
     return []
   lines = ["## Privacy audit (ours: generated near-copies of training images)", "",
            "| evaluation stage | flagged generated images | held-out flagged | "
-           "false-positive bound | audited against |", "|---|---|---|---|---|"]
+           "false-positive bound | audited against | calibrated on |",
+           "|---|---|---|---|---|---|"]
   for name, p in summary.items():
+    calibration = p["heldout_split"] + (" split through the generator's VAE"
+                                        if p["heldout_through_vae"] else " split")
     lines.append(f"| {name} | {p['flagged']} / {p['num_generated']} "
                  f"({p['fraction_flagged']:.1%}) | {p['heldout_flag_rate']:.1%} | "
-                 f"{p['false_positive_bound']:.1%} | {p['train_images']} |")
+                 f"{p['false_positive_bound']:.1%} | {p['train_images']} | {calibration} |")
   return lines + [""]
 
 

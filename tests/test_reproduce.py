@@ -72,6 +72,9 @@ def test_paper_a_table_on_one_split(paper_a_mri):
   assert results["privacy"]["evaluate"]["num_generated"] == 4
   assert results["privacy"]["evaluate"]["flagged"] == evaluation["privacy"]["flagged"]
   assert "## Privacy audit (ours" in table and "| evaluate | " in table
+  calibration = evaluation["privacy"]["heldout_split"] + " split through the generator's VAE"
+  assert results["privacy"]["evaluate"]["heldout_through_vae"]
+  assert f"| generator's training images | {calibration} |" in table
 
 
 def test_finished_stages_are_skipped_and_changes_refused(paper_a_mri):
