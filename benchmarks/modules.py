@@ -10,7 +10,7 @@ Each U-Net config of benchmarks/unet.py is broken into the module instances its 
 (every distinct kind and shape, with how many times the U-Net runs it: `n`), so `n x (medjax -
 torch)` says where the whole-U-Net gap comes from; the summary adds up the top-level kinds
 (resnet, transformer, downsample, upsample, concat) per mode. Rows marked
-'in <kind>' are parts of another row (gn_silu inside resnet, btb/geglu/attn/ff inside
+'in <kind>' are parts of another row (gn_silu inside resnet, btb/geglu/attn/ff/layernorm inside
 transformer) and are not added again.
 
 medjax modules are jitted (ahead-of-time compiled; compile not timed) and fed the same weights as
@@ -43,8 +43,9 @@ HEADS, GROUPS, RESNET_EPS, TEXT_LEN = 8, 32, 1e-5, 77
 # kind -> the kind it is part of (None: top level, added up in the summary).
 KINDS = {"resnet": None, "transformer": None, "downsample": None, "upsample": None,
          "concat": None, "gn_silu": "resnet", "btb": "transformer", "geglu": "transformer",
-         "attn1": "transformer", "attn2": "transformer", "ff": "transformer"}
-DEFAULT_KINDS = "resnet,transformer,gn_silu,btb,geglu,downsample,upsample,concat"
+         "attn1": "transformer", "attn2": "transformer", "ff": "transformer",
+         "layernorm": "transformer"}
+DEFAULT_KINDS = "resnet,transformer,gn_silu,btb,geglu,layernorm,downsample,upsample,concat"
 
 
 def unet_instances(config_name: str) -> dict[tuple[str, tuple[int, ...]], int]:
@@ -63,6 +64,7 @@ def unet_instances(config_name: str) -> dict[tuple[str, tuple[int, ...]], int]:
   def transformer(c, h):
     for kind in ("transformer", "btb", "geglu", "attn1", "attn2", "ff"):
       items[(kind, (c, h))] += 1
+    items[("layernorm", (c, h))] += 3  # norm1..3 of the transformer block
 
   h, x = size, ch[0]
   skips = [(x, h)]
@@ -159,6 +161,9 @@ def torch_module(kind: str, shape: tuple[int, ...], config_name: str):
   if kind == "ff":
     m = d_attention.FeedForward(c, activation_fn="geglu")
     return m, [tokens], 1, m
+  if kind == "layernorm":
+    m = torch.nn.LayerNorm(c, eps=1e-5)
+    return m, [tokens], 1, m
   if kind == "gn_silu":
     m = GroupNormSiLU(c)
     return m, [rand(1, c, h, h)], 1, m
@@ -204,6 +209,7 @@ def jax_module(kind: str, shape: tuple[int, ...], attention: str):
       "attn2": lambda: layers.Attention(HEADS, c // HEADS, **impl),
       "geglu": lambda: layers.GEGLU(4 * c),
       "ff": lambda: layers.FeedForward(),
+      "layernorm": lambda: layers.layer_norm(1e-5, "norm"),
       "gn_silu": GroupNormSiLU,
       "downsample": lambda: layers.Downsample2D(c, 1),
       "upsample": lambda: layers.Upsample2D(c),
