@@ -163,12 +163,78 @@ def group_norm(num_groups: int, epsilon: float, name: str, dtype: Dtype = jnp.fl
   return GroupNorm(num_groups, epsilon, dtype=dtype, param_dtype=param_dtype, name=name)
 
 
+def _mean_last(v: jax.Array) -> jax.Array:
+  """Mean over the last axis, as a matmul with a 1/n vector: [..., n] -> [..., 1]."""
+  weights = jnp.full((v.shape[-1], 1), 1.0 / v.shape[-1], v.dtype)
+  return jnp.matmul(v, weights, precision=lax.Precision.HIGHEST)
+
+
+def _sum_leading(v: jax.Array) -> jax.Array:
+  """Sum over every axis but the last, as a matmul with a ones vector: [..., n] -> [n]."""
+  rows = v.reshape(-1, v.shape[-1])
+  return jnp.matmul(jnp.ones((1, rows.shape[0]), v.dtype), rows, precision=lax.Precision.HIGHEST)[0]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _layer_norm_cpu(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float) -> jax.Array:
+  return _layer_norm_cpu_fwd(x, scale, bias, epsilon)[0]
+
+
+def _layer_norm_cpu_fwd(x, scale, bias, epsilon):
+  x32 = x.astype(jnp.float32)
+  mean = _mean_last(x32)
+  centred = x32 - mean
+  rstd = lax.rsqrt(_mean_last(centred * centred) + epsilon)
+  y = centred * (rstd * scale.astype(jnp.float32)) + bias.astype(jnp.float32)
+  return y, (x, mean, rstd, scale, bias)
+
+
+def _layer_norm_cpu_bwd(epsilon, residuals, g):
+  del epsilon
+  x, mean, rstd, scale, bias = residuals
+  g = g.astype(jnp.float32)
+  xhat = (x.astype(jnp.float32) - mean) * rstd
+  gy = g * scale.astype(jnp.float32)
+  dx = rstd * (gy - _mean_last(gy) - xhat * _mean_last(gy * xhat))
+  return (dx.astype(x.dtype), _sum_leading(g * xhat).astype(scale.dtype),
+          _sum_leading(g).astype(bias.dtype))
+
+
+_layer_norm_cpu.defvjp(_layer_norm_cpu_fwd, _layer_norm_cpu_bwd)
+
+
+class LayerNorm(nn.Module):
+  """LayerNorm over the last axis, statistics in fp32, two-pass; params `scale` and `bias` [C]
+  as flax's nn.LayerNorm names them.
+
+  On CPU the row means and the parameter sums are matmuls with a constant vector and the gradient
+  is written out: the autodiff of flax's LayerNorm gives XLA:CPU fused reductions over broadcast
+  operands that ran ~10x slower than PyTorch (one core, [1, 1024, 64] tokens, gradient: 0.97 ->
+  0.10 ms, PyTorch 0.13; SD1.5 [1, 4096, 320]: 15.7 -> 2.5 ms, PyTorch 1.4). Elsewhere plain
+  reductions, as flax computes them.
+  """
+  epsilon: float
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    init = lambda fn: nn.with_logical_partitioning(fn, (NORM,))
+    features = (x.shape[-1],)
+    scale = self.param("scale", init(nn.initializers.ones_init()), features, self.param_dtype)
+    bias = self.param("bias", init(nn.initializers.zeros_init()), features, self.param_dtype)
+    if _on_cpu():
+      return _layer_norm_cpu(x, scale, bias, self.epsilon).astype(self.dtype)
+    x = x.astype(jnp.float32)
+    centred = x - jnp.mean(x, -1, keepdims=True)
+    rstd = lax.rsqrt(jnp.mean(centred * centred, -1, keepdims=True) + self.epsilon)
+    y = centred * (rstd * scale.astype(jnp.float32)) + bias.astype(jnp.float32)
+    return y.astype(self.dtype)
+
+
 def layer_norm(epsilon: float, name: str, dtype: Dtype = jnp.float32,
-               param_dtype: Dtype = jnp.float32) -> nn.LayerNorm:
-  return nn.LayerNorm(
-      epsilon=epsilon, dtype=dtype, param_dtype=param_dtype, name=name, use_fast_variance=False,
-      scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), (NORM,)),
-      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (NORM,)))
+               param_dtype: Dtype = jnp.float32) -> LayerNorm:
+  return LayerNorm(epsilon, dtype=dtype, param_dtype=param_dtype, name=name)
 
 
 def embed(num_embeddings: int, features: int, name: str, dtype: Dtype = jnp.float32,

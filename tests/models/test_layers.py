@@ -1,4 +1,5 @@
 """Shared blocks whose exact rules the whole-model tests only reach for a few sizes."""
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -50,5 +51,25 @@ def test_conv_matmul_path_matches_lax_conv(kernel, stride, padding, cin, cout):
   loss = lambda conv: lambda x, w: jnp.sum(jnp.sin(conv(x, w, *args)))
   want = jax.jit(jax.value_and_grad(loss(jax.lax.conv_general_dilated), (0, 1)))(x, w)
   got = jax.jit(jax.value_and_grad(loss(layers.conv_general_dilated), (0, 1)))(x, w)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("on_cpu", [True, False])
+def test_layer_norm_matches_flax_values_and_gradients(on_cpu, monkeypatch):
+  """Both LayerNorm paths (CPU: matmul statistics and a written-out gradient) against flax's."""
+  monkeypatch.setattr(layers, "_on_cpu", lambda: on_cpu)
+  rng = np.random.default_rng(0)
+  x = (3 + 2 * rng.standard_normal((2, 7, 48))).astype(np.float32)
+  g = rng.standard_normal(x.shape).astype(np.float32)
+  params = {"scale": (1 + 0.1 * rng.standard_normal(48)).astype(np.float32),
+            "bias": (0.1 * rng.standard_normal(48)).astype(np.float32)}
+  ours = layers.LayerNorm(1e-5)
+  theirs = nn.LayerNorm(epsilon=1e-5, use_fast_variance=False)
+  assert (jax.tree.structure(nn.unbox(ours.init(jax.random.key(0), x)))
+          == jax.tree.structure(theirs.init(jax.random.key(0), x)))
+  loss = lambda m: lambda p, x: jnp.sum(m.apply({"params": p}, x) * g)
+  want = jax.jit(jax.value_and_grad(loss(theirs), (0, 1)))(params, x)
+  got = jax.jit(jax.value_and_grad(loss(ours), (0, 1)))(params, x)
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
