@@ -110,7 +110,7 @@ def test_paper_b_table(tmp_path):
   assert "VAE reconstruction SSIM (64 px)" in table
   assert {p.name for p in (tmp_path / "evaluate_base" / "stores").iterdir()} == {
       "train_64px", "val_64px", "test_64px", "test_32px", "generated", "recon_32px",
-      "recon_64px", "test_64px_vae"}
+      "recon_64px", "test_64px_vae", "train_64px_vae"}
   assert "VAE reconstruction SSIM" in (tmp_path / "results.md").read_text()
   # The base model's training images are unknown: audited against the real train split, noted.
   check_privacy_section(tmp_path / "evaluate_base", base, "real train split", "phantom_cxr/", 24)

@@ -71,6 +71,9 @@ def default_config() -> ml_collections.ConfigDict:
   # embedded model: raw held-out calibration flagged 29% (CXR) / 100% (MRI) of the VAE round
   # trips of held-out images, never trained on, as often as its generations (README, privacy).
   c.heldout_through_vae = True
+  # The audit's power: the fraction flagged of the VAE round trips of this many training images
+  # (near-copies a generator that memorised its latents would output); 0: off (README, privacy).
+  c.power_probes = 100
   c.gallery = 16  # closest pairs drawn side by side
   # Feature queries: training images' central windows (margin max |offset|) are matched by each
   # image's windows moved by these offsets in y and x (and mirrored with `flip`), so a shifted
@@ -396,15 +399,21 @@ def array_fetch(images: np.ndarray, keys: Sequence[str]) -> Callable:
 
 
 def audit(generated, heldout, train, fetch: Callable, feature_fn: FeatureFn,
-          options: Options = Options(), mesh=None) -> dict:
+          options: Options = Options(), mesh=None, probe=None) -> dict:
   """The audit's results (JSON-able) plus `_gallery`: the closest pairs' images, for
-  `medjax.eval.privacy_report.save_gallery`."""
+  `medjax.eval.privacy_report.save_gallery`.
+
+  `probe`: batches of known near-copies of training images (e.g. their VAE round trips, what a
+  generator that memorised its latents would output), judged by the same rule: the fraction
+  flagged (`power`) says what a 0 flag rate of the generated images rules out."""
   opt = options
   opt.check()
   variants = _query_variants(opt)
   m = max(abs(int(s)) for s in opt.query_shifts) if opt.query_shifts else 0
   gen_f, gen_keys = _features(generated, feature_fn, variants, m, "generated")
   held_f, held_keys = _features(heldout, feature_fn, variants, m, "heldout")
+  probe_f, probe_keys = (_features(probe, feature_fn, variants, m, "probe") if probe is not None
+                         else (gen_f[:0], []))
   train_keys = []
 
   def train_blocks():
@@ -412,13 +421,13 @@ def audit(generated, heldout, train, fetch: Callable, feature_fn: FeatureFn,
       train_keys.extend(keys)
       yield _normalise(feature_fn(_crop(images, False, 0, 0, m)))
 
-  d, i = nearest(np.concatenate([gen_f, held_f]), train_blocks(), opt.top_k, opt.block_size,
-                 mesh)
+  d, i = nearest(np.concatenate([gen_f, held_f, probe_f]), train_blocks(), opt.top_k,
+                 opt.block_size, mesh)
   if len(set(train_keys)) != len(train_keys):
     raise MedjaxError("train: record keys are not unique")
   ng, nh = len(gen_f), len(held_f)
   gen_d, gen_i = _merge_variants(d[:ng], i[:ng], len(gen_keys), opt.top_k)
-  held_d, held_i = _merge_variants(d[ng:ng + nh], i[ng:], len(held_keys), opt.top_k)
+  held_d, held_i = _merge_variants(d[ng:ng + nh], i[ng:ng + nh], len(held_keys), opt.top_k)
   held_s, _ = _ssim_pass(heldout, "heldout", held_i, train_keys, fetch, opt)
   # The budget's two tails; a rule with none never flags.
   d_tail, s_tail = opt.percentile * (1 - opt.ssim_share), opt.percentile * opt.ssim_share
@@ -444,13 +453,20 @@ def audit(generated, heldout, train, fetch: Callable, feature_fn: FeatureFn,
   gen_s, _ = _ssim_pass(generated, "generated", gen_i, train_keys, fetch, opt, on_image)
   flags = (gen_d[:, 0] < d_thr) | (gen_s > s_thr)
   held_flags = (held_d[:, 0] < d_thr) | (held_s > s_thr)
+  power = None
+  if probe is not None:
+    probe_d, probe_i = _merge_variants(d[ng + nh:], i[ng + nh:], len(probe_keys), opt.top_k)
+    probe_s, _ = _ssim_pass(probe, "probe", probe_i, train_keys, fetch, opt)
+    probe_flags = (probe_d[:, 0] < d_thr) | (probe_s > s_thr)
+    power = {"num_probes": len(probe_keys), "flagged": int(probe_flags.sum()),
+             "fraction_flagged": float(probe_flags.mean())}
   return {
       "num_generated": len(gen_keys), "num_heldout": len(held_keys), "num_train": len(train_keys),
       "flagged": int(flags.sum()), "fraction_flagged": float(flags.mean()),
       "heldout_flag_rate": float(held_flags.mean()), "false_positive_bound": bound,
       "thresholds": {"distance": _finite(d_thr), "ssim": _finite(s_thr),
                      "percentile": opt.percentile, "ssim_share": opt.ssim_share},
-      "rule": _rule(opt, d_thr, s_thr, bound),
+      "rule": _rule(opt, d_thr, s_thr, bound), "power": power,
       "flagged_pairs": [p for p in pairs if p["flagged"]],
       "distances": {"generated": gen_d[:, 0].tolist(), "heldout": held_d[:, 0].tolist()},
       "ssim": {"generated": gen_s.tolist(), "heldout": held_s.tolist()},

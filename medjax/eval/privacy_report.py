@@ -22,6 +22,7 @@ from medjax import images as images_lib
 from medjax.atomic import atomic_path
 from medjax.errors import MedjaxError
 from medjax.eval import image_sets
+from medjax.eval import image_store
 from medjax.eval import memorization as mem
 from medjax.eval.protocol_parts import fmt
 from medjax.eval.protocol_parts import inception_params
@@ -37,6 +38,10 @@ def check_config(p: Any) -> mem.Options:
   if not isinstance(p.heldout_through_vae, bool):
     raise MedjaxError(f"config.privacy.heldout_through_vae={p.heldout_through_vae!r}: expected "
                       "True or False")
+  if isinstance(p.power_probes, bool) or not isinstance(p.power_probes, int) or (
+      p.power_probes < 0):
+    raise MedjaxError(f"config.privacy.power_probes={p.power_probes!r}: expected a count >= 0 "
+                      "(training images whose VAE round trips measure the audit's power)")
   if p.heldout_split not in ("val", "test"):
     raise MedjaxError(f"config.privacy.heldout_split={p.heldout_split!r}: expected 'val' or "
                       "'test' (real images the generator never trained on)")
@@ -59,19 +64,28 @@ def audit_store(config: Any, synth, train, workdir, mesh=None, params=None, held
     if sd is None:
       raise MedjaxError("config.privacy.heldout_through_vae needs the generator's VAE")
     held = image_sets.vae_roundtrip(config, sd, held, workdir, mesh)
-  section = run(config, synth, name, images, held, workdir, mesh, params)
+  probe = None
+  if config.privacy.power_probes and sd is not None:
+    first = images.parts[0] if isinstance(images, image_store.Chain) else images
+    probe = image_sets.vae_roundtrip(config, sd, first.head(config.privacy.power_probes),
+                                     workdir, mesh)
+  section = run(config, synth, name, images, held, workdir, mesh, params, probe)
   section["heldout_through_vae"] = bool(config.privacy.heldout_through_vae)
   section["notes"] = [f"privacy audit: {n}, so the generated images are compared with the "
                       "evaluation's real train split" for n in notes] + section["notes"]
+  if config.privacy.power_probes and sd is None:
+    section["notes"].append("privacy audit: its power (privacy.power_probes) is not measured "
+                            "without the generator's VAE")
   return section
 
 
 def run(config: Any, synth, train_name: str, train, held, workdir, mesh=None,
-        params=None) -> dict:
+        params=None, probe=None) -> dict:
   """The results.json section of the audit of `synth` (a store of generated images) against
   `train` (the generator's training images, named `train_name`), calibrated on `held` (real
-  images it never saw). `params`: Inception weights already loaded (else read as for FID when
-  `privacy.features='inception'`). `rows(section)` are its results.md rows."""
+  images it never saw); `probe`: a store of known near-copies of training images, whose flag
+  rate is the audit's power. `params`: Inception weights already loaded (else read as for FID
+  when `privacy.features='inception'`). `rows(section)` are its results.md rows."""
   p = config.privacy
   opt = check_config(p)
   notes = []
@@ -91,7 +105,9 @@ def run(config: Any, synth, train_name: str, train, held, workdir, mesh=None,
   result = mem.audit(mem.store_batches(synth, gen_keys, p.batch_size),
                      mem.store_batches(held, held_keys, p.batch_size),
                      mem.store_batches(train, train_keys, p.batch_size),
-                     mem.store_fetch(train, train_keys), feature_fn, opt, mesh)
+                     mem.store_fetch(train, train_keys), feature_fn, opt, mesh,
+                     None if probe is None else mem.store_batches(
+                         probe, [f"probe/{i}" for i in range(len(probe))], p.batch_size))
   logging.info("privacy audit: %d generated images vs %d training images (%d held-out) in "
                "%.1f s", len(gen_keys), len(train_keys), len(held_keys),
                time.monotonic() - start)
@@ -140,6 +156,10 @@ def rows(section: dict) -> list[list[str]]:
       ["flagged generated images",
        f"{section['flagged']} ({section['fraction_flagged']:.2%})"],
       ["held-out images flagged by the same rule", f"{section['heldout_flag_rate']:.2%}"],
+      ["power: VAE round trips of training images flagged by the same rule",
+       "not measured" if not section.get("power") else
+       f"{section['power']['flagged']} / {section['power']['num_probes']} "
+       f"({section['power']['fraction_flagged']:.2%})"],
       ["false-positive bound (budget privacy.percentile)",
        f"{section['false_positive_bound']:.2%} ({t['percentile']:g}%)"],
       ["distance threshold", shown(t["distance"])], ["SSIM threshold", shown(t["ssim"])],

@@ -194,7 +194,9 @@ def _privacy_rows(c: Any) -> list[dict]:
              row("privacy audit false-positive budget (%)", "privacy.percentile", p.percentile,
                  None),
              row("privacy audit calibrated on held-out images through the VAE",
-                 "privacy.heldout_through_vae", p.get("heldout_through_vae", False), None)]
+                 "privacy.heldout_through_vae", p.get("heldout_through_vae", False), None),
+             row("privacy audit power probes (VAE round trips of training images)",
+                 "privacy.power_probes", p.get("power_probes", 0), None)]
   return rows
 
 

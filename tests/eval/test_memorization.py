@@ -65,9 +65,12 @@ def acceptance(tmp_path_factory):
   gen_keys = [f"{kind}/{j}" for kind in planted for j in range(4)] + keys("fresh", 200)
   train_keys = keys("train", 200)
   opt = mem.Options(top_k=3, batch_size=64)
+  # The power probe: the 20 planted copies again, then 20 fresh phantoms, under other keys.
+  probe = np.concatenate([gen[:20], fresh[:20]])
   result = mem.audit(mem.array_batches(gen, gen_keys, 64), mem.array_batches(held, keys("held",
                      200), 64), iter(mem.array_batches(train, train_keys, 64)),
-                     mem.array_fetch(train, train_keys), mem.pixel_feature_fn(16), opt)
+                     mem.array_fetch(train, train_keys), mem.pixel_feature_fn(16), opt,
+                     probe=mem.array_batches(probe, keys("probe", 40), 16))
   out = tmp_path_factory.mktemp("privacy")
   privacy_report.plot_histograms(result, out / "distances.png")
   assert privacy_report.save_gallery(result, out / "pairs.png")
@@ -92,6 +95,10 @@ def test_planted_copies_flagged_fresh_phantoms_not(acceptance):
   fresh_fp = (len(flagged) - 20) / 200  # the realised rate on 200 fresh phantoms
   assert fresh_fp <= opt.percentile / 100
   assert result["num_train"] == 200 and result["num_heldout"] == 200
+  # The probe is judged by the same rule: its copies flagged as the generated ones were.
+  fresh_flagged = sum(f"fresh/{j}" in flagged for j in range(20))
+  assert result["power"] == {"num_probes": 40, "flagged": 20 + fresh_flagged,
+                             "fraction_flagged": (20 + fresh_flagged) / 40}
 
 
 def test_report_files(acceptance):
@@ -122,6 +129,7 @@ def test_inception_path_flags_a_copy():
                      mem.inception_feature_fn(params, batch_size=2), opt)
   copy = [p for p in result["flagged_pairs"] if p["generated"] == "copy"]
   assert copy and copy[0]["train"] == "train/0" and copy[0]["distance"] < 1e-3
+  assert result["power"] is None  # no probe given
 
 
 def test_aligned_ssim_equals_skimage_over_the_alignment_search():

@@ -106,6 +106,14 @@ def check_privacy_section(workdir, results: dict, train_images: str, key_prefix:
   assert "| privacy audit | on | ours | not stated |" in text
   assert "| privacy audit false-positive budget (%) | 1 | ours | not stated |" in text
   assert "| calibrated on | test split, through the generator's VAE |" in text
+  # The audit's power: VAE round trips of the first training images, judged by the same rule.
+  power = p["power"]
+  assert 0 < power["num_probes"] <= min(100, num_train)
+  assert power["flagged"] == round(power["fraction_flagged"] * power["num_probes"])
+  assert ("| power: VAE round trips of training images flagged by the same rule | "
+          f"{power['flagged']} / {power['num_probes']} (") in text
+  assert "| privacy audit power probes (VAE round trips of training images) | 100 | ours |" in text
+  assert len(list((workdir / "stores").glob("*_vae"))) == 2  # held-out and probes
 
 
 def test_bad_protocol_inputs(tmp_path):
@@ -117,6 +125,12 @@ def test_bad_protocol_inputs(tmp_path):
   config.protocol = "paper_c"
   with pytest.raises(MedjaxError, match="paper_c"):
     protocols.run_protocol(config, tmp_path)
+  for bad in (-1, True):
+    config = load_config("eval_paper_a_mri")
+    config.privacy.power_probes = bad
+    with pytest.raises(MedjaxError, match=rf"^config.privacy.power_probes={bad}: expected a count"):
+      protocols.run_protocol(config, tmp_path / "power")
+    assert not (tmp_path / "power").exists()
   config = load_config("eval_paper_a_mri", "paper")
   config.classifier.select = "best"  # with eval_every=0: 'best' would be the last step
   with pytest.raises(MedjaxError, match=r"^config.classifier: select='best' needs eval_every"):
