@@ -180,12 +180,18 @@ def _layer_norm_cpu(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: fl
   return _layer_norm_cpu_fwd(x, scale, bias, epsilon)[0]
 
 
-def _layer_norm_cpu_fwd(x, scale, bias, epsilon):
+def _layer_norm(x, scale, bias, epsilon, mean_last):
+  """Two-pass LayerNorm in fp32 with `mean_last` ([..., n] -> [..., 1]): (y, mean, rstd)."""
   x32 = x.astype(jnp.float32)
-  mean = _mean_last(x32)
+  mean = mean_last(x32)
   centred = x32 - mean
-  rstd = lax.rsqrt(_mean_last(centred * centred) + epsilon)
+  rstd = lax.rsqrt(mean_last(centred * centred) + epsilon)
   y = centred * (rstd * scale.astype(jnp.float32)) + bias.astype(jnp.float32)
+  return y, mean, rstd
+
+
+def _layer_norm_cpu_fwd(x, scale, bias, epsilon):
+  y, mean, rstd = _layer_norm(x, scale, bias, epsilon, _mean_last)
   return y, (x, mean, rstd, scale, bias)
 
 
@@ -225,11 +231,8 @@ class LayerNorm(nn.Module):
     bias = self.param("bias", init(nn.initializers.zeros_init()), features, self.param_dtype)
     if _on_cpu():
       return _layer_norm_cpu(x, scale, bias, self.epsilon).astype(self.dtype)
-    x = x.astype(jnp.float32)
-    centred = x - jnp.mean(x, -1, keepdims=True)
-    rstd = lax.rsqrt(jnp.mean(centred * centred, -1, keepdims=True) + self.epsilon)
-    y = centred * (rstd * scale.astype(jnp.float32)) + bias.astype(jnp.float32)
-    return y.astype(self.dtype)
+    mean_last = lambda v: jnp.mean(v, -1, keepdims=True)
+    return _layer_norm(x, scale, bias, self.epsilon, mean_last)[0].astype(self.dtype)
 
 
 def layer_norm(epsilon: float, name: str, dtype: Dtype = jnp.float32,
