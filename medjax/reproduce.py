@@ -33,6 +33,7 @@ from medjax import paths
 from medjax import trainer
 from medjax.errors import MedjaxError
 from medjax.eval import ablation
+from medjax.eval import privacy_report
 from medjax.eval import protocols
 from medjax.train_config import check_train_config
 from medjax.train_config import config_diff
@@ -206,7 +207,7 @@ def privacy_summary(workdir: epath.Path, evaluations: list[str]) -> dict:
     p = _results(workdir, name).get("privacy")
     if p:
       out[name] = {k: p[k] for k in keys}
-      out[name]["heldout_through_vae"] = bool(p.get("heldout_through_vae", False))
+      out[name]["calibrated_on"] = privacy_report.calibration(p)
   return out
 
 
@@ -219,11 +220,9 @@ def privacy_lines(summary: dict) -> list[str]:
            "false-positive bound | audited against | calibrated on |",
            "|---|---|---|---|---|---|"]
   for name, p in summary.items():
-    calibration = p["heldout_split"] + (" split through the generator's VAE"
-                                        if p["heldout_through_vae"] else " split")
     lines.append(f"| {name} | {p['flagged']} / {p['num_generated']} "
                  f"({p['fraction_flagged']:.1%}) | {p['heldout_flag_rate']:.1%} | "
-                 f"{p['false_positive_bound']:.1%} | {p['train_images']} | {calibration} |")
+                 f"{p['false_positive_bound']:.1%} | {p['train_images']} | {p['calibrated_on']} |")
   return lines + [""]
 
 

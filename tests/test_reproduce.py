@@ -72,8 +72,8 @@ def test_paper_a_table_on_one_split(paper_a_mri):
   assert results["privacy"]["evaluate"]["num_generated"] == 4
   assert results["privacy"]["evaluate"]["flagged"] == evaluation["privacy"]["flagged"]
   assert "## Privacy audit (ours" in table and "| evaluate | " in table
-  calibration = evaluation["privacy"]["heldout_split"] + " split through the generator's VAE"
-  assert results["privacy"]["evaluate"]["heldout_through_vae"]
+  calibration = evaluation["privacy"]["heldout_split"] + " split, through the generator's VAE"
+  assert results["privacy"]["evaluate"]["calibrated_on"] == calibration
   assert f"| generator's training images | {calibration} |" in table
 
 

@@ -142,6 +142,12 @@ def unique_rows(store, name: str):
   return store.subset(np.asarray(rows_kept)), [keys[i] for i in rows_kept]
 
 
+def calibration(section: dict) -> str:
+  """What an audit (its results.json section) was calibrated on, in words."""
+  return (f"{section['heldout_split']} split"
+          + (", through the generator's VAE" if section.get("heldout_through_vae") else ""))
+
+
 def rows(section: dict) -> list[list[str]]:
   """The results.md rows of a privacy section: [measure, value]."""
   t = section["thresholds"]
@@ -151,8 +157,7 @@ def rows(section: dict) -> list[list[str]]:
       ["generated / held-out / training images",
        f"{section['num_generated']} / {section['num_heldout']} / {section['num_train']}"],
       ["training images audited against", section["train_images"]],
-      ["calibrated on", f"{section['heldout_split']} split"
-       + (", through the generator's VAE" if section.get("heldout_through_vae") else "")],
+      ["calibrated on", calibration(section)],
       ["flagged generated images",
        f"{section['flagged']} ({section['fraction_flagged']:.2%})"],
       ["held-out images flagged by the same rule", f"{section['heldout_flag_rate']:.2%}"],
