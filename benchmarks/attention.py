@@ -5,6 +5,7 @@
   python benchmarks/attention.py --block_q=64,128,256      # sweep 'blocked' query blocks
   python benchmarks/attention.py --block_k=512,1024        # ... or key blocks
   python benchmarks/attention.py --dtype=bf16              # on a GPU: cudnn joins in
+  python benchmarks/attention.py --bound                   # + a lower bound for XLA (CPU)
 
 Inputs are [B, T, H*D] as the models hold them, so every time includes the head split and the
 layout changes each implementation needs. 'backward' times the gradient of sum(out * w) with
@@ -13,6 +14,14 @@ calls after two warm-up calls (JAX compiles in the first). Ratios are medjax / t
 1.0 means medjax is faster. 'plan MB' is XLA's buffer plan of the compiled call (arguments,
 outputs and temporaries): the T x T logits show up there. The load average before the run is
 printed: other processes on the machine skew the times.
+
+`--bound` (fp32, CPU) adds the least time any attention built from XLA's kernels could take on
+this machine: the case's matmul FLOPs at the fastest rate XLA reaches here (a 2048^3 fp32 matmul)
+plus one `exp` per logit at XLA's fastest exp rate (a cache-resident block, fused with its sum),
+and that bound's ratio to torch SDPA. Forward: 4 B H Tq Tk D FLOPs; backward (which includes
+the forward): 12 B H Tq Tk D, what an implementation that keeps the softmax needs (flash
+attention recomputes it: 14 and two exps). Where bound / torch exceeds a target ratio, no
+kernel made of XLA ops reaches that target on this machine.
 """
 import argparse
 import os
@@ -84,6 +93,37 @@ def time_jax(case, mode: str, dtype: str, implementation: str, repeats: int,
   return _median_seconds(run, repeats), plan_mb
 
 
+def xla_rates(repeats: int = 20) -> tuple[float, float]:
+  """(fp32 matmul FLOP/s, exp/s): the fastest rates XLA reaches on this machine, best of
+  `repeats`: a 2048^3 matmul, and exp of a cache-resident [8, 128, 256] block fused with its row
+  sum, 64 blocks per call in a loop (so the exp is not hoisted or fused into a matmul)."""
+  import jax
+  import jax.numpy as jnp
+
+  def best(fn, *args):
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+      start = time.perf_counter()
+      jax.block_until_ready(fn(*args))
+      times.append(time.perf_counter() - start)
+    return min(times)
+
+  a = jnp.full((2048, 2048), 0.5, jnp.float32)
+  matmul = 2 * 2048 ** 3 / best(jax.jit(lambda a: a @ a), a)
+  block, shifts = jnp.full((8, 128, 256), 0.5, jnp.float32), jnp.linspace(0.0, 1.0, 64)
+  exp_sum = jax.jit(lambda x, c: jax.lax.map(lambda ci: jnp.exp(x - ci).sum(-1), c))
+  return matmul, block.size * shifts.size / best(exp_sum, block, shifts)
+
+
+def lower_bound_seconds(case, mode: str, rates: tuple[float, float]) -> float:
+  """Matmul FLOPs at XLA's fastest matmul rate plus one exp per logit at its fastest exp rate."""
+  b, t, h, d, tk = case
+  logits = b * h * t * (tk or t)
+  flops = (4 if mode == "forward" else 12) * logits * d
+  return flops / rates[0] + logits / rates[1]
+
+
 def time_torch(case, mode: str, dtype: str, repeats: int) -> float:
   import torch
   import torch.nn.functional as F
@@ -126,6 +166,8 @@ def main(argv=None) -> None:
   parser.add_argument("--block_q", default="", help="also time 'blocked' with these blocks")
   parser.add_argument("--block_k", default="", help="... and with these key blocks")
   parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--bound", action="store_true",
+                      help="add XLA's lower bound per case (fp32 on CPU; see the docstring)")
   args = parser.parse_args(argv)
 
   import jax
@@ -138,6 +180,12 @@ def main(argv=None) -> None:
         f"{args.dtype}, load average {os.getloadavg()[0]:.2f}")
   header = f"{'case':<11} {'mode':<8} {'medjax':<13} {'medjax ms':>9} {'plan MB':>8} " \
            f"{'torch ms':>9} {'ratio':>6}"
+  rates = None
+  if args.bound:
+    rates = xla_rates()
+    header += f" {'bound ms':>9} {'bound/torch':>11}"
+    print(f"XLA on this machine: fp32 matmul {rates[0] / 1e9:.0f} GFLOP/s, "
+          f"exp {rates[1] / 1e9:.2f} G/s (fastest of 20 calls each)")
   print(header)
   print("-" * len(header))
   blocks = [(int(x), None) for x in args.block_q.split(",") if x]
@@ -155,8 +203,12 @@ def main(argv=None) -> None:
           print(f"{name:<11} {mode:<8} {label:<13} failed: {type(e).__name__}: "
                 f"{str(e).splitlines()[0][:80]}")
           continue
+        bound = ""
+        if rates:
+          bound_s = lower_bound_seconds(case, mode, rates)
+          bound = f" {bound_s * 1e3:9.2f} {bound_s / torch_s:11.2f}"
         print(f"{name:<11} {mode:<8} {label:<13} {seconds * 1e3:9.2f} {plan_mb:8.1f} "
-              f"{torch_s * 1e3:9.2f} {seconds / torch_s:6.2f}", flush=True)
+              f"{torch_s * 1e3:9.2f} {seconds / torch_s:6.2f}{bound}", flush=True)
 
 
 if __name__ == "__main__":
