@@ -103,12 +103,12 @@ def state_dict_to_variables(state_dict: Mapping[str, Any], source: str = "state 
         bad_shape.append(f"{key}: {tuple(sd[key].shape)} (expected "
                          f"{_torch_shape(path, target.shape)})")
         continue
-      converted[path] = jnp.asarray(value, jnp.float32)
+      converted[path] = np.asarray(value, np.float32)
     out[collection] = flax.traverse_util.unflatten_dict(converted)
   unexpected = sorted(set(sd) - used)
   raise_if_mismatched(source, "not a pytorch-fid Inception state dict", missing, unexpected,
                       bad_shape)
-  return out
+  return jax.device_put(out)  # one call: jnp.asarray compiles per leaf shape
 
 
 def _torch_shape(path, shape):
@@ -192,7 +192,7 @@ def random_inception(seed: int = 0) -> dict:
     fill = np.ones if leaf in ("scale", "var") else np.zeros
     return fill(s.shape, np.float32)
 
-  return jax.tree.map(jnp.asarray, jax.tree_util.tree_map_with_path(draw, shapes))
+  return jax.device_put(jax.tree_util.tree_map_with_path(draw, shapes))
 
 
 def main(argv=None) -> int:
