@@ -23,6 +23,9 @@ its first call, which compiles, is the warm-up); `--sides` picks the sides to ru
 `--sides=torch_compile` alone, as benchmarks/gpu.sh does late in its budget). `--timeout` bounds
 each subprocess (a side that runs past it is reported as a timeout and the rest go on);
 `--json` writes every result (rewritten after each row, so a killed run keeps what finished).
+`--rounds=N` runs each side N times in alternating order and reports medians over the rounds
+and each round's time ratio: on a shared or throttling machine the speed drifts between the
+processes of one run, and one round can land on either side of a target.
 Both sides keep fp32 params: `--bf16` is medjax `dtype=bfloat16` and PyTorch autocast(bf16),
 whose attention is diffusers' default processor (PyTorch SDPA).
 
@@ -270,6 +273,29 @@ def ratio(a: dict, b: dict, key: str) -> float | None:
   return a[key] / b[key] if key in a and key in b and b[key] else None
 
 
+def spawn_rounds(sides, config, mode, args) -> tuple[dict, list[float]]:
+  """Each side `args.rounds` times, in alternating order (a machine whose speed drifts by tens
+  of percent over minutes then tilts neither side): per side the first round's result with
+  median_s and peak_bytes the median over rounds (`rounds_s` lists them), and the medjax /
+  PyTorch time ratio of each round."""
+  rounds = []
+  for r in range(args.rounds):
+    order = sides if r % 2 == 0 else sides[::-1]
+    rounds.append({s: spawn(s, config, mode, args) for s in order})
+  res = {}
+  for s in sides:
+    ok = [r[s] for r in rounds if "error" not in r[s]]
+    res[s] = dict(ok[0]) if ok else rounds[0][s]
+    for key in ("median_s", "peak_bytes"):
+      if len(ok) > 1 and all(key in r for r in ok):
+        res[s][key] = statistics.median(r[key] for r in ok)
+    if ok:
+      res[s]["rounds_s"] = [r["median_s"] for r in ok]
+  per_round = [ratio(r["jax"], r["torch"], "median_s") for r in rounds
+               if "jax" in r and "torch" in r]
+  return res, [x for x in per_round if x is not None]
+
+
 def fmt(value, spec: str, width: int) -> str:
   return format(value, spec) if value is not None else "-".rjust(width)
 
@@ -289,6 +315,9 @@ def main():
                       help="also the PyTorch side under torch.compile (adds it to --sides)")
   parser.add_argument("--timeout", type=float, default=None, help="seconds per side (subprocess)")
   parser.add_argument("--json", help="write all results to this file")
+  parser.add_argument("--rounds", type=int, default=1,
+                      help="run each side this many times, alternating; report medians and "
+                           "the range of the per-round time ratios")
   parser.add_argument("--xla_cpu_default_scheduler", action="store_true",
                       help="keep XLA:CPU's concurrency-optimised scheduler (more memory)")
   parser.add_argument("--malloc_trim", action="store_true",
@@ -311,11 +340,12 @@ def main():
   print(f"{'config':6} {'mode':8} {'medjax s':>9} {'torch s':>9} {'time x':>7} "
         f"{'medjax MB':>10} {'torch MB':>9} {'mem x':>6} {'xla plan MB':>11}  "
         f"(medjax compile s + first call s)"
-        + ("  tcompile s  x tc" if "torch_compile" in sides else ""))
+        + ("  tcompile s  x tc" if "torch_compile" in sides else "")
+        + ("  time x per round" if args.rounds > 1 else ""))
   rows, failed = [], False
   for config in args.configs.split(","):
     for mode in args.modes.split(","):
-      res = {s: spawn(s, config, mode, args) for s in sides}
+      res, per_round = spawn_rounds(sides, config, mode, args)
       failed |= any("error" in r for r in res.values())
       j, p, pc = (res.get(s, {}) for s in SIDES)
       mb = lambda r: r["peak_bytes"] / 2**20 if "peak_bytes" in r else None
@@ -329,9 +359,12 @@ def main():
       if "torch_compile" in sides:
         line += (f"  {fmt(pc.get('median_s'), '9.3f', 9)} "
                  f"{fmt(ratio(j, pc, 'median_s'), '7.2f', 7)}")
+      if args.rounds > 1:
+        line += "  " + " ".join(f"{x:.2f}" for x in per_round)
       print(line, flush=True)
       rows.append(dict(config=config, mode=mode, batch=args.batch,
-                       dtype="bf16" if args.bf16 else "fp32", remat=args.remat, **res))
+                       dtype="bf16" if args.bf16 else "fp32", remat=args.remat,
+                       time_ratio_per_round=per_round, **res))
       if args.json:
         with open(args.json, "w") as f:
           json.dump({"benchmark": "unet", "rows": rows}, f, indent=1)
