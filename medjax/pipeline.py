@@ -78,13 +78,7 @@ def init_params(module: nn.Module, seed: int, dtype=np.float32):
     else:
       value = np.zeros(shape)
     params[path] = value.astype(dtype)
-  return to_device(flax.traverse_util.unflatten_dict(params))
-
-
-def to_device(tree):
-  """NumPy leaves onto the default device in one call. `jnp.asarray` would compile a staging
-  program per leaf shape (jax 0.10: 414 compiles to load a mid-size pipeline)."""
-  return jax.device_put(tree)
+  return jax.device_put(flax.traverse_util.unflatten_dict(params))  # see _assemble
 
 
 @dataclasses.dataclass(eq=False)
@@ -184,7 +178,9 @@ class StableDiffusion:
     _check_scheduler_config(scheduler_config, (sources or {}).get("scheduler",
                                                                   "scheduler_config"))
     models = build_models(configs, sources=sources, **model_kwargs)
-    params = {n: to_device(read_params(n, param_shapes(m))) for n, m in models.items()}
+    # One device_put per tree: jnp.asarray per leaf compiles a staging program for every
+    # distinct shape (jax 0.10: 414 compiles to load a mid-size pipeline).
+    params = {n: jax.device_put(read_params(n, param_shapes(m))) for n, m in models.items()}
     tok = tokenizer_lib.expanding_if_multi_vector(tokenizer_lib.load_tokenizer(tokenizer_dir))
     _check_vocab(tok, configs["text_encoder"], tokenizer_dir)
     return cls(**models, params=params, tokenizer=tok, tokenizer_dir=Path(tokenizer_dir),
