@@ -132,8 +132,9 @@ def test_unknown_implementation_is_refused():
 
 
 def test_blocked_backward_holds_no_logits():
-  """The point of the custom VJP: the gradient's buffers stay far below one T x T logit map."""
-  t, heads, head_dim = 2048, 2, 8
+  """The point of the custom VJP: the gradient's buffers stay far below one T x T logit map.
+  (T = 4096: blocked's temporaries are a few logit tiles of ~4 MB each, whatever T is.)"""
+  t, heads, head_dim = 4096, 2, 8
   q = jnp.zeros((1, t, heads * head_dim))
   grad = lambda impl: jax.jit(jax.grad(lambda q: attention_lib.attention(
       q, q, q, num_heads=heads, implementation=impl).sum()))
@@ -144,6 +145,6 @@ def test_blocked_backward_holds_no_logits():
 
 
 def test_key_blocks_keep_one_tile_of_logits_near_the_budget():
-  assert attention_lib.key_block(8) == 1024      # SD1.5: 8 heads x 128 rows x 1024 keys = 4 MB
-  assert attention_lib.key_block(1) == 8192      # the VAE's single head: one block up to 8192
+  assert attention_lib.key_block(8) == 512       # SD1.5: 8 heads x 256 rows x 512 keys = 4 MB
+  assert attention_lib.key_block(1) == 4096      # the VAE's single head: one block up to 4096
   assert attention_lib.key_block(64) == attention_lib.MIN_BLOCK_K
