@@ -3,9 +3,10 @@ collectives), against 1 process x 4 devices: same params, files written once, SI
 SIGTERM with resume.
 
 These are issue 14's acceptance and run in CI (each run compiles the tiny model's programs at
-32 px, and the 2-process runs cannot share a persistent compilation cache, see
-launch_support.clean_env): the uninterrupted runs are made once for the module, and one workdir
-goes through both stops (SIGKILL, then SIGTERM) before it is compared with them."""
+32 px): the uninterrupted runs are made once for the module, and one workdir goes through both
+stops (SIGKILL, then SIGTERM) before it is compared with them. The 2-process U-Net runs share a
+persistent compilation cache that every process writes (tests/every_process_caches.py), so the
+three runs of that workdir load the programs the uninterrupted run compiled."""
 import functools
 import io
 import json
@@ -52,22 +53,27 @@ TI = ["--config=configs/cxr_ti.py", *[a for a in COMMON if "num_per_prompt" not 
       "--config.total_steps=4", "--config.textual_inversion.num_vectors=2"]
 
 
-def _env(devices: int | None = None) -> dict:
+def _env(devices: int | None = None, cache: Path | None = None) -> dict:
   """A child's environment; the 2-process runs get no persistent compilation cache (see
-  launch_support.clean_env); the 1-process ones run with 4 simulated devices."""
+  launch_support.clean_env) but `cache`; the 1-process ones run with 4 simulated devices."""
   env = launch_support.clean_env(num_processes=1 if devices else 2)
   if devices:
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  if cache is not None:
+    env["JAX_COMPILATION_CACHE_DIR"] = str(cache)
   return env
 
 
-def _cmd(workdir: Path, args) -> list[str]:
-  return [sys.executable, "-m", "medjax.train", f"--workdir={workdir}", *args]
+def _cmd(workdir: Path, args, cached: bool = False) -> list[str]:
+  """`python -m medjax.train`; `cached`: through tests/every_process_caches.py."""
+  module = ["tests.every_process_caches", "medjax.train"] if cached else ["medjax.train"]
+  return [sys.executable, "-m", *module, f"--workdir={workdir}", *args]
 
 
-def _run_two(workdir: Path, args) -> str:
+def _run_two(workdir: Path, args, cache: Path | None = None) -> str:
   out = io.StringIO()
-  rc = local.launch(_cmd(workdir, args), 2, 2, env=_env(), out=out, cwd=str(ROOT), grace_s=20)
+  rc = local.launch(_cmd(workdir, args, cache is not None), 2, 2, env=_env(cache=cache), out=out,
+                    cwd=str(ROOT), grace_s=20)
   assert rc == 0, out.getvalue()[-5000:]
   return out.getvalue()
 
@@ -81,11 +87,11 @@ def _one(args):
 EARLY_JOBS = {"runs": {"multihost_unet_one": _one(UNET), "multihost_ti_one": _one(TI)}}
 
 
-def _start_two(workdir: Path, args) -> subprocess.Popen:
+def _start_two(workdir: Path, args, cache: Path) -> subprocess.Popen:
   """The launcher as a child of its own (so a test can signal its processes)."""
   cmd = [sys.executable, str(ROOT / "launch" / "local.py"), "--num_processes=2",
-         "--devices_per_process=2", "--grace_s=20", "--", *_cmd(workdir, args)]
-  return subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
+         "--devices_per_process=2", "--grace_s=20", "--", *_cmd(workdir, args, cached=True)]
+  return subprocess.Popen(cmd, cwd=ROOT, env=_env(cache=cache), stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True)
 
 
@@ -159,7 +165,8 @@ def runs(tmp_path_factory):
   1 process x 4 devices (early jobs; any not started yet start together here)."""
   root = tmp_path_factory.mktemp("multihost")
   t0 = time.time()
-  outs = {"unet_two": _run_two(root / "unet_two", UNET)}
+  # The U-Net's programs go into a cache for the interrupted runs of the same command.
+  outs = {"unet_two": _run_two(root / "unet_two", UNET, cache=root / "unet_cache")}
   t1 = time.time()
   singles = early_jobs.wait(EARLY_JOBS["runs"], ["multihost_unet_one", "multihost_ti_one"])
   for name, result in singles.items():
@@ -214,8 +221,8 @@ def test_sigkill_both_then_sigterm_one_then_resume_is_bit_identical(runs):
   which they save (exit 0, "preempted"); a last resume finishes: params bit-identical to the
   uninterrupted run."""
   root, _ = runs
-  workdir = root / "interrupted"
-  proc = _start_two(workdir, UNET)
+  workdir, cache = root / "interrupted", root / "unet_cache"
+  proc = _start_two(workdir, UNET, cache)
   _wait_for_checkpoint(workdir, 2, proc)
   for pid in _children(proc):
     os.kill(pid, signal.SIGKILL)
@@ -225,7 +232,7 @@ def test_sigkill_both_then_sigterm_one_then_resume_is_bit_identical(runs):
   # Resumed, logging every step (a logging interval may change on resume): the SIGTERM goes out
   # once step 3 is logged. JAX's sync point is the furthest step any process has reported + 1, so
   # a notice before the first step of a resumed run would name a step already behind it.
-  proc = _start_two(workdir, [*UNET, "--config.log_every_steps=1"])
+  proc = _start_two(workdir, [*UNET, "--config.log_every_steps=1"], cache)
   lines = _Lines(proc)
   lines.wait_for(r"\] \[3\] .*loss=")
   os.kill(_children(proc)[1], signal.SIGTERM)
@@ -246,7 +253,7 @@ def test_sigkill_both_then_sigterm_one_then_resume_is_bit_identical(runs):
 
   # The last resume draws no grid (a resumable key; the grids use their own seeds, not the
   # run's): the 2 processes skip compiling the sampling program.
-  out = _run_two(workdir, [*[a for a in UNET if "num_per_prompt" not in a], NO_GRID])
+  out = _run_two(workdir, [*[a for a in UNET if "num_per_prompt" not in a], NO_GRID], cache)
   assert f"resumed from step {step}" in out
   assert json.loads((workdir / "summary.json").read_text())["step"] == 6
   a, _, _ = _final_params(root / "unet_two")
