@@ -51,7 +51,8 @@ def _write_every_process() -> bool:
       compilation_cache.put_executable_and_time(cache_key, module_name, executable, backend,
                                                 int(compile_time_secs))
     except Exception as e:  # pylint: disable=broad-except
-      warnings.warn(f"persistent cache entry for {module_name!r} not written: {e!r}")
+      warnings.warn(f"persistent cache entry for {module_name!r} not written: {e!r}",
+                    stacklevel=2)
 
   compiler._cache_write = cache_write  # pylint: disable=protected-access
   # One folder per process: no two processes ever write or read one file at once.
