@@ -280,7 +280,7 @@ def worker_jax(kind, shape, config_name, modes, args):
   shapes = jax.eval_shape(lambda: module.init(jax.random.key(0), *inputs))
   state = {k: v.detach().numpy() for k, v in tensors(tmod).items()}
   params = state_dict_to_params(state, nn.unbox(shapes.get("params", {})), source=kind)
-  params = jax.tree.map(jnp.asarray, params)
+  params = jax.device_put(params)  # one transfer; jnp.asarray compiles per leaf shape
   apply = lambda p, *xs: module.apply({"params": p}, *xs)
   out = {}
   for mode in modes:
